@@ -1,0 +1,256 @@
+"""Dataset specs: validation, normalisation, loading from YAML/JSON and the content hash.
+
+A spec is a discriminated union on ``domain``; each domain module defines its own model and registers it
+in ``SPEC_MODELS``. ``load_spec`` turns any validation failure into one readable SpecError line.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from schemas.errors import SpecError
+from schemas.findings import MAX_DIAMETER_MM, NoduleFinding
+from schemas.units import MmRange, UnitRange
+
+NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
+_CRON_FIELD = re.compile(r"^(\*|\d+(-\d+)?)(/\d+)?(,(\*|\d+(-\d+)?)(/\d+)?)*$|^[A-Za-z]{3}$")
+
+
+class ImageSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    size: int = Field(512, ge=64, le=4096, description="image width and height in pixels")
+    spacing_mm: MmRange("image.spacing_mm") = Field((0.6, 0.8), description="pixel spacing in mm: value or [min, max]")
+
+    @field_validator("spacing_mm")
+    @classmethod
+    def _spacing(cls, v):
+        if v[0] <= 0 or v[1] > 5.0:
+            raise ValueError(f"pixel spacing {v[0]:g}-{v[1]:g} mm is outside the accepted 0.05 to 5 mm")
+        return v
+
+
+class GeneratorSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field("procedural", description="render backend: procedural (CPU) or controlnet (GPU)")
+    options: dict[str, Any] = Field(default_factory=dict, description="backend options, checked by the backend")
+
+
+class Splits(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    train: float = Field(0.8, ge=0, le=1)
+    val: float = Field(0.1, ge=0, le=1)
+    test: float = Field(0.1, ge=0, le=1)
+
+    @model_validator(mode="after")
+    def _sum(self) -> "Splits":
+        s = self.train + self.val + self.test
+        if abs(s - 1.0) > 1e-6:
+            raise ValueError(f"split fractions train+val+test sum to {s:g}; they must sum to 1")
+        return self
+
+
+class QCSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    max_attempts: int = Field(4, ge=1, le=20, description="generation attempts per sample before it is kept as failed")
+    cnr_min: float = Field(3.0, ge=0, description="minimum contrast-to-noise ratio of each finding vs its surround")
+    size_tolerance_mm: float = Field(0.5, ge=0, description="allowed |measured - requested| diameter (or 1 pixel)")
+    min_in_region: float = Field(0.99, ge=0, le=1, description="share of a finding's pixels inside its requested region")
+
+
+class CTFindings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    negatives: float = Field(0.2, ge=0, le=1, description="share of samples with no finding")
+    mixture: list[NoduleFinding] = Field(default_factory=list)
+
+    @field_validator("mixture", mode="before")
+    @classmethod
+    def _shorthand(cls, v):
+        from schemas.shorthand import parse_finding
+
+        if not isinstance(v, list):
+            raise ValueError("findings.mixture must be a list of findings")
+        out = []
+        for item in v:
+            if isinstance(item, str):
+                out.append(parse_finding(item).model_dump())
+            elif isinstance(item, dict) and "text" in item:
+                extra = {k: w for k, w in item.items() if k != "text"}
+                f = parse_finding(item["text"]).model_dump()
+                f.update(extra)
+                out.append(f)
+            else:
+                out.append(item)
+        return out
+
+    @model_validator(mode="after")
+    def _mixture_needed(self) -> "CTFindings":
+        if self.negatives < 1 and not self.mixture:
+            raise ValueError("findings.mixture is empty but findings.negatives < 1; add findings or set negatives: 1")
+        return self
+
+
+class BaseSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(description="dataset name: lowercase letters, digits, '.', '_' or '-'")
+    description: str = ""
+    samples: int = Field(ge=1, le=10_000_000, description="number of samples")
+    seed: int = Field(0, ge=0, description="master seed; with the spec it fixes every byte")
+    splits: Splits = Field(default_factory=Splits)
+    watermark: bool = Field(True, description="embed an invisible watermark in every image")
+    schedule: str | None = Field(None, description="cron expression for scheduled rebuilds (pairforge serve)")
+    shard_size: int = Field(50, ge=1, le=10_000, description="samples per shard (one orchestration task)")
+    generator: GeneratorSpec = Field(default_factory=GeneratorSpec)
+    qc: QCSpec = Field(default_factory=QCSpec)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not NAME_RE.match(v):
+            raise ValueError(f"dataset name {v!r} is not allowed; use 1-64 lowercase letters, digits, '.', '_' or '-', "
+                             "starting with a letter or digit")
+        return v
+
+    @field_validator("schedule")
+    @classmethod
+    def _cron(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        fields = v.split()
+        if len(fields) != 5 or not all(_CRON_FIELD.match(f) for f in fields):
+            raise ValueError(f"schedule {v!r} is not a 5-field cron expression like '0 2 * * *'")
+        return v
+
+
+class ChestCTSpec(BaseSpec):
+    """An axial chest-CT slice dataset with pulmonary nodules."""
+
+    domain: Literal["chest_ct"] = "chest_ct"
+    image: ImageSpec = Field(default_factory=ImageSpec)
+    slice_level: UnitRange("slice_level") = Field(
+        (0.15, 0.95), description="axial level, 0 = lung apex, 1 = lung base: value or [min, max]")
+    findings: CTFindings = Field(default_factory=CTFindings)
+
+    @field_validator("slice_level")
+    @classmethod
+    def _level(cls, v):
+        if v[0] < 0 or v[1] > 1:
+            raise ValueError(f"slice_level {v[0]:g}-{v[1]:g} is outside 0 (apex) to 1 (base)")
+        return v
+
+    @model_validator(mode="after")
+    def _fits(self) -> "ChestCTSpec":
+        # A finding must fit in a lung at the smallest field of view the spec allows.
+        fov_mm = self.image.size * self.image.spacing_mm[0]
+        limit = 0.18 * fov_mm
+        for i, f in enumerate(self.findings.mixture):
+            if f.diameter_mm[1] > limit:
+                raise ValueError(
+                    f"findings.mixture[{i}]: diameter {f.diameter_mm[1]:g} mm is larger than a lung can hold in a "
+                    f"{fov_mm:g} mm field of view ({self.image.size} px at {self.image.spacing_mm[0]:g} mm); accepted: "
+                    f"up to {min(limit, MAX_DIAMETER_MM[f.location]):.1f} mm, or raise image.size or image.spacing_mm")
+            if f.diameter_mm[0] < 2 * self.image.spacing_mm[1]:
+                raise ValueError(
+                    f"findings.mixture[{i}]: diameter {f.diameter_mm[0]:g} mm is under 2 pixels at "
+                    f"{self.image.spacing_mm[1]:g} mm spacing; accepted: at least {2 * self.image.spacing_mm[1]:g} mm")
+        return self
+
+
+# domain -> spec model. Other domains add themselves here (see schemas/surface.py).
+SPEC_MODELS: dict[str, type[BaseSpec]] = {"chest_ct": ChestCTSpec}
+
+
+def _register_optional_domains() -> None:
+    try:
+        import schemas.surface  # noqa: F401  (registers the surface domain)
+    except ImportError:
+        pass
+
+
+def spec_json_schema() -> dict:
+    _register_optional_domains()
+    from pydantic import TypeAdapter
+    from typing import Annotated, Union
+
+    models = tuple(SPEC_MODELS.values())
+    union = Annotated[Union[models], Field(discriminator="domain")] if len(models) > 1 else models[0]
+    schema = TypeAdapter(union).json_schema()
+    schema["title"] = "pairforge dataset spec"
+    return schema
+
+
+def format_validation_error(e: ValidationError) -> str:
+    err = e.errors()[0]
+    loc = ".".join(str(x) for x in err["loc"] if not (isinstance(x, str) and x in SPEC_MODELS))
+    msg = err["msg"].removeprefix("Value error, ")
+    if err["type"] == "extra_forbidden":
+        msg = "unknown field; check the spelling against `pairforge schema`"
+    elif err["type"] == "missing":
+        msg = "required field is missing"
+    elif err["type"] == "literal_error":
+        msg = f"{err.get('input')!r} is not accepted; {msg}"
+    more = f" (and {len(e.errors()) - 1} more)" if len(e.errors()) > 1 else ""
+    return f"{loc}: {msg}{more}" if loc else f"{msg}{more}"
+
+
+def validate_spec(data: Any) -> BaseSpec:
+    """Validate a parsed spec mapping into the model of its domain."""
+    _register_optional_domains()
+    if not isinstance(data, dict):
+        raise SpecError(f"a spec must be a mapping of fields, not {type(data).__name__}")
+    domain = data.get("domain", "chest_ct")
+    model = SPEC_MODELS.get(domain)
+    if model is None:
+        raise SpecError(f"domain {domain!r} is not known; accepted: {', '.join(sorted(SPEC_MODELS))}")
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        raise SpecError(f"invalid spec: {format_validation_error(e)}") from None
+    except SpecError as e:
+        raise SpecError(f"invalid spec: {e}") from None
+
+
+def load_spec_text(text: str, source: str = "<spec>") -> BaseSpec:
+    try:
+        data = yaml.safe_load(text)  # JSON is YAML
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or "not valid YAML"
+        raise SpecError(f"{source}: invalid YAML{where}: {problem}") from None
+    if data is None:
+        raise SpecError(f"{source}: the spec is empty")
+    try:
+        return validate_spec(data)
+    except SpecError as e:
+        raise SpecError(f"{source}: {e}") from None
+
+
+def load_spec(path: str | Path) -> BaseSpec:
+    p = Path(path)
+    if not p.exists():
+        raise SpecError(f"spec file {str(p)!r} does not exist")
+    if p.is_dir():
+        raise SpecError(f"spec path {str(p)!r} is a folder; give a .yaml or .json file")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise SpecError(f"spec file {str(p)!r} cannot be read: {e}") from None
+    return load_spec_text(text, source=str(p))
+
+
+def normalised_spec(spec: BaseSpec) -> dict:
+    return spec.model_dump(mode="json")
+
+
+def spec_hash(spec: BaseSpec) -> str:
+    """sha256 of the normalised spec, minus fields that do not change a byte of the data (schedule, description)."""
+    d = normalised_spec(spec)
+    d.pop("schedule", None)
+    d.pop("description", None)
+    return hashlib.sha256(json.dumps(d, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
