@@ -17,6 +17,13 @@ Margin = Literal["smooth", "lobulated", "spiculated"]
 MAX_DIAMETER_MM: dict[str, float] = {"RUL": 40.0, "RML": 28.0, "RLL": 45.0, "LUL": 40.0, "LLL": 45.0, "any": 45.0}
 MIN_DIAMETER_MM = 2.0
 
+# Axial levels (0 = apex, 1 = base) at which the phantom shows each lobe with room for a finding. The RUL/RML
+# switch follows the horizontal fissure; the lower lobes start below the top of the oblique fissures.
+LOBE_LEVELS: dict[str, tuple[float, float]] = {
+    "RUL": (0.0, 0.44), "RML": (0.6, 0.95), "RLL": (0.4, 1.0), "LUL": (0.0, 0.85), "LLL": (0.4, 1.0),
+    "any": (0.0, 1.0),
+}
+
 
 class NoduleFinding(BaseModel):
     """One requested pulmonary nodule (or ``count`` of them on the same slice)."""

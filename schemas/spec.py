@@ -15,7 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from schemas.errors import SpecError
-from schemas.findings import MAX_DIAMETER_MM, NoduleFinding
+from schemas.findings import LOBE_LEVELS, MAX_DIAMETER_MM, NoduleFinding
 from schemas.units import MmRange, UnitRange
 
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
@@ -154,6 +154,11 @@ class ChestCTSpec(BaseSpec):
                     f"findings.mixture[{i}]: diameter {f.diameter_mm[1]:g} mm is larger than a lung can hold in a "
                     f"{fov_mm:g} mm field of view ({self.image.size} px at {self.image.spacing_mm[0]:g} mm); accepted: "
                     f"up to {min(limit, MAX_DIAMETER_MM[f.location]):.1f} mm, or raise image.size or image.spacing_mm")
+            lo, hi = LOBE_LEVELS[f.location]
+            if min(hi, self.slice_level[1]) < max(lo, self.slice_level[0]):
+                raise ValueError(
+                    f"findings.mixture[{i}]: {f.location} does not appear on slices at slice_level "
+                    f"{self.slice_level[0]:g}-{self.slice_level[1]:g}; {f.location} is seen at levels {lo:g}-{hi:g}")
             if f.diameter_mm[0] < 2 * self.image.spacing_mm[1]:
                 raise ValueError(
                     f"findings.mixture[{i}]: diameter {f.diameter_mm[0]:g} mm is under 2 pixels at "

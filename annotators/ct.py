@@ -1,0 +1,188 @@
+"""Chest-CT measurements from the label map and MAISI-style quality checks.
+
+Every size here is computed from the label itself (pixel counts and pixel-corner Feret diameters), never
+copied from the request.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import cv2
+import numpy as np
+
+from annotators import Annotation, check, register_annotator
+from schemas.classes import CT_CLASSES, LOBES
+from schemas.sample import Layout, SampleRequest
+
+C = {name: k for k, name in CT_CLASSES.names.items()}
+LOBE_BY_ID = {v: k for k, v in LOBES.items()}
+LUNG_IDS = list(LOBES.values())
+
+# Median HU each tissue must show in a rendered slice (published ranges widened by noise and partial volume;
+# ../shared/docs/DOMAIN.md). A class is checked only where it has at least MIN_PIXELS pixels.
+HU_CHECK_RANGES: dict[str, tuple[float, float]] = {
+    "lung": (-950.0, -700.0),
+    "subcutaneous_fat": (-150.0, -50.0),
+    "muscle": (0.0, 100.0),
+    "heart": (0.0, 100.0),
+    "great_vessel": (0.0, 100.0),
+    "cancellous_bone": (150.0, 600.0),
+    "liver": (20.0, 100.0),
+}
+MIN_PIXELS = 200
+HU_OFFSET = 1024
+HU_BINS = 4096
+
+
+def feret_axes(mask: np.ndarray) -> tuple[float, float]:
+    """Long axis (max Feret diameter) and the largest width perpendicular to it, in pixels, over pixel squares."""
+    cs, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
+    pts = np.concatenate([c.reshape(-1, 2) for c in cs]).astype(np.float64)
+    corners = (pts[:, None, :] + np.array([[-0.5, -0.5], [0.5, -0.5], [-0.5, 0.5], [0.5, 0.5]])[None]).reshape(-1, 2)
+    hull = cv2.convexHull(corners.astype(np.float32)).reshape(-1, 2).astype(np.float64)
+    d = hull[:, None, :] - hull[None, :, :]
+    dist2 = (d ** 2).sum(-1)
+    i, j = np.unravel_index(np.argmax(dist2), dist2.shape)
+    long_ax = math.sqrt(dist2[i, j])
+    if long_ax == 0:
+        return 1.0, 1.0
+    direction = d[i, j] / long_ax
+    perp = np.array([-direction[1], direction[0]])
+    proj = hull @ perp
+    return long_ax, float(proj.max() - proj.min())
+
+
+def lung_rads_size_category(kind: str, mean_axis_mm: float, solid_mean_axis_mm: float | None) -> str:
+    """Lung-RADS v1.1 baseline category from size alone (../shared/docs/DOMAIN.md)."""
+    m = round(mean_axis_mm, 1)
+    if kind == "ground_glass":
+        return "2" if m < 30 else "3"
+    if kind == "part_solid":
+        s = round(solid_mean_axis_mm or 0.0, 1)
+        if m < 6:
+            return "2"
+        if s < 6:
+            return "3"
+        return "4A" if s < 8 else "4B"
+    if m < 6:
+        return "2"
+    if m < 8:
+        return "3"
+    return "4A" if m < 15 else "4B"
+
+
+def measure_findings(label: np.ndarray, instance: np.ndarray, lobes: np.ndarray | None, spacing_mm: float,
+                     placed: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    out = []
+    sp = spacing_mm
+    h, w = label.shape
+    for f in placed:
+        k = f["instance"]
+        cx, cy = f["center_px"]
+        r = int(math.ceil(f["shape"]["radius_px"] * 2.2)) + 3
+        y0, y1 = max(0, int(cy) - r), min(h, int(cy) + r + 1)
+        x0, x1 = max(0, int(cx) - r), min(w, int(cx) + r + 1)
+        m = instance[y0:y1, x0:x1] == k
+        area = int(m.sum())
+        if area == 0:
+            out.append({"instance": k, "kind": f["kind"], "area_px": 0})
+            continue
+        ys, xs = np.nonzero(m)
+        long_px, short_px = feret_axes(m)
+        eq = 2 * math.sqrt(area / math.pi) * sp
+        solid = (label[y0:y1, x0:x1] == C["nodule_solid"]) & m
+        solid_mean = None
+        if f["kind"] == "part_solid" and solid.any():
+            sl, ss = feret_axes(solid)
+            solid_mean = (sl + ss) / 2 * sp
+        lobe_pixels = lobes[y0:y1, x0:x1][m] if lobes is not None else np.zeros(area, np.uint8)
+        counts = np.bincount(lobe_pixels, minlength=max(LUNG_IDS) + 1)
+        lobe_id = int(np.argmax(counts))
+        want = f.get("requested_location", "any")
+        want_ids = LUNG_IDS if want == "any" else [LOBES[want]]
+        in_region = float(counts[want_ids].sum() / area)
+        mean_axis = (long_px + short_px) / 2 * sp
+        out.append({
+            "instance": k, "kind": f["kind"], "margin": f["margin"],
+            "area_px": area, "area_mm2": round(area * sp * sp, 4),
+            "equivalent_diameter_mm": round(eq, 4),
+            "long_axis_mm": round(long_px * sp, 4), "short_axis_mm": round(short_px * sp, 4),
+            "mean_axis_mm": round(mean_axis, 4),
+            "solid_mean_axis_mm": None if solid_mean is None else round(solid_mean, 4),
+            "centroid_px": [round(float(xs.mean()) + x0, 3), round(float(ys.mean()) + y0, 3)],
+            "centroid_mm": [round((float(xs.mean()) + x0 + 0.5 - w / 2) * sp, 3),
+                            round((float(ys.mean()) + y0 + 0.5 - h / 2) * sp, 3)],
+            "lobe": LOBE_BY_ID.get(lobe_id, "none"),
+            "in_region_fraction": round(in_region, 5),
+            "lung_rads_size_category": lung_rads_size_category(f["kind"], mean_axis, solid_mean),
+        })
+    return out
+
+
+def class_histograms(image: np.ndarray, label: np.ndarray) -> np.ndarray:
+    """HU histogram (1 HU bins from -1024) of every class id, in one pass: shape (256, 4096)."""
+    q = np.clip(image + HU_OFFSET, 0, HU_BINS - 1).astype(np.int32)
+    hist = np.bincount(label.astype(np.int32).ravel() * HU_BINS + q.ravel(), minlength=256 * HU_BINS)
+    return hist.reshape(256, HU_BINS)
+
+
+def histogram_median(hist: np.ndarray) -> float:
+    cum = np.cumsum(hist)
+    return float(np.searchsorted(cum, (cum[-1] + 1) // 2)) - HU_OFFSET
+
+
+def contrast_to_noise(image: np.ndarray, instance: np.ndarray, label: np.ndarray, f: dict, spacing: float) -> float:
+    """|mean(finding) - mean(surrounding lung)| / std(surrounding lung), the ring 1-4 mm outside the finding."""
+    k = f["instance"]
+    cx, cy = f["center_px"]
+    r = int(math.ceil(f["shape"]["radius_px"] * 2.2 + 5 / spacing)) + 3
+    h, w = image.shape
+    y0, y1 = max(0, int(cy) - r), min(h, int(cy) + r + 1)
+    x0, x1 = max(0, int(cx) - r), min(w, int(cx) + r + 1)
+    m = (instance[y0:y1, x0:x1] == k).astype(np.uint8)
+    if not m.any():
+        return 0.0
+    r1 = max(1, int(round(1 / spacing)))
+    r4 = max(r1 + 2, int(round(4 / spacing)))
+    k1 = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * r1 + 1, 2 * r1 + 1))
+    k4 = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * r4 + 1, 2 * r4 + 1))
+    ring = (cv2.dilate(m, k4) > 0) & ~(cv2.dilate(m, k1) > 0)
+    ring &= np.isin(label[y0:y1, x0:x1], LUNG_IDS)  # parenchyma only, not vessels or other findings
+    if ring.sum() < 10:
+        return 0.0
+    crop = image[y0:y1, x0:x1]
+    inside = crop[m > 0]
+    around = crop[ring]
+    return float(abs(inside.mean() - around.mean()) / (around.std() + 1e-6))
+
+
+@register_annotator("chest_ct")
+def annotate_chest_ct(image: np.ndarray, layout: Layout, request: SampleRequest, qc: Any) -> Annotation:
+    lobes = layout.extras.get("lobes")
+    sp = layout.spacing_mm
+    measured = measure_findings(layout.label, layout.instance, lobes, sp, layout.findings)
+    checks = []
+    hist = class_histograms(image, layout.label)
+    for name, (lo, hi) in HU_CHECK_RANGES.items():
+        rows = hist[LUNG_IDS].sum(0) if name == "lung" else hist[C[name]]
+        if rows.sum() < MIN_PIXELS:
+            continue
+        value = histogram_median(rows)
+        checks.append(check(f"median_hu_{name}", lo <= value <= hi, value, f"[{lo:g}, {hi:g}] HU"))
+    tol_mm = getattr(qc, "size_tolerance_mm", 0.5)
+    cnr_min = getattr(qc, "cnr_min", 3.0)
+    min_in = getattr(qc, "min_in_region", 0.99)
+    checks.append(check("finding_count", len(measured) == len(request.findings), len(measured),
+                        f"== {len(request.findings)}"))
+    for f, m in zip(layout.findings, measured):
+        k = f["instance"]
+        tol = max(tol_mm, sp)
+        err = abs(m.get("equivalent_diameter_mm", 0.0) - f["diameter_mm"])
+        checks.append(check(f"size_{k}", err <= tol, err, f"|equivalent diameter - {f['diameter_mm']:g} mm| <= {tol:g} mm"))
+        checks.append(check(f"in_lobe_{k}", m.get("in_region_fraction", 0) >= min_in, m.get("in_region_fraction", 0),
+                            f">= {min_in:g} of pixels in {f.get('requested_location', 'any')}"))
+        cnr = contrast_to_noise(image, layout.instance, layout.label, f, sp)
+        m["cnr"] = round(cnr, 3)
+        checks.append(check(f"visible_{k}", cnr >= cnr_min, cnr, f"contrast-to-noise >= {cnr_min:g}"))
+    return Annotation(measured=measured, checks=checks)

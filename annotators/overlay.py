@@ -1,0 +1,38 @@
+"""Views for people: CT windows and label outlines drawn over images (8-bit RGB)."""
+from __future__ import annotations
+
+import cv2
+import numpy as np
+
+from schemas.classes import ClassTable
+
+WINDOWS = {"lung": (-600.0, 1500.0), "mediastinal": (40.0, 400.0), "bone": (400.0, 1800.0)}
+
+
+def window(hu: np.ndarray, center: float, width: float) -> np.ndarray:
+    lo = center - width / 2
+    return np.clip((hu - lo) * (255.0 / width), 0, 255).astype(np.uint8)
+
+
+def outline(img8: np.ndarray, label: np.ndarray, table: ClassTable, classes: list[int] | None = None,
+            thickness: int = 1) -> np.ndarray:
+    """Outline the given classes (all non-zero by default) in their table colours over a grey or RGB image."""
+    rgb = cv2.cvtColor(img8, cv2.COLOR_GRAY2RGB) if img8.ndim == 2 else img8.copy()
+    ids = classes if classes is not None else [int(k) for k in np.unique(label) if k]
+    for k in ids:
+        m = (label == k).astype(np.uint8)
+        if not m.any():
+            continue
+        cs, _ = cv2.findContours(m, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
+        cv2.drawContours(rgb, cs, -1, table.colors.get(k, (255, 0, 0)), thickness)
+    return rgb
+
+
+def instance_outline(img8: np.ndarray, instance: np.ndarray, color=(255, 220, 0), thickness: int = 1) -> np.ndarray:
+    rgb = cv2.cvtColor(img8, cv2.COLOR_GRAY2RGB) if img8.ndim == 2 else img8.copy()
+    for k in np.unique(instance):
+        if k == 0:
+            continue
+        cs, _ = cv2.findContours((instance == k).astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
+        cv2.drawContours(rgb, cs, -1, color, thickness)
+    return rgb

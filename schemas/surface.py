@@ -1,0 +1,444 @@
+"""Industrial surface-defect domain: the spec model, the class table, defect findings, regions and the planner.
+
+Sizes are millimetres; the field of view (mm across the image width) fixes mm per pixel. Region geometry lives
+here (pure functions, no randomness) so that the layout and the annotator judge "inside the region" alike.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from schemas.classes import ClassTable
+from schemas.errors import SpecError
+from schemas.plan import PLANNERS, draw_split, sample_id, uniform
+from schemas.sample import SampleRequest
+from schemas.spec import SPEC_MODELS, BaseSpec, QCSpec
+from schemas.units import MmRange, UnitRange
+
+SURFACE_CLASSES = ClassTable(
+    domain="surface",
+    names={0: "good", 1: "scratch", 2: "crack", 3: "dent", 4: "pit", 5: "stain", 6: "hole", 7: "particle",
+           8: "missing_material", 255: "outside_part"},
+    colors={0: (0, 0, 0), 1: (255, 60, 60), 2: (255, 200, 0), 3: (60, 160, 255), 4: (180, 80, 255),
+            5: (160, 110, 40), 6: (0, 230, 230), 7: (80, 255, 80), 8: (255, 120, 200), 255: (40, 40, 40)},
+)
+OUTSIDE_PART = 255
+
+DefectKind = Literal["scratch", "crack", "dent", "pit", "stain", "hole", "particle", "missing_material"]
+DEFECT_KINDS: tuple[str, ...] = ("scratch", "crack", "dent", "pit", "stain", "hole", "particle", "missing_material")
+DEFECT_CLASS: dict[str, int] = {k: SURFACE_CLASSES.id(k) for k in DEFECT_KINDS}
+LINEAR_KINDS = ("scratch", "crack")  # sized by length (along the skeleton) and mean width
+ROUND_KINDS = ("dent", "pit", "stain", "hole", "particle")  # sized by equivalent diameter
+EDGE_KINDS = ("missing_material",)  # sized by length along the edge and width (depth into the part)
+
+Material = Literal["brushed_metal", "cast_metal", "painted", "plastic", "wood", "textile", "image"]
+MATERIALS: tuple[str, ...] = ("brushed_metal", "cast_metal", "painted", "plastic", "wood", "textile", "image")
+
+QUADRANTS = ("top_left", "top_right", "bottom_left", "bottom_right")
+EDGES = ("top_edge", "bottom_edge", "left_edge", "right_edge")
+NAMED_REGIONS: tuple[str, ...] = ("any", "center") + QUADRANTS + EDGES
+EDGE_BAND = 0.2  # an edge region is the band of 20 % of the part's extent along that side
+ACCEPTED_REGIONS = ("any, center, top-left, top-right, bottom-left, bottom-right, top/bottom/left/right edge, "
+                    "or coordinates {x_mm, y_mm} from the top-left corner")
+
+# Defaults when a size is not given (mm). Widths are raised to at least 1.5 pixels by the spec.
+DEFAULT_WIDTH_MM = {"scratch": (0.1, 0.3), "crack": (0.15, 0.4), "missing_material": (1.0, 3.0)}
+DEFAULT_DEPTH_MM = {"scratch": (0.01, 0.05), "crack": (0.05, 0.2), "dent": (0.1, 0.5), "pit": (0.1, 0.4),
+                    "hole": (1.0, 1.0), "stain": (0.0, 0.0), "particle": (0.05, 0.2), "missing_material": (1.0, 1.0)}
+
+
+class PointMM(BaseModel):
+    """A location given as the defect centre in mm from the image's (or part's) top-left corner."""
+
+    model_config = ConfigDict(extra="forbid")
+    x_mm: float = Field(ge=0)
+    y_mm: float = Field(ge=0)
+
+
+class SurfaceDefect(BaseModel):
+    """One requested surface defect (or ``count`` of them in the same image)."""
+
+    model_config = ConfigDict(extra="forbid")
+    kind: DefectKind
+    length_mm: MmRange("length_mm") | None = Field(None, description="scratch/crack: length along the skeleton; "
+                                                   "missing_material: length along the edge")
+    width_mm: MmRange("width_mm") | None = Field(None, description="scratch/crack: mean width; missing_material: "
+                                                 "depth into the part")
+    diameter_mm: MmRange("diameter_mm") | None = Field(None, description="dent/pit/stain/hole/particle: equivalent "
+                                                       "diameter sqrt(4 area / pi)")
+    depth_mm: MmRange("depth_mm") | None = Field(None, description="depth of the depression, shapes the shading")
+    location: str | PointMM = Field("any", description=ACCEPTED_REGIONS)
+    orientation_deg: UnitRange("orientation_deg") | None = Field(
+        None, description="direction of a scratch/crack in degrees (0 = along the image x axis, counter-clockwise)")
+    count: int = Field(1, ge=1, le=20)
+    weight: float = Field(1.0, gt=0, description="relative weight in the defect mixture")
+
+    @field_validator("location", mode="before")
+    @classmethod
+    def _location(cls, v):
+        if isinstance(v, str):
+            return normalise_region(v)
+        return v
+
+    @model_validator(mode="after")
+    def _sizes(self) -> "SurfaceDefect":
+        k = self.kind
+        if k in LINEAR_KINDS + EDGE_KINDS:
+            if self.length_mm is None:
+                raise ValueError(f"a {k} needs length_mm (e.g. 5 or [2, 10])")
+            if self.diameter_mm is not None:
+                raise ValueError(f"a {k} is sized by length_mm and width_mm, not diameter_mm")
+            if self.width_mm is None:
+                self.width_mm = DEFAULT_WIDTH_MM[k]
+        else:
+            if self.diameter_mm is None:
+                raise ValueError(f"a {k} needs diameter_mm (e.g. 1.5 or [0.5, 1])")
+            if self.length_mm is not None or self.width_mm is not None:
+                raise ValueError(f"a {k} is sized by diameter_mm, not length_mm/width_mm")
+        if self.depth_mm is None:
+            self.depth_mm = DEFAULT_DEPTH_MM[k]
+        for name in ("length_mm", "width_mm", "diameter_mm"):
+            r = getattr(self, name)
+            if r is not None and r[0] <= 0:
+                raise ValueError(f"{name} {r[0]:g} is not positive; sizes are positive lengths in mm")
+        if self.depth_mm[0] < 0:
+            raise ValueError(f"depth_mm {self.depth_mm[0]:g} is negative")
+        if k in LINEAR_KINDS and self.width_mm[1] > 0.5 * self.length_mm[0]:
+            raise ValueError(f"a {k} of width up to {self.width_mm[1]:g} mm and length from {self.length_mm[0]:g} mm "
+                             "is not a line; accepted: width at most half the length")
+        if k in EDGE_KINDS and isinstance(self.location, str) and self.location not in EDGES + ("any",):
+            raise ValueError(f"missing_material (a chipped edge) sits on an edge, not {self.location!r}; accepted: "
+                             "top edge, bottom edge, left edge, right edge, any")
+        return self
+
+    def extent_mm(self) -> float:
+        """Largest extent of the defect (mm), for fit checks."""
+        if self.kind in LINEAR_KINDS + EDGE_KINDS:
+            return float(self.length_mm[1])
+        return float(self.diameter_mm[1])
+
+    def describe(self) -> str:
+        def r(v):
+            return f"{v[0]:g} mm" if v[0] == v[1] else f"{v[0]:g}-{v[1]:g} mm"
+        size = r(self.length_mm) + f" x {r(self.width_mm)}" if self.length_mm else r(self.diameter_mm)
+        loc = self.location if isinstance(self.location, str) else f"({self.location.x_mm:g}, {self.location.y_mm:g}) mm"
+        n = f"{self.count}x " if self.count > 1 else ""
+        return f"{n}{size} {self.kind}, {loc}"
+
+
+def normalise_region(text: str) -> str:
+    t = re.sub(r"[\s_-]+", " ", str(text).strip().lower())
+    t = t.replace("upper", "top").replace("lower", "bottom").replace("centre", "center").replace("middle", "center")
+    t = re.sub(r"\b(anywhere|any location)\b", "any", t)
+    for name in NAMED_REGIONS:
+        if t == name.replace("_", " "):
+            return name
+    m = re.fullmatch(r"(top|bottom|left|right)( edge)?", t)
+    if m and m.group(2):
+        return f"{m.group(1)}_edge"
+    raise ValueError(f"location {text!r} is not known; accepted: {ACCEPTED_REGIONS}")
+
+
+class SurfaceImageSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    size: int | tuple[int, int] = Field(512, description="pixels: a side, or [height, width]")
+    color: Literal["grey", "rgb"] = "grey"
+
+    @field_validator("size")
+    @classmethod
+    def _size(cls, v):
+        hw = (v, v) if isinstance(v, int) else tuple(v)
+        if len(hw) != 2 or not all(64 <= s <= 4096 for s in hw):
+            raise ValueError(f"image.size {v!r} is outside the accepted 64 to 4096 pixels per side")
+        return v
+
+    @property
+    def hw(self) -> tuple[int, int]:
+        return (self.size, self.size) if isinstance(self.size, int) else (int(self.size[0]), int(self.size[1]))
+
+
+class PhotoSpec(BaseModel):
+    """The user's good-part photos for material ``image``."""
+
+    model_config = ConfigDict(extra="forbid")
+    folder: str = Field(description="folder of PNG/JPEG photos of good parts")
+    masks_folder: str | None = Field(None, description="optional folder of foreground masks named like the photos")
+    foreground: Literal["otsu", "none"] = Field("otsu", description="foreground when no mask is given")
+
+
+class SurfaceDefects(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    negatives: float = Field(0.2, ge=0, le=1, description="share of defect-free samples (empty mask)")
+    mixture: list[SurfaceDefect] = Field(default_factory=list)
+
+    @field_validator("mixture", mode="before")
+    @classmethod
+    def _shorthand(cls, v):
+        from schemas.surface_shorthand import parse_defect_text
+
+        if not isinstance(v, list):
+            raise ValueError("defects.mixture must be a list of defects")
+        out = []
+        for item in v:
+            if isinstance(item, str) or (isinstance(item, dict) and "text" in item):
+                text = item if isinstance(item, str) else item["text"]
+                d, _ = parse_defect_text(text)  # the material is taken by SurfaceSpec
+                f = d.model_dump()
+                if isinstance(item, dict):
+                    f.update({k: w for k, w in item.items() if k != "text"})
+                out.append(f)
+            else:
+                out.append(item)
+        return out
+
+    @model_validator(mode="after")
+    def _needed(self) -> "SurfaceDefects":
+        if self.negatives < 1 and not self.mixture:
+            raise ValueError("defects.mixture is empty but defects.negatives < 1; add defects or set negatives: 1")
+        return self
+
+
+class SurfaceQCSpec(QCSpec):
+    """QC for surface defects. ``cnr_min`` is the defect contrast: RMS deviation of the defect pixels from the
+    mean of a ring around them, in units of the ring's standard deviation (floored at 2 grey levels)."""
+
+    cnr_min: float = Field(1.5, ge=0, description="minimum defect contrast (RMS deviation / surround std)")
+    size_tolerance_mm: float = Field(0.2, ge=0, description="allowed |measured - requested| size (or 1 pixel)")
+    min_in_region: float = Field(1.0, ge=0, le=1, description="share of a defect's pixels inside its region")
+
+
+class SurfaceSpec(BaseSpec):
+    """A dataset of surface images (procedural materials or the user's photos) with defect masks."""
+
+    domain: Literal["surface"] = "surface"
+    material: Material | None = Field(None, description="surface material; 'image' uses the user's photos")
+    field_of_view_mm: MmRange("field_of_view_mm") = Field((50.0, 50.0), description="mm across the image width")
+    image: SurfaceImageSpec = Field(default_factory=SurfaceImageSpec)
+    photos: PhotoSpec | None = None
+    defects: SurfaceDefects = Field(default_factory=SurfaceDefects)
+    qc: SurfaceQCSpec = Field(default_factory=SurfaceQCSpec)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _material_from_shorthand(cls, data: Any):
+        if not isinstance(data, dict):
+            return data
+        mats = set()
+        defects = data.get("defects")
+        if isinstance(defects, dict) and isinstance(defects.get("mixture"), list):
+            from schemas.surface_shorthand import parse_defect_text
+            for item in defects["mixture"]:
+                text = item if isinstance(item, str) else item.get("text") if isinstance(item, dict) else None
+                if isinstance(text, str):
+                    try:
+                        _, m = parse_defect_text(text)
+                    except SpecError:
+                        continue  # reported with its position by the mixture validator
+                    if m:
+                        mats.add(m)
+        if len(mats) > 1:
+            raise ValueError(f"the defects name different materials ({', '.join(sorted(mats))}); one dataset has "
+                             "one material")
+        if mats:
+            m = mats.pop()
+            if data.get("material") not in (None, m):
+                raise ValueError(f"material {data['material']!r} contradicts {m!r} named in defects.mixture")
+            data = {**data, "material": m}
+        return data
+
+    @field_validator("field_of_view_mm")
+    @classmethod
+    def _fov(cls, v):
+        if v[0] < 1 or v[1] > 2000:
+            raise ValueError(f"field_of_view_mm {v[0]:g}-{v[1]:g} is outside the accepted 1 to 2000 mm")
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "SurfaceSpec":
+        if self.material is None:
+            raise ValueError(f"material is missing; accepted: {', '.join(MATERIALS)}")
+        if self.material == "image":
+            if self.photos is None:
+                raise ValueError("material 'image' needs photos: {folder: ...} with the good-part photos")
+            check_photos(self.photos, self.image.hw)
+        elif self.photos is not None:
+            raise ValueError(f"photos are only used with material 'image', not {self.material!r}")
+        h, w = self.image.hw
+        px_max = self.field_of_view_mm[1] / w
+        fov_w, fov_h = self.field_of_view_mm[0], self.field_of_view_mm[0] * h / w
+        for i, d in enumerate(self.defects.mixture):
+            where = f"defects.mixture[{i}] ({d.kind})"
+            room = region_room_mm(d.location, fov_h, fov_w, d.kind)
+            if d.extent_mm() > room:
+                raise ValueError(f"{where}: size {d.extent_mm():g} mm is larger than its region holds in a "
+                                 f"{fov_w:g} x {fov_h:g} mm field of view; accepted: up to {room:.1f} mm, or raise "
+                                 "field_of_view_mm")
+            if isinstance(d.location, PointMM) and (d.location.x_mm > fov_w or d.location.y_mm > fov_h):
+                raise ValueError(f"{where}: location ({d.location.x_mm:g}, {d.location.y_mm:g}) mm is outside the "
+                                 f"{fov_w:g} x {fov_h:g} mm field of view")
+            smallest = d.width_mm[0] if d.width_mm else d.diameter_mm[0]
+            need = 1.5 * px_max if d.width_mm else 3 * px_max
+            if smallest < need - 1e-9:
+                what = "width" if d.width_mm else "diameter"
+                raise ValueError(f"{where}: {what} {smallest:g} mm is under {need / px_max:g} pixels at "
+                                 f"{px_max:.3g} mm per pixel; accepted: at least {need:.3g} mm, or lower "
+                                 "field_of_view_mm or raise image.size")
+            if d.kind in EDGE_KINDS and self.material == "image":
+                raise ValueError(f"{where}: missing_material is drawn on procedural materials only; on photos use "
+                                 "another defect kind")
+        return self
+
+    @property
+    def hw(self) -> tuple[int, int]:
+        return self.image.hw
+
+
+def region_room_mm(location: str | PointMM, fov_h: float, fov_w: float, kind: str) -> float:
+    """The largest defect extent a region can hold (a loose upper bound used to reject impossible specs)."""
+    if isinstance(location, PointMM):
+        return min(fov_h, fov_w)
+    if kind in EDGE_KINDS:
+        along = fov_w if location in ("top_edge", "bottom_edge", "any") else fov_h
+        return 0.9 * along
+    bh, bw = {"any": (1, 1), "center": (0.5, 0.5)}.get(location, (0.5, 0.5))
+    if location in ("top_edge", "bottom_edge"):
+        bh, bw = EDGE_BAND, 1.0
+    elif location in ("left_edge", "right_edge"):
+        bh, bw = 1.0, EDGE_BAND
+    return 0.95 * float(np.hypot(bh * fov_h, bw * fov_w))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Photos (material "image")
+
+PHOTO_SUFFIXES = (".png", ".jpg", ".jpeg")
+
+
+def list_photos(folder: str) -> list[Path]:
+    p = Path(folder).expanduser()
+    if not p.is_dir():
+        raise ValueError(f"photos.folder {folder!r} is not a readable folder")
+    try:
+        files = sorted(f for f in p.iterdir() if f.suffix.lower() in PHOTO_SUFFIXES and f.is_file())
+    except OSError as e:
+        raise ValueError(f"photos.folder {folder!r} cannot be read: {e}") from None
+    if not files:
+        raise ValueError(f"photos.folder {folder!r} holds no photos; accepted: {', '.join(PHOTO_SUFFIXES)} files")
+    return files
+
+
+def mask_path_for(photo: Path, masks_folder: str) -> Path | None:
+    folder = Path(masks_folder).expanduser()
+    for cand in (folder / f"{photo.stem}.png", folder / f"{photo.stem}_mask.png", folder / photo.name):
+        if cand.is_file():
+            return cand
+    return None
+
+
+def check_photos(photos: PhotoSpec, hw: tuple[int, int]) -> None:
+    from PIL import Image
+
+    files = list_photos(photos.folder)
+    if photos.masks_folder is not None and not Path(photos.masks_folder).expanduser().is_dir():
+        raise ValueError(f"photos.masks_folder {photos.masks_folder!r} is not a readable folder")
+    for f in files:
+        try:
+            with Image.open(f) as im:
+                w, h = im.size
+        except Exception as e:  # PIL raises several types for broken files
+            raise ValueError(f"photo {f.name!r} in {photos.folder!r} cannot be read ({type(e).__name__})") from None
+        if (h, w) != tuple(hw):
+            raise ValueError(f"photo {f.name!r} is {w}x{h} pixels but image.size is {hw[1]}x{hw[0]} (width x height); "
+                             "accepted: photos of exactly image.size, or set image.size to [height, width]")
+        if photos.masks_folder is not None:
+            m = mask_path_for(f, photos.masks_folder)
+            if m is None:
+                raise ValueError(f"no foreground mask for photo {f.name!r} in {photos.masks_folder!r}; accepted "
+                                 f"names: {f.stem}.png or {f.stem}_mask.png")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Regions: boxes in pixels from the region name, image size and the part's bounding box.
+
+def part_box(foreground: np.ndarray | None, hw: tuple[int, int]) -> tuple[int, int, int, int]:
+    """(y0, x0, y1, x1) of the part: the foreground's bounding box, or the whole image."""
+    if foreground is None:
+        return 0, 0, hw[0], hw[1]
+    ys = np.flatnonzero(foreground.any(axis=1))
+    xs = np.flatnonzero(foreground.any(axis=0))
+    if ys.size == 0:
+        return 0, 0, hw[0], hw[1]
+    return int(ys[0]), int(xs[0]), int(ys[-1]) + 1, int(xs[-1]) + 1
+
+
+def region_box(location: str | dict | PointMM, box: tuple[int, int, int, int], spacing_mm: float,
+               extent_mm: float = 0.0) -> tuple[int, int, int, int]:
+    """Pixel box (y0, x0, y1, x1) of a named region inside the part box. A point location is a box of side
+    ``extent_mm`` + 2 mm centred on the point (the defect's centre goes on the point)."""
+    y0, x0, y1, x1 = box
+    h, w = y1 - y0, x1 - x0
+    if isinstance(location, (dict, PointMM)):
+        p = location if isinstance(location, dict) else location.model_dump()
+        cy, cx = y0 + p["y_mm"] / spacing_mm, x0 + p["x_mm"] / spacing_mm
+        r = (extent_mm / 2 + 1.0) / spacing_mm
+        return (max(y0, int(np.floor(cy - r))), max(x0, int(np.floor(cx - r))),
+                min(y1, int(np.ceil(cy + r))), min(x1, int(np.ceil(cx + r))))
+    hy, hx = y0 + h // 2, x0 + w // 2
+    eb_h, eb_w = int(round(EDGE_BAND * h)), int(round(EDGE_BAND * w))
+    return {
+        "any": (y0, x0, y1, x1),
+        "center": (y0 + h // 4, x0 + w // 4, y1 - h // 4, x1 - w // 4),
+        "top_left": (y0, x0, hy, hx), "top_right": (y0, hx, hy, x1),
+        "bottom_left": (hy, x0, y1, hx), "bottom_right": (hy, hx, y1, x1),
+        "top_edge": (y0, x0, y0 + eb_h, x1), "bottom_edge": (y1 - eb_h, x0, y1, x1),
+        "left_edge": (y0, x0, y1, x0 + eb_w), "right_edge": (y0, x1 - eb_w, y1, x1),
+    }[location]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Planner
+
+def plan_surface(spec: SurfaceSpec, index: int, rng: np.random.Generator) -> SampleRequest:
+    split = draw_split(spec, rng)
+    fov = round(uniform(rng, spec.field_of_view_mm), 4)
+    h, w = spec.hw
+    spacing = fov / w
+    params: dict[str, Any] = {"material": spec.material, "field_of_view_mm": fov, "color": spec.image.color}
+    if spec.material == "image":
+        photos = list_photos(spec.photos.folder)
+        params["photo"] = str(photos[int(rng.integers(len(photos)))])
+    findings: list[dict] = []
+    negative = bool(rng.random() < spec.defects.negatives or not spec.defects.mixture)
+    if not negative:
+        weights = np.array([d.weight for d in spec.defects.mixture], dtype=float)
+        k = int(rng.choice(len(weights), p=weights / weights.sum()))
+        d = spec.defects.mixture[k]
+        for _ in range(d.count):
+            f: dict[str, Any] = {"kind": d.kind, "mixture_entry": k,
+                                 "location": d.location if isinstance(d.location, str) else d.location.model_dump()}
+            for name in ("length_mm", "width_mm", "diameter_mm", "depth_mm"):
+                r = getattr(d, name)
+                if r is not None:
+                    f[name] = round(uniform(rng, r), 4)
+            if d.orientation_deg is not None:
+                f["orientation_deg"] = round(uniform(rng, d.orientation_deg), 3)
+            findings.append(f)
+    params["negative"] = negative
+    return SampleRequest(index=index, sample_id=sample_id(index), split=split, domain="surface",
+                         spacing_mm=spacing, size=(h, w), findings=findings, params=params)
+
+
+SPEC_MODELS["surface"] = SurfaceSpec
+PLANNERS["surface"] = plan_surface
+
+
+def parse_defect(text: str) -> SurfaceDefect:
+    """Shorthand text -> SurfaceDefect (the material named in the text, if any, is dropped; see
+    ``schemas.surface_shorthand.parse_defect_text`` to keep it)."""
+    from schemas.surface_shorthand import parse_defect_text
+
+    return parse_defect_text(text)[0]
