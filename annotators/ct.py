@@ -116,6 +116,7 @@ def measure_findings(label: np.ndarray, instance: np.ndarray, lobes: np.ndarray 
             "lobe": LOBE_BY_ID.get(lobe_id, "none"),
             "in_region_fraction": round(in_region, 5),
             "lung_rads_size_category": lung_rads_size_category(f["kind"], mean_axis, solid_mean),
+            "bbox_px": [int(xs.min()) + x0, int(ys.min()) + y0, int(xs.max()) + x0 + 1, int(ys.max()) + y0 + 1],
         })
     return out
 
@@ -133,7 +134,7 @@ def histogram_median(hist: np.ndarray) -> float:
 
 
 def contrast_to_noise(image: np.ndarray, instance: np.ndarray, label: np.ndarray, f: dict, spacing: float) -> float:
-    """|mean(finding) - mean(surrounding lung)| / std(surrounding lung), the ring 1-4 mm outside the finding."""
+    """|median(finding) - median(ring)| / robust std(ring), the ring being the lung parenchyma 1-4 mm outside it."""
     k = f["instance"]
     cx, cy = f["center_px"]
     r = int(math.ceil(f["shape"]["radius_px"] * 2.2 + 5 / spacing)) + 3
@@ -154,7 +155,10 @@ def contrast_to_noise(image: np.ndarray, instance: np.ndarray, label: np.ndarray
     crop = image[y0:y1, x0:x1]
     inside = crop[m > 0]
     around = crop[ring]
-    return float(abs(inside.mean() - around.mean()) / (around.std() + 1e-6))
+    # Robust spread (MAD): blurred vessel edges in the ring are structure, not noise.
+    med = float(np.median(around))
+    sigma = 1.4826 * float(np.median(np.abs(around - med)))
+    return float(abs(float(np.median(inside)) - med) / (sigma + 1e-6))
 
 
 @register_annotator("chest_ct")
@@ -185,4 +189,6 @@ def annotate_chest_ct(image: np.ndarray, layout: Layout, request: SampleRequest,
         cnr = contrast_to_noise(image, layout.instance, layout.label, f, sp)
         m["cnr"] = round(cnr, 3)
         checks.append(check(f"visible_{k}", cnr >= cnr_min, cnr, f"contrast-to-noise >= {cnr_min:g}"))
-    return Annotation(measured=measured, checks=checks)
+    bboxes = [{"instance": m["instance"], "x0": m["bbox_px"][0], "y0": m["bbox_px"][1], "x1": m["bbox_px"][2],
+               "y1": m["bbox_px"][3]} for m in measured if "bbox_px" in m]
+    return Annotation(measured=measured, checks=checks, bboxes=bboxes)

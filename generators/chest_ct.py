@@ -192,7 +192,7 @@ def draw_slice(a: dict[str, Any], h: int, w: int, sp: float) -> tuple[np.ndarray
     # Mediastinum: great vessels and trachea above, heart below.
     tr = a["trachea_r"]
     ty = sy - sr - tr - 6
-    hs = _smooth(z, 0.42, 0.72) * (1 - 0.35 * _smooth(z, 0.9, 1.0))
+    hs = _smooth(z, 0.42, 0.72) * (1 - 0.45 * _smooth(z, 0.82, 1.0))
     if hs > 0.05:
         hx, hy = a["heart_x"], ccy - cd * 0.18
         cv.ellipse(C["heart"], hx, hy, a["heart_rx"] * hs, a["heart_ry"] * hs, a["heart_angle"])
@@ -226,7 +226,7 @@ def draw_slice(a: dict[str, Any], h: int, w: int, sp: float) -> tuple[np.ndarray
     cv.poly(1, superellipse(0, ccy, cw - 2, cd - 2, n, post_flat=pf * 0.7), target=cavity)
     free = (lab == C["mediastinal_fat"]) & (cavity > 0)
     # Anterior junction line and posterior mediastinum keep the lungs apart.
-    band = np.abs(xs) < (9 + 14 * np.clip((ys - (ccy - cd)) / (2 * cd), 0, 1))
+    band = np.abs(xs) < (9 + 14 * np.clip((ys - (ccy - cd)) / (2 * cd), 0, 1))  # (h, w) via broadcasting
     lobes = np.zeros((h, w), np.uint8)
     params: dict[str, Any] = {"lung_scale": scale}
     for side, sgn in (("right", -1), ("left", 1)):
@@ -235,25 +235,32 @@ def draw_slice(a: dict[str, Any], h: int, w: int, sp: float) -> tuple[np.ndarray
         lax = cw * 0.62 * scale * asym
         lay = cd * 0.98 * _interp(z, [0, 0.3, 1], [0.75, 1.0, 1.0]) * min(1.0, scale + 0.08)
         lcy = ccy + cd * (1 - _interp(z, [0, 0.3, 1], [0.75, 1.0, 1.0]) * min(1.0, scale + 0.08)) * 0.85
-        env = ((xs - lx) / lax) ** 2 + ((ys - lcy) / lay) ** 2 < 1
-        lung = env & free & ~band & ((xs * sgn) > 0)
+        # Work inside the envelope's bounding box only (speed); the envelope is an ellipse in mm.
+        c0 = max(0, int((lx - lax) / sp + w / 2) - 1)
+        c1 = min(w, int((lx + lax) / sp + w / 2) + 2)
+        r0 = max(0, int((lcy - lay) / sp + h / 2) - 1)
+        r1 = min(h, int((lcy + lay) / sp + h / 2) + 2)
+        bx, byy = xs[:, c0:c1], ys[r0:r1]
+        env = ((bx - lx) / lax) ** 2 + ((byy - lcy) / lay) ** 2 < 1
+        lung = env & free[r0:r1, c0:c1] & ~band[r0:r1, c0:c1] & ((bx * sgn) > 0)
         # Fissures in lung-local coordinates: u lateral fraction, v anterior->posterior fraction.
         y_ant, y_post = lcy - lay, lcy + lay
-        u_ = np.clip((np.abs(xs) - 10) / (abs(lx) + lax - 10), 0, 1)
-        v_ = (ys - y_ant) / (y_post - y_ant)
+        u_ = np.clip((np.abs(bx) - 10) / (abs(lx) + lax - 10), 0, 1)
+        v_ = (byy - y_ant) / (y_post - y_ant)
         jit = a["fissure_jitter_r"] if side == "right" else a["fissure_jitter_l"]
         zz = z + (0.03 if side == "left" else 0.0)
         p = _interp(zz, [0, 0.3, 0.42, 0.6, 0.8, 1.0], [1.4, 1.08, 0.8, 0.55, 0.34, 0.2]) + jit
         lower = v_ > p - 0.32 * (u_ - 0.5) + 0.1 * (u_ - 0.5) ** 2
+        box = lobes[r0:r1, c0:c1]
         if side == "right":
             upper_id = LOBES["RML"] if z >= a["minor_level"] else LOBES["RUL"]
-            lobes[lung & ~lower] = upper_id
-            lobes[lung & lower] = LOBES["RLL"]
+            box[lung & ~lower] = upper_id
+            box[lung & lower] = LOBES["RLL"]
         else:
-            lobes[lung & ~lower] = LOBES["LUL"]
-            lobes[lung & lower] = LOBES["LLL"]
+            box[lung & ~lower] = LOBES["LUL"]
+            box[lung & lower] = LOBES["LLL"]
         params[f"{side}_lung"] = {"cx": lx, "cy": lcy, "ax": lax, "ay": lay, "fissure_p": p}
-    lab[lobes > 0] = lobes[lobes > 0]
+    np.copyto(lab, lobes, where=lobes > 0)
 
     _draw_vessels_airways(cv, lab, lobes, a, vrng, params)
     return lab, lobes, params
@@ -270,6 +277,8 @@ def _draw_vessels_airways(cv: Canvas, lab: np.ndarray, lobes: np.ndarray, a: dic
     vess = np.zeros_like(lab)
     z = a["level"]
     hilar = _smooth(z, 0.25, 0.45) * (1 - _smooth(z, 0.7, 0.95))
+    ys_all, xs_all = np.nonzero(dist > 4.0)
+    right = xs_all < lab.shape[1] / 2
     for side, sgn in (("right", -1), ("left", 1)):
         L = params[f"{side}_lung"]
         hx, hy = sgn * 22.0 + sgn * 8, L["cy"] - L["ay"] * 0.1
@@ -287,7 +296,8 @@ def _draw_vessels_airways(cv: Canvas, lab: np.ndarray, lobes: np.ndarray, a: dic
                     stack.append((x1, y1, ang + d * rng.uniform(0.25, 0.6), r * rng.uniform(0.55, 0.72),
                                   ln * rng.uniform(0.5, 0.75)))
         # Cross-sections: dots with radius shrinking toward the periphery; bronchi beside some arteries.
-        ys_, xs_ = np.nonzero((lobes > 0) & (dist > 4.0) & ((np.arange(lab.shape[1])[None, :] - lab.shape[1] / 2) * sgn > 0))
+        keep = right if sgn < 0 else ~right
+        ys_, xs_ = ys_all[keep], xs_all[keep]
         if len(xs_) == 0:
             continue
         k = int(rng.integers(45, 80))
@@ -376,32 +386,34 @@ def rasterise_nodule(R: float, p: dict) -> tuple[np.ndarray, tuple[float, float]
 def place_nodules(label: np.ndarray, lobes: np.ndarray, instance: np.ndarray, findings: list[dict], sp: float,
                   rng: np.random.Generator) -> list[dict]:
     """Place each requested nodule wholly inside its lobe, off the pleura and fissures unless juxtapleural."""
-    placed = []
+    placed: list[dict] = []
+    if not findings:
+        return placed
     taken = np.zeros(label.shape, np.uint8)
     present = [name for name, k in LOBES.items() if (lobes == k).any()]
+    # Lobe edges (pleura, fissures): a pixel whose 3x3 neighbourhood holds another lobe or no lung.
+    edges = cv2.erode(lobes, np.ones((3, 3), np.uint8)) != cv2.dilate(lobes, np.ones((3, 3), np.uint8))
     for i, f in enumerate(findings, start=1):
         shape_p, patch, (ox, oy) = nodule_shape(f["diameter_mm"], f["margin"], sp, rng)
         ys, xs = np.nonzero(patch)
         reach = float(np.hypot(xs - ox, ys - oy).max()) + 0.75
         margin_px = max(1.5, 1.5 / sp)
         choices = present if f["location"] == "any" else [f["location"]]
-        cands = []
-        for name in choices:
-            region = ((lobes == LOBES[name]) & (taken == 0)).astype(np.uint8)
-            dist = cv2.distanceTransform(region, cv2.DIST_L2, 5)
-            if f.get("juxtapleural"):
-                cand = (dist >= reach) & (dist <= reach + 1.5)
-            else:
-                cand = dist >= reach + margin_px
-            cands.append(np.nonzero(cand))
-        sizes = np.array([len(c[0]) for c in cands], float)
+        region = ((lobes > 0) & ~edges & (taken == 0)).astype(np.uint8)
+        dist = cv2.distanceTransform(region, cv2.DIST_L2, 5)
+        if f.get("juxtapleural"):
+            ok = (dist >= reach) & (dist <= reach + 1.5)
+        else:
+            ok = dist >= reach + margin_px
+        cands = [ok & (lobes == LOBES[name]) for name in choices]
+        sizes = np.array([cv2.countNonZero(c.view(np.uint8)) for c in cands], float)
         if sizes.sum() == 0:
             where = "any lobe" if f["location"] == "any" else f["location"]
             raise PlacementError(f"no room for a {f['diameter_mm']:.1f} mm nodule in {where} on this slice")
         # "any" picks a lobe in proportion to the room it has for this nodule.
         li = int(rng.choice(len(choices), p=sizes / sizes.sum())) if len(choices) > 1 else 0
         lobe = choices[li]
-        cy_, cx_ = cands[li]
+        cy_, cx_ = np.nonzero(cands[li])
         j = int(rng.integers(len(cx_)))
         cx, cy = int(cx_[j]), int(cy_[j])
         y0, x0 = cy - int(round(oy)), cx - int(round(ox))
@@ -447,15 +459,41 @@ def choose_level(request: SampleRequest, spec_levels: tuple[float, float], rng: 
     return level if lo <= level <= hi else float(rng.uniform(lo, hi))
 
 
+# Levels where each lobe is at its largest on the phantom: later placement tries draw from here.
+LOBE_CORE_LEVELS: dict[str, tuple[float, float]] = {
+    "RUL": (0.12, 0.4), "RML": (0.7, 0.9), "RLL": (0.65, 0.95), "LUL": (0.2, 0.6), "LLL": (0.65, 0.95),
+    "any": (0.45, 0.8),
+}
+LEVEL_TRIES = 4
+
+
 @register_layout("chest_ct")
 def chest_ct_layout(spec, request: SampleRequest, rng: np.random.Generator) -> Layout:
+    """Anatomy at the planned level, then the findings; when they do not fit, a bounded, recorded resample of the
+    level inside the range where the requested lobes are largest (and still inside the spec's slice range)."""
     h, w = request.size
     sp = request.spacing_mm
     level = choose_level(request, tuple(spec.slice_level), rng)
-    anatomy = draw_anatomy(rng, level)
-    label, lobes, geo = draw_slice(anatomy, h, w, sp)
-    instance = np.zeros((h, w), np.uint16)
-    placed = place_nodules(label, lobes, instance, request.findings, sp, rng)
+    tries = []
+    for t in range(LEVEL_TRIES):
+        anatomy = draw_anatomy(rng, level)
+        label, lobes, geo = draw_slice(anatomy, h, w, sp)
+        instance = np.zeros((h, w), np.uint16)
+        try:
+            placed = place_nodules(label, lobes, instance, request.findings, sp, rng)
+            break
+        except PlacementError as e:
+            tries.append({"level": level, "error": str(e)})
+            if t == LEVEL_TRIES - 1:
+                raise
+            lo, hi = spec.slice_level
+            for f in request.findings:
+                a, b = LOBE_CORE_LEVELS[f["location"]]
+                lo, hi = max(lo, a), min(hi, b)
+            if lo > hi:  # the core ranges do not meet the spec's range: stay where the lobes show at all
+                level = choose_level(request, tuple(spec.slice_level), rng)
+            else:
+                level = float(rng.uniform(lo, hi))
     return Layout(label=label, instance=instance, spacing_mm=sp, findings=placed,
-                  params={"anatomy": anatomy, "geometry": geo, "slice_level": level},
+                  params={"anatomy": anatomy, "geometry": geo, "slice_level": level, "level_tries": tries},
                   extras={"lobes": lobes})

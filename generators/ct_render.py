@@ -46,6 +46,10 @@ HU_RANGES: dict[str, tuple[float, float]] = {
     "upper_abdomen": (25, 45),
 }
 LUNG_IDS = [C[n] for n in ("lung_rul", "lung_rml", "lung_rll", "lung_lul", "lung_lll")]
+IS_LUNG = np.zeros(256, bool)
+IS_LUNG[LUNG_IDS] = True
+IS_SOFT = np.zeros(256, bool)
+IS_SOFT[[C["muscle"], C["liver"], C["heart"]]] = True
 
 
 def draw_render_params(rng: np.random.Generator, spacing_mm: float) -> dict[str, Any]:
@@ -76,7 +80,7 @@ def render_ct(label: np.ndarray, lobes: np.ndarray | None, spacing_mm: float, p:
     img = lut[label]
     nrng = np.random.default_rng(p["noise_seed"])
 
-    lung = np.isin(label, LUNG_IDS)
+    lung = IS_LUNG[label]
     # Parenchymal texture and the gravity gradient (denser posteriorly), only in the lungs.
     tex = nrng.standard_normal((h // 4 + 1, w // 4 + 1), dtype=np.float32)
     tex = cv2.resize(tex, (w, h), interpolation=cv2.INTER_CUBIC)
@@ -84,13 +88,11 @@ def render_ct(label: np.ndarray, lobes: np.ndarray | None, spacing_mm: float, p:
     tex = cv2.GaussianBlur(tex, (0, 0), s)
     tex *= p["lung_texture_hu"] / (tex.std() + 1e-6)
     ys = np.linspace(0, 1, h, dtype=np.float32)[:, None]
-    lung_f = lung.astype(np.float32)
-    img += lung_f * (tex + p["lung_gradient_hu"] * (ys - 0.5))
+    img += np.where(lung, tex + p["lung_gradient_hu"] * (ys - 0.5), np.float32(0))
     gg = label == C["nodule_ground_glass"]
     if gg.any():
         img += gg * tex * (p["gg_texture_hu"] / max(p["lung_texture_hu"], 1e-3))
-    soft = (label == C["muscle"]) | (label == C["liver"]) | (label == C["heart"])
-    img += soft * tex * (p["soft_texture_hu"] / max(p["lung_texture_hu"], 1e-3))
+    img += IS_SOFT[label] * tex * (p["soft_texture_hu"] / max(p["lung_texture_hu"], 1e-3))
 
     # Fissures: thin dense lines where two lobes meet.
     if lobes is not None and lobes.any():
