@@ -44,7 +44,7 @@ def _finish(spec: BaseSpec, request: SampleRequest, layout: Layout, image: np.nd
         qc={"passed": ann.passed, "attempts": attempt + 1, "checks": ann.checks, "history": list(history)},
         seed={"spec_hash": digest, "index": request.index, "attempt": attempt, "seed": spec.seed},
         generator={"name": backend.name, "version": backend.version},
-        bboxes=ann.bboxes or _bounding_boxes(layout.instance),
+        bboxes=ann.bboxes if (ann.bboxes or not layout.findings) else _bounding_boxes(layout.instance),
     )
     return sample, ann.passed
 
