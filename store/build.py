@@ -1,0 +1,449 @@
+"""Writing a dataset version: reserving its number, writing shards to staging (watermark, encode, PNGs, a Parquet
+part, then a commit marker), and publishing the whole version atomically with manifest.json last.
+
+Every data file (PNGs, shard parts, samples.parquet, README.md) is a pure function of (spec, code, version
+number): no clocks, run ids or host names inside them; those go into manifest.json only.
+
+Publish is atomic on a local disk by a single ``rename`` of the staged folder to ``v<N>``; on object stores
+(no rename) the files go straight to ``v<N>/`` and ``manifest.json`` is written last with an exclusive create:
+readers only ever see versions whose manifest exists.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import functools
+import hashlib
+import io
+import json
+import os
+import subprocess
+from dataclasses import dataclass
+from importlib import metadata
+from typing import Any, Callable
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from schemas.arrow import (SAMPLE_SCHEMA, bbox_row, dumps, finding_row, qc_check_row, to_jsonable)
+from schemas.manifest import CodeInfo, Counts, Manifest, WatermarkInfo
+from schemas.plan import plan_shards
+from schemas.sample import Sample
+from schemas.spec import BaseSpec, normalised_spec
+from store import codec
+from store import watermark as wm
+from store.errors import PublishError, StoreError
+from store.root import MANIFEST, README, SAMPLES, Root, check_name, ensure_writable
+
+PARQUET_ROW_GROUP = 8192
+PARQUET_OPTIONS = dict(compression="zstd", compression_level=3, use_dictionary=True, write_statistics=True,
+                       row_group_size=PARQUET_ROW_GROUP, data_page_size=1 << 20)
+PAYLOAD_LAYOUT = "64 bits: dataset id (24, sha256(name)[:3]) | version (16) | sample index (24); + CRC-16"
+PIXEL_LIBRARIES = {"numpy": "numpy", "opencv": "opencv-python", "torch": "torch", "diffusers": "diffusers",
+                   "monai": "monai", "scipy": "scipy", "pillow": "pillow", "pyarrow": "pyarrow"}
+
+
+@dataclass(frozen=True)
+class PublishedVersion:
+    name: str
+    version: int
+    uri: str
+
+    @property
+    def ref(self) -> str:
+        return f"{self.name}@v{self.version}"
+
+
+# ---------------------------------------------------------------- code and library facts
+@functools.lru_cache(maxsize=1)
+def pairforge_version() -> str:
+    try:
+        return metadata.version("pairforge")
+    except metadata.PackageNotFoundError:
+        return "0+unknown"
+
+
+@functools.lru_cache(maxsize=1)
+def git_state() -> tuple[str | None, bool | None]:
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        head = subprocess.run(["git", "-C", here, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
+        if head.returncode != 0:
+            return None, None
+        dirty = subprocess.run(["git", "-C", here, "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10)
+        return head.stdout.strip(), bool(dirty.stdout.strip()) if dirty.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        return None, None
+
+
+def library_versions() -> dict[str, str | None]:
+    out: dict[str, str | None] = {}
+    for key, dist in PIXEL_LIBRARIES.items():
+        candidates = [dist] + (["opencv-python-headless", "opencv-contrib-python"] if key == "opencv" else [])
+        out[key] = None
+        for d in candidates:
+            try:
+                out[key] = metadata.version(d)
+                break
+            except metadata.PackageNotFoundError:
+                continue
+    return out
+
+
+def class_names(domain: str) -> dict[int, str]:
+    """The class table of a domain (schemas.classes or a domain module), or {} if none is known."""
+    import importlib
+
+    from schemas.classes import ClassTable
+
+    for mod in ("schemas.classes", f"schemas.{domain}", "schemas.surface"):
+        try:
+            m = importlib.import_module(mod)
+        except ImportError:
+            continue
+        for v in vars(m).values():
+            if isinstance(v, ClassTable) and v.domain == domain:
+                return dict(v.names)
+    return {}
+
+
+def parquet_bytes(table: pa.Table) -> bytes:
+    """Deterministic Parquet bytes (fixed options, fixed row groups)."""
+    buf = io.BytesIO()
+    pq.write_table(table.cast(SAMPLE_SCHEMA), buf, **PARQUET_OPTIONS)
+    return buf.getvalue()
+
+
+def content_digest(files: dict[str, str]) -> str:
+    """sha256 over the sorted lines "<path> <sha256>\\n" of a version's files (manifest.json excluded)."""
+    h = hashlib.sha256()
+    for path in sorted(files):
+        h.update(f"{path} {files[path]}\n".encode())
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------- one sample -> files and a row
+def _provenance(name: str, version: int, sample: Sample, code_version: str, payload_hex: str | None,
+                encoding: str) -> dict[str, Any]:
+    return {
+        "dataset": name, "version": int(version), "sample_id": sample.sample_id, "index": int(sample.index),
+        "spec_hash": str(sample.seed.get("spec_hash", "")), "seed": to_jsonable(sample.seed),
+        "generator": f"{sample.generator.get('name', '?')}/{sample.generator.get('version', '?')}",
+        "code_version": code_version, "pairforge_version": pairforge_version(), "encoding": encoding,
+        "watermark": payload_hex, "watermark_scheme": wm.SCHEME if payload_hex else None, "synthetic": True,
+    }
+
+
+def encode_sample(name: str, version: int, sample: Sample, code_version: str,
+                  watermark: bool) -> tuple[dict[str, bytes], dict[str, Any]]:
+    """One sample -> {relative path: PNG bytes} and its index row (file hashes included)."""
+    stored, encoding = codec.image_to_stored(np.asarray(sample.image), sample.domain)
+    payload_hex = None
+    if watermark:
+        payload = wm.payload_for(name, version, sample.index)
+        stored = wm.embed(stored, payload, keep_out=wm.keep_out_mask(sample.instance))
+        payload_hex = payload.hex
+    prov = _provenance(name, version, sample, code_version, payload_hex, encoding)
+    sid = sample.sample_id
+    files = {
+        f"images/{sid}.png": codec.encode_png(stored, text=prov),
+        f"labels/{sid}.png": codec.encode_png(np.asarray(sample.label, dtype=np.uint8)),
+        f"instances/{sid}.png": codec.encode_png(np.asarray(sample.instance, dtype=np.uint16)),
+    }
+    h, w = sample.label.shape[:2]
+    if stored.shape[:2] != (h, w):
+        raise ValueError(f"sample {sid}: image {stored.shape[:2]} and label {(h, w)} differ in size")
+    row = {
+        "sample_id": sid, "index": int(sample.index), "split": sample.split, "domain": sample.domain,
+        "image_path": f"images/{sid}.png", "label_path": f"labels/{sid}.png", "instance_path": f"instances/{sid}.png",
+        "image_sha256": codec.sha256(files[f"images/{sid}.png"]),
+        "label_sha256": codec.sha256(files[f"labels/{sid}.png"]),
+        "instance_sha256": codec.sha256(files[f"instances/{sid}.png"]),
+        "image_encoding": encoding, "width": int(w), "height": int(h),
+        "channels": int(stored.shape[2]) if stored.ndim == 3 else 1,
+        "pixel_spacing_mm": float(sample.spacing_mm),
+        "requested": [finding_row(f) for f in sample.requested],
+        "measured": [finding_row(f) for f in sample.measured],
+        "bboxes": [bbox_row(b) for b in sample.bboxes],
+        "qc": {"passed": bool(sample.qc.get("passed", True)), "attempts": int(sample.qc.get("attempts", 1)),
+               "checks": [qc_check_row(c) for c in sample.qc.get("checks", [])],
+               "history_json": dumps(sample.qc.get("history", []))},
+        "seed": {"spec_hash": str(sample.seed.get("spec_hash", "")), "index": int(sample.seed.get("index", sample.index)),
+                 "attempt": int(sample.seed.get("attempt", 0)), "seed": int(sample.seed.get("seed", 0))},
+        "generator": {"name": str(sample.generator.get("name", "")), "version": str(sample.generator.get("version", "")),
+                      "params_json": dumps(sample.params)},
+        "watermark_payload": payload_hex,
+        "provenance": {k: prov[k] for k in ("dataset", "version", "spec_hash", "code_version", "pairforge_version",
+                                            "generator", "watermark_scheme", "synthetic")},
+    }
+    return files, row
+
+
+# ---------------------------------------------------------------- the build
+class BuildStaging:
+    """A build in progress of one (dataset, spec digest, code version); see ``DatasetStore.open_build``."""
+
+    def __init__(self, root: Root, spec: BaseSpec, spec_text: str, digest: str, code_version: str, key: str,
+                 version: int):
+        self.root, self.spec, self.spec_text, self.digest = root, spec, spec_text, digest
+        self.code_version, self.key, self.version = code_version, key, int(version)
+        self.name = spec.name
+        self.staging_dir = root.join(self.name, "_staging", key)
+        self.version_dir = root.version_dir(self.name, self.version)
+        # Local disks: stage beside the final folder and rename at publish. Object stores: write in place.
+        self.data_dir = root.join(self.name, "_staging", key, "data") if root.local else self.version_dir
+        self.shards = plan_shards(spec.samples, spec.shard_size)
+
+    def __repr__(self) -> str:
+        return f"BuildStaging({self.name}@v{self.version}, key={self.key}, data={self.data_dir})"
+
+    # ---- shards
+    def _marker(self, i: int) -> str:
+        return f"{self.staging_dir}/parts/shard-{i:05d}.done.json"
+
+    def _part(self, i: int) -> str:
+        return f"{self.staging_dir}/parts/shard-{i:05d}.parquet"
+
+    def finished_shards(self) -> set[int]:
+        names = self.root.listdir_names(f"{self.staging_dir}/parts")
+        return {int(n[6:11]) for n in names if n.startswith("shard-") and n.endswith(".done.json")}
+
+    def has_shard(self, i: int) -> bool:
+        self.root.refresh()
+        return self.root.exists(self._marker(i))
+
+    def write_shard(self, i: int, samples: list[Sample]) -> dict[str, Any]:
+        """Watermark, encode and write one shard's PNGs, then its Parquet part, then its commit marker (last)."""
+        if not 0 <= i < len(self.shards):
+            raise StoreError(f"shard {i} does not exist; {self.name} has shards 0 to {len(self.shards) - 1}")
+        want = list(self.shards[i])
+        got = sorted(int(s.index) for s in samples)
+        if got != want:
+            raise StoreError(f"shard {i} must hold samples {want[0]} to {want[-1]} ({len(want)}); got {len(got)} "
+                             f"samples with indices {got[:3]}{'...' if len(got) > 3 else ''}")
+        files: dict[str, bytes] = {}
+        rows = []
+        splits: dict[str, int] = {}
+        class_pixels = np.zeros(256, np.int64)
+        class_samples = np.zeros(256, np.int64)
+        findings = qc_failed = 0
+        for s in sorted(samples, key=lambda s: s.index):
+            f, row = encode_sample(self.name, self.version, s, self.code_version, bool(self.spec.watermark))
+            files.update({f"{self.data_dir}/{rel}": data for rel, data in f.items()})
+            rows.append(row)
+            splits[s.split] = splits.get(s.split, 0) + 1
+            counts = np.bincount(np.asarray(s.label, np.uint8).ravel(), minlength=256)
+            class_pixels += counts
+            class_samples += counts > 0
+            findings += len(s.measured)
+            qc_failed += not bool(s.qc.get("passed", True))
+        self.root.write_many(files)
+        part = parquet_bytes(pa.Table.from_pylist(rows, schema=SAMPLE_SCHEMA))
+        self.root.write_bytes(self._part(i), part)
+        summary = {"shard": i, "n": len(rows), "bytes": int(sum(len(d) for d in files.values()) + len(part)),
+                   "qc_failed": int(qc_failed)}
+        marker = dict(summary, indices=[want[0], want[-1]], splits=splits, findings=int(findings),
+                      part_sha256=codec.sha256(part),
+                      class_pixels={str(k): int(v) for k, v in enumerate(class_pixels) if v},
+                      class_samples={str(k): int(v) for k, v in enumerate(class_samples) if v})
+        self.root.write_bytes(self._marker(i), json.dumps(marker, sort_keys=True).encode())
+        return summary
+
+    # ---- publish
+    def _markers(self) -> list[dict]:
+        return [json.loads(self.root.read_bytes(self._marker(i))) for i in range(len(self.shards))]
+
+    def publish(self, run_id: str | None = None,
+                card: Callable[[str, Manifest], None] | None = None) -> PublishedVersion:
+        """Check every shard is there, write samples.parquet, README.md (and the card's files), then manifest.json
+        last, making the version visible in one step; then remove the staging folder."""
+        root = self.root
+        root.refresh()
+        if root.exists(f"{self.version_dir}/{MANIFEST}"):
+            m = Manifest.model_validate_json(root.read_bytes(f"{self.version_dir}/{MANIFEST}"))
+            if m.spec_hash == self.digest and m.code.code_version == self.code_version:
+                root.rm(self.staging_dir)
+                return PublishedVersion(self.name, self.version, root.uri(self.name, f"v{self.version}"))
+            raise PublishError(f"{self.name}@v{self.version} is already published by another build")
+        missing = sorted(set(range(len(self.shards))) - self.finished_shards())
+        if missing:
+            shown = ", ".join(map(str, missing[:10])) + (" ..." if len(missing) > 10 else "")
+            raise PublishError(f"cannot publish {self.name}@v{self.version}: {len(missing)} of {len(self.shards)} "
+                               f"shards are not written yet (shards {shown}); write them, then publish")
+        markers = self._markers()
+        parts = []
+        for i, mk in enumerate(markers):
+            data = root.read_bytes(self._part(i))
+            if codec.sha256(data) != mk["part_sha256"]:
+                raise PublishError(f"shard {i}'s index part changed after it was written; rewrite shard {i}")
+            parts.append(pq.read_table(io.BytesIO(data)))
+        table = pa.concat_tables(parts).cast(SAMPLE_SCHEMA)
+        table = table.take(pc.sort_indices(table, [("index", "ascending")]))
+        samples_bytes = parquet_bytes(table)
+
+        counts = self._counts(markers)
+        draft = self._manifest(counts, samples_bytes, files={}, digest="", run_id=run_id)
+        root.write_bytes(f"{self.data_dir}/{SAMPLES}", samples_bytes)
+        root.write_bytes(f"{self.data_dir}/{README}", minimal_card(draft).encode())
+        if card is not None:
+            card(self.data_dir if root.local else root.fs.unstrip_protocol(self.data_dir), draft)
+
+        files = self._extra_files()  # samples.parquet, README.md and whatever the card added
+        all_files = dict(files)
+        cols = table.select(["image_path", "image_sha256", "label_path", "label_sha256", "instance_path",
+                             "instance_sha256"]).to_pydict()
+        for p, h in (("image_path", "image_sha256"), ("label_path", "label_sha256"),
+                     ("instance_path", "instance_sha256")):
+            all_files.update(zip(cols[p], cols[h]))
+        manifest = self._manifest(counts, samples_bytes, files=files, digest=content_digest(all_files), run_id=run_id)
+        body = manifest.model_dump_json(indent=2).encode()
+        if root.local:
+            _commit_local(self.data_dir, self.version_dir, body)
+        elif not root.create_exclusive(f"{self.version_dir}/{MANIFEST}", body):
+            raise PublishError(f"{self.name}@v{self.version} was published by another build at the same time")
+        root.rm(self.staging_dir)
+        return PublishedVersion(self.name, self.version, root.uri(self.name, f"v{self.version}"))
+
+    def _extra_files(self) -> dict[str, str]:
+        """sha256 of every file of the version that is not a sample PNG (walked, so card files are included)."""
+        fs, base = self.root.fs, self.data_dir.rstrip("/")
+        self.root.refresh()
+        out = {}
+        for path in sorted(fs.find(base)):
+            rel = path[len(base) + 1:] if path.startswith(base + "/") else path.split(base.lstrip("/") + "/", 1)[-1]
+            if rel.split("/", 1)[0] in ("images", "labels", "instances") or rel == MANIFEST:
+                continue
+            out[rel] = codec.sha256(self.root.read_bytes(path))
+        return out
+
+    def _counts(self, markers: list[dict]) -> Counts:
+        names = class_names(self.spec.domain)
+        splits: dict[str, int] = {}
+        pixels: dict[int, int] = {}
+        samples: dict[int, int] = {}
+        for mk in markers:
+            for k, v in mk["splits"].items():
+                splits[k] = splits.get(k, 0) + v
+            for k, v in mk["class_pixels"].items():
+                pixels[int(k)] = pixels.get(int(k), 0) + v
+            for k, v in mk["class_samples"].items():
+                samples[int(k)] = samples.get(int(k), 0) + v
+        label = lambda k: names.get(k, str(k))  # noqa: E731
+        return Counts(samples=sum(m["n"] for m in markers), splits=dict(sorted(splits.items())),
+                      class_samples={label(k): samples[k] for k in sorted(samples)},
+                      class_pixels={label(k): pixels[k] for k in sorted(pixels)},
+                      findings=sum(m.get("findings", 0) for m in markers),
+                      qc_failed=sum(m["qc_failed"] for m in markers))
+
+    def _manifest(self, counts: Counts, samples_bytes: bytes, files: dict[str, str], digest: str,
+                  run_id: str | None) -> Manifest:
+        commit, dirty = git_state()
+        wmi = None
+        if self.spec.watermark:
+            wmi = WatermarkInfo(scheme=wm.SCHEME, payload_layout=PAYLOAD_LAYOUT,
+                                dataset_id=f"{wm.dataset_id(self.name):06x}", ct_max_change_hu=wm.CT_AMPLITUDE_HU,
+                                u8_max_change=wm.U8_AMPLITUDE,
+                                keep_out=f"labelled findings (instance > 0) dilated by {wm.FINDING_MARGIN_PX} px are "
+                                         "left unmarked")
+        encodings = {"image": codec.CT_ENCODING if self.spec.domain == "chest_ct" else "uint8 png: grey or RGB",
+                     "label": codec.LABEL_ENCODING, "instance": codec.INSTANCE_ENCODING,
+                     "provenance": "iTXt chunk 'pairforge' (JSON) in every image PNG"}
+        return Manifest(
+            name=self.name, version=self.version, domain=self.spec.domain, spec=normalised_spec(self.spec),
+            spec_text=self.spec_text, spec_hash=self.digest, parent_version=self._parent(), counts=counts,
+            class_table={str(k): v for k, v in sorted(class_names(self.spec.domain).items())}, encodings=encodings,
+            samples_parquet_sha256=codec.sha256(samples_bytes), content_digest=digest, files=files,
+            code=CodeInfo(pairforge_version=pairforge_version(), code_version=self.code_version, git_commit=commit,
+                          git_dirty=dirty),
+            libraries=library_versions(), watermark=wmi,
+            created_at=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), run_id=run_id)
+
+    def _parent(self) -> int | None:
+        older = [v for v in published_versions(self.root, self.name) if v < self.version]
+        return max(older) if older else None
+
+
+def _commit_local(data_dir: str, version_dir: str, manifest: bytes) -> None:
+    with open(os.path.join(data_dir, MANIFEST), "wb") as f:
+        f.write(manifest)
+        f.flush()
+        os.fsync(f.fileno())
+    try:
+        os.rename(data_dir, version_dir)  # the one atomic step that makes the version visible
+    except OSError as e:
+        raise PublishError(f"cannot publish to {version_dir}: {e.strerror}; is the version number taken?") from None
+
+
+def minimal_card(m: Manifest) -> str:
+    """A small README card; the flows' rich card may replace it. No clocks inside: a pure function of the build."""
+    lines = [f"# {m.name} v{m.version}", "", f"Synthetic **{m.domain}** dataset made by pairforge "
+             f"{m.code.pairforge_version}: images paired with pixel-exact segmentation labels.", "",
+             f"- samples: {m.counts.samples} ({', '.join(f'{k} {v}' for k, v in m.counts.splits.items())})",
+             f"- measured findings: {m.counts.findings}; samples kept after failing QC: {m.counts.qc_failed}",
+             f"- spec hash: `{m.spec_hash}`",
+             f"- image encoding: {m.encodings['image']}", f"- labels: {m.encodings['label']}", ""]
+    if m.watermark:
+        lines += [f"Every image carries an invisible watermark ({m.watermark.scheme}); "
+                  f"`pairforge verify-image` names the dataset, version and sample.", ""]
+    lines += ["Files: `samples.parquet` (one row per sample), `images/`, `labels/`, `instances/`, `manifest.json`.",
+              "", "```yaml", m.spec_text.rstrip(), "```", ""]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- versions and reservations
+def published_versions(root: Root, name: str) -> list[int]:
+    """Versions of ``name`` whose manifest exists (the commit marker), ascending."""
+    out = []
+    for entry in root.listdir_names(root.dataset_dir(name)):
+        if entry.startswith("v") and entry[1:].isdigit() and root.exists(root.join(name, entry, MANIFEST)):
+            out.append(int(entry[1:]))
+    return sorted(out)
+
+
+def _taken_numbers(root: Root, name: str) -> set[int]:
+    taken = {int(e[1:]) for e in root.listdir_names(root.dataset_dir(name)) if e.startswith("v") and e[1:].isdigit()}
+    for e in root.listdir_names(root.join(name, "_versions")):
+        if e.startswith("v") and e.endswith(".json") and e[1:-5].isdigit():
+            taken.add(int(e[1:-5]))
+    return taken
+
+
+def staging_key(digest: str, code_version: str) -> str:
+    return f"{digest[:16]}-{hashlib.sha256(code_version.encode()).hexdigest()[:8]}"
+
+
+def open_build(root: Root, spec: BaseSpec, spec_text: str, digest: str, code_version: str) -> BuildStaging:
+    name = check_name(spec.name)
+    ensure_writable(root)
+    key = staging_key(digest, code_version)
+    build_json = root.join(name, "_staging", key, "build.json")
+    root.refresh()
+    for _ in range(3):
+        if root.exists(build_json):
+            info = json.loads(root.read_bytes(build_json))
+            v = int(info["version"])
+            if not root.exists(root.join(name, f"v{v}", MANIFEST)):
+                return BuildStaging(root, spec, spec_text, digest, code_version, key, v)
+            root.rm(root.join(name, "_staging", key))  # published already, staging left by a crash after commit
+            root.refresh()
+        v = _reserve(root, name, key, digest, code_version)
+        body = json.dumps({"name": name, "version": v, "digest": digest, "code_version": code_version,
+                           "key": key}, sort_keys=True).encode()
+        if root.create_exclusive(build_json, body):
+            return BuildStaging(root, spec, spec_text, digest, code_version, key, v)
+        # Another process opened the same build a moment ago: join it (its number wins; ours stays a gap).
+    raise PublishError(f"cannot open a build of {name}: its staging folder keeps changing under us")
+
+
+def _reserve(root: Root, name: str, key: str, digest: str, code_version: str) -> int:
+    v = max(_taken_numbers(root, name), default=0) + 1
+    body = json.dumps({"key": key, "digest": digest, "code_version": code_version}, sort_keys=True).encode()
+    for _ in range(1000):
+        if v >= 1 << 16:
+            raise PublishError(f"{name} has used all 65535 version numbers the watermark can carry")
+        if root.create_exclusive(root.join(name, "_versions", f"v{v}.json"), body):
+            return v
+        v += 1
+    raise PublishError(f"cannot reserve a version number for {name} (1000 numbers taken while trying)")

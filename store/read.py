@@ -1,0 +1,332 @@
+"""Reading published versions: listing, manifests, the sample loader (numpy, torch, MONAI-style dicts), pull with
+sha256 checks, and re-hashing a whole version. Readers only see versions whose manifest.json exists.
+"""
+from __future__ import annotations
+
+import io
+import os
+import shutil
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import pyarrow.parquet as pq
+from pydantic import ValidationError
+
+from schemas.arrow import dumps, finding_dict
+from schemas.manifest import Manifest
+from store import codec
+from store.build import content_digest, published_versions
+from store.errors import IntegrityError, StoreError
+from store.root import MANIFEST, SAMPLES, Root, check_name, ensure_readable, parse_ref, resolve_root
+
+
+# ---------------------------------------------------------------- listing and resolving
+def list_dataset_names(root: Root) -> list[str]:
+    ensure_readable(root)
+    out = []
+    for entry in root.listdir_names(root.path):
+        if entry.startswith((".", "_")) or not _is_name(entry):
+            continue
+        if published_versions(root, entry):
+            out.append(entry)
+    return out
+
+
+def _is_name(s: str) -> bool:
+    try:
+        check_name(s)
+        return True
+    except StoreError:
+        return False
+
+
+def resolve_version(root: Root, ref: str) -> tuple[str, int]:
+    """``name@vN`` / ``name`` / ``name@latest`` -> (name, N) of a published version, or a one-line StoreError."""
+    name, version = parse_ref(ref)
+    ensure_readable(root)
+    versions = published_versions(root, name)
+    if not versions:
+        names = list_dataset_names(root)
+        there = ", ".join(names) if names else "none"
+        raise StoreError(f"no dataset {name!r} at {root.url}; datasets there: {there}")
+    if version is None:
+        return name, versions[-1]
+    if version not in versions:
+        raise StoreError(f"dataset {name!r} has no published version {version} at {root.url}; published versions: "
+                         f"{', '.join(f'v{v}' for v in versions)}")
+    return name, version
+
+
+def read_manifest(root: Root, name: str, version: int) -> Manifest:
+    path = root.join(name, f"v{version}", MANIFEST)
+    try:
+        return Manifest.model_validate_json(root.read_bytes(path))
+    except FileNotFoundError:
+        raise StoreError(f"{name}@v{version} is not published at {root.url} (no manifest.json)") from None
+    except ValidationError as e:
+        raise IntegrityError(f"{name}@v{version}/manifest.json is not a valid manifest: "
+                             f"{e.errors()[0]['msg']}", [MANIFEST]) from None
+
+
+def read_index(root: Root, name: str, version: int, manifest: Manifest | None = None, verify: bool = True):
+    """The version's samples.parquet as a pyarrow Table (its sha256 checked against the manifest)."""
+    data = root.read_bytes(root.join(name, f"v{version}", SAMPLES))
+    if verify:
+        m = manifest or read_manifest(root, name, version)
+        got = codec.sha256(data)
+        if got != m.samples_parquet_sha256:
+            raise IntegrityError(f"{name}@v{version}/{SAMPLES}: sha256 mismatch (expected "
+                                 f"{m.samples_parquet_sha256[:12]}..., got {got[:12]}...); the file is corrupted",
+                                 [SAMPLES])
+    return pq.read_table(io.BytesIO(data))
+
+
+def show_text(root: Root, ref: str) -> str:
+    name, version = resolve_version(root, ref)
+    m = read_manifest(root, name, version)
+    top = sorted(((k, v) for k, v in m.counts.class_samples.items()), key=lambda kv: -kv[1])[:8]
+    lines = [
+        f"{m.name}@v{m.version}  ({m.domain}, {m.counts.samples} samples, created {m.created_at})",
+        f"  splits: {', '.join(f'{k} {v}' for k, v in m.counts.splits.items())}",
+        f"  findings measured: {m.counts.findings}; QC-failed samples kept: {m.counts.qc_failed}",
+        f"  classes (samples containing): {', '.join(f'{k} {v}' for k, v in top)}",
+        f"  spec hash {m.spec_hash[:16]}; parent version: {m.parent_version or 'none'}",
+        f"  code: pairforge {m.code.pairforge_version} ({m.code.code_version}), git {m.code.git_commit or 'unknown'}",
+        f"  content digest: {m.content_digest}",
+        f"  watermark: {m.watermark.scheme if m.watermark else 'off'}",
+        f"  run: {m.run_id or 'none'}; versions of {name}: "
+        f"{', '.join(f'v{v}' for v in published_versions(root, name))}",
+    ]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- the loader
+class VersionDataset(Sequence):
+    """A published version as a sequence of sample dicts.
+
+    ``ds[i]`` -> {"image": HU float32 (CT) or uint8 HxW[x3] (surface), "label": uint8 HxW, "instance": uint16 HxW,
+    "sample_id", "index", "split", "spacing_mm", "requested", "measured", "qc_passed", "watermark_payload"}.
+    ``ds.torch()`` yields the same with torch tensors; ``ds.monai()`` is a ``monai.data.Dataset`` of channel-first
+    dicts. Every file read is checked against its sha256 (``verify=False`` skips that); a mismatch raises
+    IntegrityError naming the file.
+    """
+
+    def __init__(self, root: Root, name: str, version: int, split: str | None = None, verify: bool = True):
+        self.root, self.name, self.version, self.verify = root, name, version, verify
+        self.manifest = read_manifest(root, name, version)
+        table = read_index(root, name, version, self.manifest, verify=verify)
+        if split is not None:
+            known = sorted(set(table.column("split").to_pylist()))
+            if split not in known:
+                raise StoreError(f"split {split!r} is not in {name}@v{version}; splits there: {', '.join(known)}")
+            mask = np.array(table.column("split").to_pylist()) == split
+            table = table.filter(mask)
+        self.table = table
+        self._rows = table.to_pylist()
+        self.split = split
+
+    @property
+    def ref(self) -> str:
+        return f"{self.name}@v{self.version}"
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def _read(self, rel: str, sha: str) -> bytes:
+        try:
+            data = self.root.read_bytes(self.root.join(self.name, f"v{self.version}", rel))
+        except FileNotFoundError:
+            raise IntegrityError(f"{self.ref}/{rel}: file is missing", [rel]) from None
+        if self.verify and codec.sha256(data) != sha:
+            raise IntegrityError(f"{self.ref}/{rel}: sha256 mismatch (expected {sha[:12]}..., got "
+                                 f"{codec.sha256(data)[:12]}...); the file is corrupted", [rel])
+        return data
+
+    def __getitem__(self, i):  # type: ignore[override]
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        r = self._rows[i]
+        image = codec.stored_to_image(codec.decode_png(self._read(r["image_path"], r["image_sha256"])),
+                                      r["image_encoding"])
+        return {
+            "image": image,
+            "label": codec.decode_png(self._read(r["label_path"], r["label_sha256"])),
+            "instance": codec.decode_png(self._read(r["instance_path"], r["instance_sha256"])),
+            "sample_id": r["sample_id"], "index": r["index"], "split": r["split"], "domain": r["domain"],
+            "spacing_mm": r["pixel_spacing_mm"],
+            "requested": [finding_dict(f) for f in r["requested"] or []],
+            "measured": [finding_dict(f) for f in r["measured"] or []],
+            "qc_passed": r["qc"]["passed"] if r["qc"] else None,
+            "watermark_payload": r["watermark_payload"],
+        }
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        for i in range(len(self)):
+            yield self[i]
+
+    def numpy(self) -> Iterator[dict[str, Any]]:
+        return iter(self)
+
+    def torch(self) -> Iterator[dict[str, Any]]:
+        """Sample dicts with torch tensors: image float32 (C, H, W), label int64 (H, W), instance int64 (H, W)."""
+        import torch
+
+        for d in self:
+            img = d["image"].astype(np.float32)
+            img = img[None] if img.ndim == 2 else np.moveaxis(img, -1, 0)
+            yield dict(d, image=torch.from_numpy(np.ascontiguousarray(img)),
+                       label=torch.from_numpy(d["label"].astype(np.int64)),
+                       instance=torch.from_numpy(d["instance"].astype(np.int64)))
+
+    def monai_item(self, i: int) -> dict[str, Any]:
+        """MONAI-style dict: channel-first "image" (C, H, W) float32, "label" and "instance" (1, H, W), plus metadata
+        that batches with MONAI's default collate (findings as JSON text, since their count varies per sample)."""
+        d = self[i]
+        img = d["image"].astype(np.float32)
+        img = img[None] if img.ndim == 2 else np.moveaxis(img, -1, 0)
+        return {"image": np.ascontiguousarray(img), "label": d["label"][None], "instance": d["instance"][None],
+                "sample_id": d["sample_id"], "index": d["index"], "split": d["split"], "domain": d["domain"],
+                "spacing_mm": d["spacing_mm"], "pixdim": (d["spacing_mm"], d["spacing_mm"]),
+                "qc_passed": bool(d["qc_passed"]), "watermark_payload": d["watermark_payload"] or "",
+                "requested_json": dumps(d["requested"]), "measured_json": dumps(d["measured"])}
+
+    def monai(self, transform=None):
+        """A ``monai.data.Dataset`` over this version (items loaded lazily, transforms applied by MONAI)."""
+        from monai.data import Dataset
+
+        return Dataset(data=_MonaiView(self), transform=transform)
+
+
+class _MonaiView(Sequence):
+    def __init__(self, ds: VersionDataset):
+        self.ds = ds
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getitem__(self, i):  # type: ignore[override]
+        if isinstance(i, slice):
+            return [self.ds.monai_item(j) for j in range(*i.indices(len(self)))]
+        return self.ds.monai_item(i)
+
+
+# ---------------------------------------------------------------- verify and pull
+@dataclass
+class VersionReport:
+    ref: str
+    files_checked: int = 0
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def __str__(self) -> str:
+        if self.ok:
+            return f"{self.ref}: OK, {self.files_checked} files match their sha256 and the content digest"
+        more = f" (+{len(self.problems) - 5} more)" if len(self.problems) > 5 else ""
+        return f"{self.ref}: {len(self.problems)} problem(s): {'; '.join(self.problems[:5])}{more}"
+
+
+def _version_files(root: Root, name: str, version: int, m: Manifest) -> tuple[dict[str, str], list[str]]:
+    problems: list[str] = []
+    try:
+        table = read_index(root, name, version, m, verify=True)
+    except IntegrityError as e:
+        return dict(m.files), [f"{SAMPLES}: sha256 mismatch, the index is corrupted ({e})"]
+    files = dict(m.files)
+    cols = table.select(["image_path", "image_sha256", "label_path", "label_sha256", "instance_path",
+                         "instance_sha256"]).to_pydict()
+    for p, h in (("image_path", "image_sha256"), ("label_path", "label_sha256"), ("instance_path", "instance_sha256")):
+        files.update(zip(cols[p], cols[h]))
+    if content_digest(files) != m.content_digest:
+        problems.append("the index and manifest disagree with the content digest")
+    return files, problems
+
+
+def verify_version_at(root: Root, ref: str) -> VersionReport:
+    name, version = resolve_version(root, ref)
+    m = read_manifest(root, name, version)
+    report = VersionReport(f"{name}@v{version}")
+    files, report.problems = _version_files(root, name, version, m)
+    base = root.join(name, f"v{version}")
+    paths = [f"{base}/{rel}" for rel in sorted(files)]
+    blobs = _cat_many(root, paths)
+    for rel, path in zip(sorted(files), paths):
+        data = blobs.get(path)
+        report.files_checked += 1
+        if data is None:
+            report.problems.append(f"{rel}: missing")
+        elif codec.sha256(data) != files[rel]:
+            report.problems.append(f"{rel}: sha256 mismatch (expected {files[rel][:12]}..., got "
+                                   f"{codec.sha256(data)[:12]}...)")
+    return report
+
+
+def _cat_many(root: Root, paths: list[str], batch: int = 256) -> dict[str, bytes | None]:
+    out: dict[str, bytes | None] = {}
+    for s in range(0, len(paths), batch):
+        chunk = paths[s:s + batch]
+        if root.local:
+            for p in chunk:
+                try:
+                    with open(p, "rb") as f:
+                        out[p] = f.read()
+                except FileNotFoundError:
+                    out[p] = None
+        else:
+            got = root.fs.cat(chunk, on_error="return")
+            for p in chunk:
+                v = got.get(p, got.get(root.fs._strip_protocol(p)))
+                out[p] = v if isinstance(v, (bytes, bytearray)) else None
+    return out
+
+
+def pull_version(root: Root, ref: str, dest: str | os.PathLike) -> str:
+    """Copy a version to ``<dest>/<name>/v<N>/`` verifying every sha256 (and the content digest) on the way; the
+    copy appears in one rename, so ``dest`` can serve as a local root. Returns the local version folder."""
+    name, version = resolve_version(root, ref)
+    m = read_manifest(root, name, version)
+    files, problems = _version_files(root, name, version, m)
+    if problems:
+        raise IntegrityError(f"cannot pull {name}@v{version}: {problems[0]}", [SAMPLES])
+    dest_root = os.path.abspath(os.fspath(dest))
+    final = os.path.join(dest_root, name, f"v{version}")
+    if os.path.exists(os.path.join(final, MANIFEST)):
+        rep = verify_version_at(resolve_root(dest_root), f"{name}@v{version}")
+        if rep.ok:
+            return final
+        raise IntegrityError(f"{final} already exists and does not match {name}@v{version}: {rep.problems[0]}",
+                             rep.problems)
+    try:
+        os.makedirs(os.path.join(dest_root, name), exist_ok=True)
+    except OSError as e:
+        raise StoreError(f"cannot write to pull destination {dest_root!r}: {e.strerror}") from None
+    tmp = os.path.join(dest_root, name, f".v{version}.partial-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    base = root.join(name, f"v{version}")
+    rels = sorted(files)
+    try:
+        for s in range(0, len(rels), 256):
+            chunk = rels[s:s + 256]
+            blobs = _cat_many(root, [f"{base}/{r}" for r in chunk])
+            for rel in chunk:
+                data = blobs[f"{base}/{rel}"]
+                if data is None:
+                    raise IntegrityError(f"cannot pull {name}@v{version}: {rel} is missing", [rel])
+                got = codec.sha256(data)
+                if got != files[rel]:
+                    raise IntegrityError(f"cannot pull {name}@v{version}: {rel}: sha256 mismatch (expected "
+                                         f"{files[rel][:12]}..., got {got[:12]}...); the file is corrupted", [rel])
+                path = os.path.join(tmp, *rel.split("/"))
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                with open(path, "wb") as f:
+                    f.write(data)
+        with open(os.path.join(tmp, MANIFEST), "wb") as f:
+            f.write(root.read_bytes(f"{base}/{MANIFEST}"))
+        os.rename(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final

@@ -1,0 +1,222 @@
+"""Where datasets live: resolving a root (local folder or fsspec URL), dataset names and refs, the folder layout,
+and the few storage primitives the store needs (exclusive create, atomic local rename, listing).
+
+Layout under a root::
+
+    <root>/<name>/v<N>/                 a published version: manifest.json (the commit marker, written last),
+                                        samples.parquet, README.md, images/, labels/, instances/
+    <root>/<name>/_versions/v<N>.json   the reservation of number N (exclusive create)
+    <root>/<name>/_staging/<key>/       a build in progress (key = spec digest + code version)
+"""
+from __future__ import annotations
+
+import os
+import re
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+import fsspec
+from fsspec.core import url_to_fs
+
+from store.errors import StoreError
+
+DEFAULT_ROOT = "./datasets"
+NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
+REF_RE = re.compile(r"^(?P<name>[^@]+?)(?:@(?:v(?P<version>\d+)|(?P<latest>latest)))?$")
+MANIFEST = "manifest.json"
+SAMPLES = "samples.parquet"
+README = "README.md"
+SAMPLE_DIRS = ("images", "labels", "instances")
+
+
+def check_name(name: str) -> str:
+    if not isinstance(name, str) or not NAME_RE.match(name) or ".." in name:
+        raise StoreError(f"dataset name {name!r} is not allowed; use 1-64 lowercase letters, digits, '.', '_' or '-', "
+                         "starting with a letter or digit (no '/', no '..')")
+    return name
+
+
+def parse_ref(ref: str) -> tuple[str, int | None]:
+    """``name@v3`` -> (name, 3); ``name`` or ``name@latest`` -> (name, None)."""
+    if not isinstance(ref, str):
+        raise StoreError(f"dataset ref {ref!r} is not text; write <name>@v<N>, e.g. chest-ct-nodules@v3")
+    m = REF_RE.match(ref.strip())
+    if not m:
+        raise StoreError(f"dataset ref {ref!r} is not valid; write <name>@v<N> (e.g. chest-ct-nodules@v3) or "
+                         "<name>@latest")
+    name = check_name(m.group("name"))
+    v = m.group("version")
+    if v is not None and int(v) < 1:
+        raise StoreError(f"dataset ref {ref!r}: versions start at v1")
+    return name, (int(v) if v is not None else None)
+
+
+@dataclass
+class Root:
+    """A resolved dataset root: the fsspec filesystem and the root path inside it."""
+
+    url: str
+    fs: Any
+    path: str
+    local: bool
+
+    def join(self, *parts: str) -> str:
+        return "/".join([self.path.rstrip("/")] + [p.strip("/") for p in parts if p])
+
+    def uri(self, *parts: str) -> str:
+        p = self.join(*parts)
+        if self.local:
+            return p
+        return self.fs.unstrip_protocol(p)
+
+    def dataset_dir(self, name: str) -> str:
+        return self.join(check_name(name))
+
+    def version_dir(self, name: str, version: int) -> str:
+        return self.join(check_name(name), f"v{int(version)}")
+
+    # ---- storage primitives
+    def refresh(self) -> None:
+        if not self.local:
+            self.fs.invalidate_cache()
+
+    def exists(self, path: str) -> bool:
+        try:
+            return bool(self.fs.exists(path))
+        except (PermissionError, OSError):
+            return False
+
+    def read_bytes(self, path: str) -> bytes:
+        return self.fs.cat_file(path)
+
+    def write_bytes(self, path: str, data: bytes) -> None:
+        """Write a whole file. Local files are written to a temp name and renamed (never half-written)."""
+        if self.local:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            tmp = f"{path}.tmp-{_unique()}"
+            with open(tmp, "wb") as f:
+                f.write(data)
+            os.replace(tmp, path)
+        else:
+            self.fs.pipe_file(path, data)
+
+    def write_many(self, files: dict[str, bytes]) -> None:
+        if self.local:
+            for p, d in files.items():
+                self.write_bytes(p, d)
+        else:
+            self.fs.pipe(files)  # concurrent uploads on object stores
+
+    def create_exclusive(self, path: str, data: bytes) -> bool:
+        """Create ``path`` only if it does not exist (atomic on local disks and on S3 via If-None-Match).
+        Returns False when it already exists."""
+        if self.local:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            try:
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            except FileExistsError:
+                return False
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            return True
+        try:
+            with self.fs.open(path, "xb") as f:
+                f.write(data)
+            return True
+        except FileExistsError:
+            return False
+        except OSError as e:  # s3fs reports a failed If-None-Match as an OSError (412 PreconditionFailed)
+            if "precondition" in str(e).lower() or "412" in str(e):
+                return False
+            raise
+
+    def listdir_names(self, path: str) -> list[str]:
+        self.refresh()
+        try:
+            entries = self.fs.ls(path, detail=False)
+        except FileNotFoundError:
+            return []
+        except (PermissionError, OSError) as e:
+            raise StoreError(f"cannot list {self.url!r} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else e!r})"
+                             "; check the root, its credentials and endpoint") from None
+        return sorted({e.rstrip("/").rsplit("/", 1)[-1] for e in entries})
+
+    def rm(self, path: str) -> None:
+        try:
+            self.fs.rm(path, recursive=True)
+        except FileNotFoundError:
+            pass
+
+
+def _unique() -> str:
+    """A name part no other writer uses at the same time (process and thread)."""
+    return f"{os.getpid()}-{threading.get_ident()}"
+
+
+def resolve_root(root: str | os.PathLike | None = None, storage_options: dict | None = None) -> Root:
+    """None -> $PAIRFORGE_ROOT or ./datasets. A local path or any fsspec URL (s3://bucket/prefix)."""
+    url = os.fspath(root) if root is not None else os.environ.get("PAIRFORGE_ROOT") or DEFAULT_ROOT
+    if not isinstance(url, str) or not url.strip():
+        raise StoreError("dataset root is empty; give a folder or an fsspec URL such as s3://bucket/prefix")
+    url = url.strip()
+    try:
+        fs, path = url_to_fs(url, **(storage_options or {}))
+    except (ValueError, ImportError) as e:
+        proto = url.split("://", 1)[0] if "://" in url else url
+        known = "a local folder, s3://bucket/prefix (needs s3fs), gs://, az://, memory://"
+        raise StoreError(f"dataset root {url!r} cannot be used ({type(e).__name__}: {str(e).splitlines()[0]}); "
+                         f"protocol {proto!r}; accepted: {known}") from None
+    protocols = fs.protocol if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,)
+    local = "file" in protocols or "local" in protocols
+    if local:
+        path = os.path.abspath(path)
+    return Root(url=url, fs=fs, path=path.rstrip("/") or "/", local=local)
+
+
+def ensure_writable(root: Root) -> None:
+    """Create the root if needed and check it can be written; one readable line when not."""
+    probe = root.join(f".pairforge-write-probe-{_unique()}")
+    where = "folder" if root.local else "bucket or prefix"
+    try:
+        if root.local:
+            os.makedirs(root.path, exist_ok=True)
+            with open(probe, "wb") as f:
+                f.write(b"ok")
+            os.remove(probe)
+        else:
+            root.fs.pipe_file(probe, b"ok")
+            root.fs.rm(probe)
+    except PermissionError as e:
+        raise StoreError(f"dataset root {root.url!r} is not writable ({_why(e)}); choose a writable {where}, "
+                         "or set PAIRFORGE_ROOT") from None
+    except (NotADirectoryError, FileExistsError):
+        raise StoreError(f"dataset root {root.url!r} is not a folder (a file is in the way); choose a folder or "
+                         "set PAIRFORGE_ROOT") from None
+    except FileNotFoundError as e:
+        what = "its parent folder cannot hold new folders" if root.local else "its bucket does not exist"
+        raise StoreError(f"dataset root {root.url!r} cannot be created: {what} ({_why(e)}); choose a writable "
+                         f"{where}, or set PAIRFORGE_ROOT") from None
+    except Exception as e:  # object-store clients raise their own types (bad bucket names, endpoints, ...)
+        raise StoreError(f"dataset root {root.url!r} is not writable ({_why(e)}); choose a writable {where}, "
+                         "or set PAIRFORGE_ROOT") from None
+
+
+def _why(e: BaseException) -> str:
+    text = getattr(e, "strerror", None) or str(e) or type(e).__name__
+    return " ".join(str(text).split())[:200]
+
+
+def ensure_readable(root: Root) -> None:
+    try:
+        ok = root.fs.isdir(root.path) if root.local else (root.fs.exists(root.path) or True)
+    except (PermissionError, OSError) as e:
+        raise StoreError(f"dataset root {root.url!r} cannot be read ({type(e).__name__}: {e})") from None
+    if root.local and not ok:
+        what = "is not a folder" if os.path.exists(root.path) else "does not exist"
+        raise StoreError(f"dataset root {root.url!r} {what}; give the folder that holds your datasets "
+                         "(default ./datasets, or set PAIRFORGE_ROOT)")
+
+
+def open_url(url: str, storage_options: dict | None = None):
+    return fsspec.open(url, "rb", **(storage_options or {}))

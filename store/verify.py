@@ -1,0 +1,113 @@
+"""Verifying one image: recover dataset, version and sample from the watermark alone (also on windowed, JPEG'd,
+rescaled or cropped copies), read the iTXt provenance if the file still has it, and, when the root is
+reachable, say whether the file and its pixels still match what the version stored.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from store import codec
+from store import watermark as wm
+from store.build import published_versions
+from store.errors import StoreError
+from store.read import list_dataset_names, read_index, read_manifest
+from store.root import Root
+
+
+@dataclass
+class ImageVerification:
+    path: str
+    watermark_found: bool
+    payload: str | None = None  # 16 hex digits
+    dataset_id: str | None = None  # 6 hex digits
+    dataset: str | None = None  # resolved through the root
+    version: int | None = None
+    index: int | None = None
+    sample_id: str | None = None
+    sync_score: float = 0.0
+    scale: float | None = None
+    provenance: dict[str, Any] | None = None  # the iTXt chunk, when the file still has it
+    file_matches: bool | None = None  # sha256 of the file == the stored image's (None: root not reachable)
+    pixels_match: bool | None = None  # decoded pixels == the stored image's pixels
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def ref(self) -> str | None:
+        if self.dataset is None or self.version is None:
+            return None
+        return f"{self.dataset}@v{self.version}"
+
+    def __str__(self) -> str:
+        if not self.watermark_found:
+            return f"{self.path}: no pairforge watermark found" + (f" ({'; '.join(self.notes)})" if self.notes else "")
+        who = self.ref or f"dataset id {self.dataset_id}, version {self.version}"
+        s = f"{self.path}: watermark of {who}, sample {self.sample_id or self.index}"
+        if self.file_matches is not None:
+            s += ("; file identical to the stored image" if self.file_matches else
+                  "; pixels identical to the stored image (file re-encoded)" if self.pixels_match else
+                  "; pixels differ from the stored image (a modified copy)")
+        if self.notes:
+            s += f" ({'; '.join(self.notes)})"
+        return s
+
+
+def verify_image_file(path: str | os.PathLike, root: Root | None) -> ImageVerification:
+    p = os.fspath(path)
+    try:
+        with open(p, "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        raise StoreError(f"image {p!r} does not exist") from None
+    except IsADirectoryError:
+        raise StoreError(f"image path {p!r} is a folder; give an image file (PNG, JPEG, ...)") from None
+    try:
+        pixels = codec.decode_png(data)
+    except ValueError:
+        raise StoreError(f"{p!r} is not an image OpenCV can read (PNG, JPEG, TIFF, ...)") from None
+    det = wm.decode(pixels)
+    out = ImageVerification(p, det.found, sync_score=round(det.sync_score, 2), scale=det.scale,
+                            provenance=codec.read_itxt(data))
+    if not det.found:
+        if out.provenance:
+            out.notes.append("the PNG's provenance chunk names "
+                             f"{out.provenance.get('dataset')}@v{out.provenance.get('version')} sample "
+                             f"{out.provenance.get('sample_id')}, but the pixels carry no readable mark")
+        return out
+    pl = det.payload
+    out.payload, out.dataset_id, out.version, out.index = pl.hex, f"{pl.dataset_id:06x}", pl.version, pl.index
+    if root is None:
+        out.notes.append("no dataset root given: the dataset is known only by its id")
+        return out
+    try:
+        names = [n for n in list_dataset_names(root) if wm.dataset_id(n) == pl.dataset_id]
+    except StoreError as e:
+        out.notes.append(f"root not reachable: {e}")
+        return out
+    names = [n for n in names if pl.version in published_versions(root, n)]
+    if not names:
+        out.notes.append(f"no dataset at {root.url} carries id {out.dataset_id} with version {pl.version}")
+        return out
+    if len(names) > 1:
+        out.notes.append(f"dataset id {out.dataset_id} is shared by {', '.join(names)}; reporting {names[0]}")
+    out.dataset = names[0]
+    table = read_index(root, out.dataset, pl.version, read_manifest(root, out.dataset, pl.version))
+    rows = table.filter(np.array(table.column("index").to_pylist()) == pl.index).to_pylist()
+    if not rows:
+        out.notes.append(f"{out.ref} has no sample {pl.index}")
+        return out
+    row = rows[0]
+    out.sample_id = row["sample_id"]
+    if row["watermark_payload"] != pl.hex:
+        out.notes.append(f"the index records payload {row['watermark_payload']} for this sample, not {pl.hex}")
+    out.file_matches = codec.sha256(data) == row["image_sha256"]
+    if out.file_matches:
+        out.pixels_match = True
+    else:
+        stored = codec.decode_png(root.read_bytes(root.join(out.dataset, f"v{pl.version}", row["image_path"])))
+        out.pixels_match = stored.shape == pixels.shape and stored.dtype == pixels.dtype and bool(
+            np.array_equal(stored, pixels))
+    return out
