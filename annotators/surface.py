@@ -2,8 +2,10 @@
 
 Definitions (all from the label/instance map, never from the request):
 - scratch / crack ``length_mm``: the longest path through the mask's skeleton (for a crack: its trunk; branches
-  are shorter by construction), smoothed to remove the pixel staircase, plus the distance from each end of the
-  skeleton to the mask border along the path's direction. ``width_mm``: area of the pixels whose nearest skeleton
+  are shorter by construction), smoothed along the path (Gaussian, 1.5 px, point-reflected ends) to remove the
+  pixel staircase (scratches also Douglas-Peucker simplified at 0.5 px, which removes the long stairs of shallow
+  slopes; a crack's zigzag is real and is kept), plus how far the mask reaches beyond each end of the path along
+  its direction. ``width_mm``: area of the pixels whose nearest skeleton
   pixel lies on that path, divided by its length (mean width).
 - dent / pit / stain / hole / particle ``diameter_mm``: equivalent diameter sqrt(4 area / pi).
 - missing_material ``length_mm``: extent along its edge; ``width_mm``: extent into the part.
@@ -21,9 +23,9 @@ from typing import Any
 
 import cv2
 import numpy as np
-from scipy.ndimage import find_objects, gaussian_filter1d
+from scipy.ndimage import gaussian_filter1d
 from scipy.sparse import coo_matrix
-from scipy.sparse.csgraph import dijkstra
+from scipy.sparse.csgraph import connected_components, dijkstra
 from scipy.spatial import cKDTree
 from skimage.morphology import skeletonize
 
@@ -54,7 +56,9 @@ def longest_skeleton_path(skel: np.ndarray) -> np.ndarray:
         wts.append(np.full(int(ok.sum()), wt))
     r, c, wv = np.concatenate(rows), np.concatenate(cols), np.concatenate(wts)
     g = coo_matrix((wv, (r, c)), shape=(n, n)).tocsr()
-    d0 = dijkstra(g, directed=False, indices=0)
+    _, comp = connected_components(g, directed=False)
+    start = int(np.flatnonzero(comp == np.bincount(comp).argmax())[0])  # the largest piece of the skeleton
+    d0 = dijkstra(g, directed=False, indices=start)
     d0[~np.isfinite(d0)] = -1
     a = int(np.argmax(d0))
     da, pred = dijkstra(g, directed=False, indices=a, return_predecessors=True)
@@ -78,34 +82,53 @@ def _smooth_path(p: np.ndarray, sigma: float) -> np.ndarray:
     return q[k:k + len(p)]
 
 
-def _exit_distance(mask: np.ndarray, start: np.ndarray, direction: np.ndarray, limit: float) -> float:
-    """Distance from ``start`` (y, x) along ``direction`` to the first sample outside the mask (0.1 px steps)."""
-    nrm = np.hypot(*direction)
+DP_EPSILON_PX = 0.5
+
+
+def _polyline_length(sm: np.ndarray, simplify: bool = True) -> float:
+    """Length of the smoothed path after Douglas-Peucker simplification: chords skip the pixel staircase that
+    smoothing alone leaves on shallow slopes, and follow real bends to within DP_EPSILON_PX."""
+    if len(sm) < 2:
+        return 0.0
+    if simplify and DP_EPSILON_PX > 0:
+        q = cv2.approxPolyDP(sm[:, ::-1].astype(np.float32).reshape(-1, 1, 2), DP_EPSILON_PX, False).reshape(-1, 2)
+    else:
+        q = sm
+    return float(np.hypot(*np.diff(q, axis=0).T).sum())
+
+
+def _end_extent(pix: np.ndarray, end: np.ndarray, direction: np.ndarray, half_width: float) -> float:
+    """How far the mask reaches beyond a path end along the path's direction: the largest projection of the mask
+    pixels in a lateral band around the end, plus the pixel's own half extent in that direction."""
+    nrm = float(np.hypot(*direction))
     if nrm < 1e-9:
         return 0.5
-    t = np.arange(0.1, limit + 0.1, 0.1)
-    pts = start[None] + t[:, None] * (direction / nrm)[None]
-    iy, ix = np.floor(pts[:, 0] + 0.5).astype(int), np.floor(pts[:, 1] + 0.5).astype(int)
-    inside = (iy >= 0) & (ix >= 0) & (iy < mask.shape[0]) & (ix < mask.shape[1])
-    inside[inside] = mask[iy[inside], ix[inside]]
-    out = np.flatnonzero(~inside)
-    return float(t[out[0]]) if out.size else float(limit)
+    d = direction / nrm
+    v = pix - end[None]
+    proj = v @ d
+    lat = np.abs(v[:, 0] * d[1] - v[:, 1] * d[0])
+    sel = (lat <= half_width + 1.0) & (proj > -1.0) & (proj < 4 * half_width + 6)
+    reach = float(proj[sel].max()) if sel.any() else 0.0
+    return max(reach, 0.0) + 0.5 * (abs(d[0]) + abs(d[1]))
 
 
-def measure_line(mask: np.ndarray) -> dict[str, float]:
-    """Length along the skeleton's longest path and mean width, in pixels, of a line-like mask crop."""
+def measure_line(mask: np.ndarray, simplify: bool = True) -> dict[str, float]:
+    """Length along the skeleton's longest path and mean width, in pixels, of a line-like mask crop.
+    ``simplify``: Douglas-Peucker on the smoothed path (gently curved lines: scratches); a crack's zigzag is real
+    and chords would cut it, so cracks keep the smoothed path."""
     m = np.pad(mask, 2)
     skel = skeletonize(m)
     path = longest_skeleton_path(skel)
     if len(path) == 0:
         return {"length_px": 0.0, "width_px": 0.0, "trunk_area_px": 0.0}
     sm = _smooth_path(path, SMOOTH_SIGMA_PX)
-    length = float(np.hypot(*np.diff(sm, axis=0).T).sum()) if len(sm) > 1 else 0.0
+    length = _polyline_length(sm, simplify)
     k = min(len(path) - 1, 4)
-    limit = 3.0 + float(np.sqrt(m.sum()))
     if k > 0:
-        length += _exit_distance(m, path[-1], sm[-1] - sm[-1 - k], limit)
-        length += _exit_distance(m, path[0], sm[0] - sm[k], limit)
+        pix = np.argwhere(m).astype(float)
+        half = 0.5 * float(m.sum()) / max(length, 1.0)
+        length += _end_extent(pix, sm[-1], sm[-1] - sm[-1 - k], half)
+        length += _end_extent(pix, sm[0], sm[0] - sm[k], half)
     else:  # a dot: its extent
         length = 1.0
     # trunk area: mask pixels whose nearest skeleton pixel is on the path
@@ -118,8 +141,30 @@ def measure_line(mask: np.ndarray) -> dict[str, float]:
         trunk_area = float(on_path[sy[nn], sx[nn]].sum())
     else:
         trunk_area = float(len(my))
+    dy, dx = path[-1] - path[0]
     return {"length_px": length, "width_px": trunk_area / max(length, 1e-9), "trunk_area_px": trunk_area,
-            "chord_angle_deg": float(np.rad2deg(np.arctan2(-(path[-1, 0] - path[0, 0]), path[-1, 1] - path[0, 1])) % 180)}
+            "chord_angle_deg": float(np.rad2deg(np.arctan2(-dy, dx)) % 180)}
+
+
+def instance_boxes(instance: np.ndarray) -> list[tuple[slice, slice] | None]:
+    """Bounding slices per instance id (index k-1 for id k), from one pass over the non-zero pixels."""
+    flat = instance.ravel()
+    nz = np.flatnonzero(flat)
+    if nz.size == 0:
+        return []
+    ids = flat[nz]
+    n = int(ids.max())
+    out: list[tuple[slice, slice] | None] = [None] * n
+    order = np.argsort(ids, kind="stable")
+    ids_s, nz_s = ids[order], nz[order]
+    starts = np.searchsorted(ids_s, np.arange(1, n + 2))
+    w = instance.shape[1]
+    for k in range(1, n + 1):
+        sel = nz_s[starts[k - 1]:starts[k]]
+        if sel.size:
+            ys, xs = sel // w, sel % w
+            out[k - 1] = (slice(int(ys.min()), int(ys.max()) + 1), slice(int(xs.min()), int(xs.max()) + 1))
+    return out
 
 
 def _grey(img: np.ndarray) -> np.ndarray:
@@ -147,7 +192,7 @@ def annotate_surface(image: np.ndarray, layout: Layout, request: SampleRequest, 
     h, w = layout.label.shape
     on_part = layout.label != OUTSIDE_PART
     pbox = part_box(on_part if not on_part.all() else None, (h, w))
-    objs = find_objects(layout.instance)
+    objs = instance_boxes(layout.instance)
     tol = max(float(getattr(qc, "size_tolerance_mm", 0.2)), sp)
     min_in = float(getattr(qc, "min_in_region", 1.0))
     cmin = float(getattr(qc, "cnr_min", 1.5))
@@ -172,7 +217,7 @@ def annotate_surface(image: np.ndarray, layout: Layout, request: SampleRequest, 
                                "centroid_mm": [round(float((xs.mean() + csl[1].start + 0.5) * sp), 4),
                                                round(float((ys.mean() + csl[0].start + 0.5) * sp), 4)]}
         if kind in ("scratch", "crack"):
-            ml = measure_line(m[ys.min():ys.max() + 1, xs.min():xs.max() + 1])
+            ml = measure_line(m[ys.min():ys.max() + 1, xs.min():xs.max() + 1], simplify=kind == "scratch")
             rec.update(length_mm=round(ml["length_px"] * sp, 4), width_mm=round(ml["width_px"] * sp, 4),
                        orientation_deg=round(ml["chord_angle_deg"], 2))
         elif kind == "missing_material":

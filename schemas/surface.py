@@ -92,8 +92,7 @@ class SurfaceDefect(BaseModel):
                 raise ValueError(f"a {k} needs length_mm (e.g. 5 or [2, 10])")
             if self.diameter_mm is not None:
                 raise ValueError(f"a {k} is sized by length_mm and width_mm, not diameter_mm")
-            if self.width_mm is None:
-                self.width_mm = DEFAULT_WIDTH_MM[k]
+            # a missing width is filled by SurfaceSpec from DEFAULT_WIDTH_MM, raised to 1.5-3 pixels
         else:
             if self.diameter_mm is None:
                 raise ValueError(f"a {k} needs diameter_mm (e.g. 1.5 or [0.5, 1])")
@@ -107,9 +106,12 @@ class SurfaceDefect(BaseModel):
                 raise ValueError(f"{name} {r[0]:g} is not positive; sizes are positive lengths in mm")
         if self.depth_mm[0] < 0:
             raise ValueError(f"depth_mm {self.depth_mm[0]:g} is negative")
-        if k in LINEAR_KINDS and self.width_mm[1] > 0.5 * self.length_mm[0]:
+        if k in LINEAR_KINDS and self.width_mm is not None and self.width_mm[1] > 0.5 * self.length_mm[0]:
             raise ValueError(f"a {k} of width up to {self.width_mm[1]:g} mm and length from {self.length_mm[0]:g} mm "
                              "is not a line; accepted: width at most half the length")
+        if isinstance(self.location, PointMM) and self.count > 1:
+            raise ValueError(f"{self.count} defects cannot share the point ({self.location.x_mm:g}, "
+                             f"{self.location.y_mm:g}) mm; accepted: count 1 at a point, or a region name")
         if k in EDGE_KINDS and isinstance(self.location, str) and self.location not in EDGES + ("any",):
             raise ValueError(f"missing_material (a chipped edge) sits on an edge, not {self.location!r}; accepted: "
                              "top edge, bottom edge, left edge, right edge, any")
@@ -124,8 +126,12 @@ class SurfaceDefect(BaseModel):
     def describe(self) -> str:
         def r(v):
             return f"{v[0]:g} mm" if v[0] == v[1] else f"{v[0]:g}-{v[1]:g} mm"
-        size = r(self.length_mm) + f" x {r(self.width_mm)}" if self.length_mm else r(self.diameter_mm)
-        loc = self.location if isinstance(self.location, str) else f"({self.location.x_mm:g}, {self.location.y_mm:g}) mm"
+        if self.length_mm:
+            size = r(self.length_mm) + (f" x {r(self.width_mm)}" if self.width_mm else "")
+        else:
+            size = r(self.diameter_mm)
+        loc = (self.location if isinstance(self.location, str)
+               else f"({self.location.x_mm:g}, {self.location.y_mm:g}) mm")
         n = f"{self.count}x " if self.count > 1 else ""
         return f"{n}{size} {self.kind}, {loc}"
 
@@ -272,11 +278,32 @@ class SurfaceSpec(BaseSpec):
         fov_w, fov_h = self.field_of_view_mm[0], self.field_of_view_mm[0] * h / w
         for i, d in enumerate(self.defects.mixture):
             where = f"defects.mixture[{i}] ({d.kind})"
+            if d.width_mm is None and d.kind in LINEAR_KINDS + EDGE_KINDS:
+                lo, hi = DEFAULT_WIDTH_MM[d.kind]
+                lo = max(lo, float(np.ceil(1.5 * px_max * 1e4) / 1e4))
+                d.width_mm = (lo, max(hi, round(2 * lo, 4)))
+                if d.kind in LINEAR_KINDS and d.width_mm[1] > 0.5 * d.length_mm[0]:
+                    raise ValueError(f"{where}: length {d.length_mm[0]:g} mm is too short for a line of the "
+                                     f"{d.width_mm[0]:g} mm (1.5 pixels) minimum width; accepted: at least "
+                                     f"{2 * d.width_mm[1]:g} mm, or lower field_of_view_mm")
             room = region_room_mm(d.location, fov_h, fov_w, d.kind)
             if d.extent_mm() > room:
                 raise ValueError(f"{where}: size {d.extent_mm():g} mm is larger than its region holds in a "
                                  f"{fov_w:g} x {fov_h:g} mm field of view; accepted: up to {room:.1f} mm, or raise "
                                  "field_of_view_mm")
+            if d.kind in LINEAR_KINDS and d.orientation_deg is not None and not isinstance(d.location, PointMM):
+                rh, rw = region_size_mm(d.location, fov_h, fov_w)
+                L = d.length_mm[1]
+                th = np.deg2rad(np.linspace(d.orientation_deg[0], d.orientation_deg[1], 37))
+                # the line's box at each allowed angle (a tenth of its length of sideways wander) must fit
+                bw = L * np.abs(np.cos(th)) + 0.1 * L * np.abs(np.sin(th))
+                bh = L * np.abs(np.sin(th)) + 0.1 * L * np.abs(np.cos(th))
+                if not np.any((bw <= 0.95 * rw) & (bh <= 0.95 * rh)):
+                    o = d.orientation_deg
+                    ang = f"{o[0]:g}" if o[0] == o[1] else f"{o[0]:g}-{o[1]:g}"
+                    raise ValueError(f"{where}: a {L:g} mm line at {ang} degrees does not fit region "
+                                     f"{d.location} ({rw:.1f} x {rh:.1f} mm); accepted: another orientation, a "
+                                     "shorter line or a larger region")
             if isinstance(d.location, PointMM) and (d.location.x_mm > fov_w or d.location.y_mm > fov_h):
                 raise ValueError(f"{where}: location ({d.location.x_mm:g}, {d.location.y_mm:g}) mm is outside the "
                                  f"{fov_w:g} x {fov_h:g} mm field of view")
@@ -297,19 +324,32 @@ class SurfaceSpec(BaseSpec):
         return self.image.hw
 
 
+def region_size_mm(location: str, fov_h: float, fov_w: float) -> tuple[float, float]:
+    """(height, width) in mm of a named region of the whole field of view."""
+    if location == "any":
+        return fov_h, fov_w
+    if location in ("top_edge", "bottom_edge"):
+        return EDGE_BAND * fov_h, fov_w
+    if location in ("left_edge", "right_edge"):
+        return fov_h, EDGE_BAND * fov_w
+    return 0.5 * fov_h, 0.5 * fov_w
+
+
 def region_room_mm(location: str | PointMM, fov_h: float, fov_w: float, kind: str) -> float:
-    """The largest defect extent a region can hold (a loose upper bound used to reject impossible specs)."""
+    """The largest defect extent a region can hold: lines along the region's longer side, round defects across its
+    shorter side, chipped edges along their edge (90 % of it). Impossible specs are rejected up front."""
     if isinstance(location, PointMM):
         return min(fov_h, fov_w)
     if kind in EDGE_KINDS:
         along = fov_w if location in ("top_edge", "bottom_edge", "any") else fov_h
         return 0.9 * along
-    bh, bw = {"any": (1, 1), "center": (0.5, 0.5)}.get(location, (0.5, 0.5))
+    bh, bw = {"any": (1.0, 1.0)}.get(location, (0.5, 0.5))
     if location in ("top_edge", "bottom_edge"):
         bh, bw = EDGE_BAND, 1.0
     elif location in ("left_edge", "right_edge"):
         bh, bw = 1.0, EDGE_BAND
-    return 0.95 * float(np.hypot(bh * fov_h, bw * fov_w))
+    h, w = bh * fov_h, bw * fov_w
+    return 0.9 * max(h, w) if kind in LINEAR_KINDS else 0.9 * min(h, w)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -23,7 +23,7 @@ ACCEPTED_LOCATIONS = ("top-left, top-right, bottom-left, bottom-right, center, t
 
 _NUM = r"(?:\d+(?:\.\d+)?|\.\d+)"
 _FILLER = {"on", "in", "at", "the", "a", "an", "of", "with", "near", "surface", "part", "region", "corner", "side",
-           "and", "one", "single", "defect", "defects", "area", "-", "x", "along", "across_the", "from", "to", "located"}
+           "and", "one", "single", "defect", "defects", "area", "-", "x", "along", "from", "to", "located"}
 _WORD_NUMBERS = {"two": 2, "three": 3, "four": 4, "five": 5, "six": 6, "seven": 7, "eight": 8, "nine": 9, "ten": 10}
 
 _KIND_WORDS = [
@@ -157,7 +157,8 @@ def parse_defect_text(text: str):
                 t = t[:m.start(1)] + " " * len(lo) + t[m.end(1):]
                 pos = m.end(1)
                 continue
-            raise SpecError(f"size {m.group(0).strip()!r} in {original!r} has no unit; accepted units: {ACCEPTED_UNITS}")
+            raise SpecError(f"size {m.group(0).strip()!r} in {original!r} has no unit; accepted units: "
+                            f"{ACCEPTED_UNITS}")
         if unit not in UNITS_TO_MM:
             raise SpecError(f"unknown unit {unit!r} in {m.group(0).strip()!r} of {original!r}; accepted units: "
                             f"{ACCEPTED_UNITS}")
