@@ -20,19 +20,16 @@ _SURFACE_WORDS = re.compile(r"\b(scratch|scratches|crack|cracks|dent|dents|pit|p
                             r"particles|contamination|chip|chipped|missing material)\b", re.I)
 
 
-def _surface_parser():
-    try:
-        from schemas import surface
-    except ImportError:
-        return None
-    return getattr(surface, "parse_defect", None)
-
-
 def parse_text(text: str) -> dict[str, Any]:
-    """Normalise one shorthand finding (chest-CT nodule or surface defect) to a JSON-ready dict."""
-    surface_parse = _surface_parser()
-    if surface_parse is not None and text and _SURFACE_WORDS.search(text):
-        return {"domain": "surface", "finding": surface_parse(text).model_dump(mode="json")}
+    """Normalise one shorthand finding (chest-CT nodule or surface defect) to a JSON-ready dict.
+
+    Text naming a surface defect (scratch, crack, dent, pit, stain, hole, particle, chip) is read as one,
+    with the material it names; anything else as a pulmonary nodule."""
+    if text and _SURFACE_WORDS.search(text):
+        from schemas.surface_shorthand import parse_defect_text
+
+        defect, material = parse_defect_text(text)
+        return {"domain": "surface", "finding": defect.model_dump(mode="json"), "material": material}
     return {"domain": "chest_ct", "finding": parse_finding(text).model_dump(mode="json")}
 
 
@@ -49,9 +46,10 @@ def spec_from_source(source: str, n: int, seed: int | None) -> BaseSpec:
         return validate_spec(data)
     parsed = parse_text(source)
     if parsed["domain"] == "surface":
-        from schemas import surface
-
-        return surface.preview_spec(parsed["finding"], n=n, seed=seed or 0)
+        finding = {k: v for k, v in parsed["finding"].items() if v is not None}
+        return validate_spec({"name": "preview", "domain": "surface", "samples": n, "seed": seed or 0,
+                              "material": parsed["material"] or "brushed_metal",
+                              "defects": {"negatives": 0.0, "mixture": [finding]}})
     return validate_spec({"name": "preview", "domain": "chest_ct", "samples": n, "seed": seed or 0,
                           "findings": {"negatives": 0.0, "mixture": [parsed["finding"]]}})
 
