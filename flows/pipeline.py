@@ -18,7 +18,10 @@ from schemas.spec import BaseSpec, spec_hash
 
 
 def backend_for(spec: BaseSpec) -> Backend:
-    return get_backend(spec.generator.name, spec.domain, spec.generator.options)
+    """The spec's backend, with everything it can check about the spec checked before any generation."""
+    backend = get_backend(spec.generator.name, spec.domain, spec.generator.options)
+    backend.renderer.check_spec(spec)
+    return backend
 
 
 def _bounding_boxes(instance: np.ndarray) -> list[dict[str, Any]]:

@@ -41,6 +41,10 @@ class Renderer:
         self.domain = domain
         self.options = options
 
+    def check_spec(self, spec: Any) -> None:
+        """Refuse, before anything is generated, what this renderer cannot do for ``spec`` (e.g. an image size).
+        Called by the pipeline right after the backend is built."""
+
     def render(self, layout: Layout, rng: np.random.Generator) -> tuple[np.ndarray, dict[str, Any]]:
         raise NotImplementedError
 
