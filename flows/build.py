@@ -1,0 +1,266 @@
+"""The build flow: spec -> deterministic shard plan -> one Prefect task per shard -> publish + dataset card.
+
+A recipe of calls into the library: ``flows.pipeline.make_samples`` generates a shard, the store's
+``BuildStaging.write_shard`` commits it, ``BuildStaging.publish`` makes the version visible. The staging
+area's per-shard commit markers are the source of truth for resuming; Prefect's task cache is keyed on the
+same (dataset, spec hash, code version, staged version, store root, shard) and only ever saves work.
+"""
+from __future__ import annotations
+
+from flows import settings  # noqa: F401  (Prefect defaults before prefect is imported)
+
+import contextlib
+import contextvars
+import datetime as dt
+import functools
+import hashlib
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import yaml
+from prefect import flow, task
+from prefect.cache_policies import Inputs
+from prefect.futures import as_completed
+from prefect.tasks import exponential_backoff
+
+from flows.card import card
+from flows.pipeline import make_samples
+from schemas.errors import SpecError
+from schemas.plan import plan_shards
+from schemas.spec import BaseSpec, load_spec, load_spec_text, spec_hash, validate_spec
+
+# Source that decides the bytes of a dataset; a change to any of it is a new code version (no resuming across).
+_CODE_PACKAGES = ("schemas", "generators", "annotators", "store")
+_CODE_MODULES = ("flows/pipeline.py",)
+
+# Errors worth another try: storage and network hiccups. Bad input (SpecError) and bugs are not retried.
+TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (OSError, ConnectionError, TimeoutError)
+
+ProgressFn = Callable[[dict[str, Any]], None]
+_progress: contextvars.ContextVar[ProgressFn | None] = contextvars.ContextVar("pairforge_progress", default=None)
+
+
+@contextlib.contextmanager
+def reporting_to(fn: ProgressFn) -> Iterator[None]:
+    """Send build events (``plan``, ``shard``, ``published``) to ``fn`` while the flow runs in this context."""
+    token = _progress.set(fn)
+    try:
+        yield
+    finally:
+        _progress.reset(token)
+
+
+def _emit(event: str, **data: Any) -> None:
+    fn = _progress.get()
+    if fn is not None:
+        fn({"event": event, **data})
+
+
+@functools.lru_cache(maxsize=1)
+def code_version() -> str:
+    """``pairforge <version>+src.<hash>``: the package version plus a digest of every source file that shapes
+    the data (generators, annotators, store, schemas, the sample pipeline)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        pkg = version("pairforge")
+    except PackageNotFoundError:
+        pkg = "0+unknown"
+    h = hashlib.sha256()
+    repo = Path(__file__).resolve().parent.parent
+    files: list[Path] = []
+    for pkg_dir in _CODE_PACKAGES:
+        files += sorted((repo / pkg_dir).rglob("*.py"))
+    files += [repo / m for m in _CODE_MODULES]
+    for f in files:
+        if f.is_file() and "__pycache__" not in f.parts:
+            h.update(str(f.relative_to(repo)).encode())
+            h.update(f.read_bytes())
+    return f"{pkg}+src.{h.hexdigest()[:12]}"
+
+
+def resolve_spec(spec: Any) -> tuple[BaseSpec, str]:
+    """A validated spec and its text, from a path, YAML/JSON text, a mapping or a spec model. SpecError otherwise."""
+    if isinstance(spec, BaseSpec):
+        return spec, yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False)
+    if isinstance(spec, dict):
+        return validate_spec(spec), yaml.safe_dump(spec, sort_keys=False)
+    if isinstance(spec, Path) or (isinstance(spec, str) and "\n" not in spec and (
+            spec.endswith((".yaml", ".yml", ".json")) or os.path.exists(spec))):
+        model = load_spec(spec)
+        return model, Path(spec).read_text(encoding="utf-8")
+    if isinstance(spec, str):
+        return load_spec_text(spec), spec
+    raise SpecError(f"a spec must be a file path, YAML text or a mapping, not {type(spec).__name__}")
+
+
+def check_root_writable(root: str | None) -> None:
+    """Fail fast, before any orchestration, when the dataset root cannot be written (one StoreError line)."""
+    from store.root import ensure_writable, resolve_root
+
+    ensure_writable(resolve_root(root))
+
+
+def _is_transient(task, task_run, state) -> bool:
+    """Retry condition: only storage/network errors, never bad input (SpecError is a ValueError)."""
+    try:
+        state.result()
+    except SpecError:
+        return False
+    except TRANSIENT_ERRORS:
+        return True
+    except BaseException:
+        return False
+    return False
+
+
+def _shard_run_name() -> str:
+    from prefect.runtime import task_run
+
+    p = task_run.parameters
+    return f"shard {p['shard'] + 1}/{p['n_shards']}"
+
+
+@task(name="shard",
+      task_run_name=_shard_run_name,
+      retries=3, retry_delay_seconds=exponential_backoff(backoff_factor=2), retry_jitter_factor=0.5,
+      retry_condition_fn=_is_transient,
+      # Keyed on cache_scope (dataset, spec hash, code version, staged version, store root) + shard index.
+      cache_policy=Inputs(exclude=["spec", "staging", "start", "stop", "n_shards"]),
+      cache_expiration=dt.timedelta(days=7))
+def build_shard(spec: BaseSpec, staging: Any, shard: int, start: int, stop: int, n_shards: int,
+                cache_scope: str) -> dict[str, Any]:
+    """Generate samples [start, stop) and commit them as shard ``shard``; reuse it if its marker exists."""
+    if staging.has_shard(shard):
+        return {"shard": shard, "n": stop - start, "reused": True, "seconds": 0.0}
+    t0 = time.perf_counter()
+    samples = make_samples(spec, range(start, stop), digest=staging.digest, backend=_backend(spec, staging.digest))
+    info = dict(staging.write_shard(shard, samples))
+    info.update(shard=shard, n=len(samples), reused=False, seconds=time.perf_counter() - t0)
+    return info
+
+
+_local = threading.local()
+
+
+def _backend(spec: BaseSpec, digest: str):
+    """One backend per worker (process or thread) and spec: a GPU backend loads its weights once per worker, not
+    once per shard. Per thread, because a diffusers pipeline must not run two batches at once."""
+    cached = getattr(_local, "backend", None)
+    if cached is None or cached[0] != digest:
+        from flows.pipeline import backend_for
+
+        _local.backend = cached = (digest, backend_for(spec))
+    return cached[1]
+
+
+# Handed to publish, which calls it before writing the manifest: a task run of its own inside the publish task.
+write_card = task(card, name="dataset-card", task_run_name="dataset card")
+
+
+@task(name="publish", task_run_name="publish {name} v{version}")
+def publish_version(staging: Any, name: str, version: int, run_id: str | None) -> dict[str, Any]:
+    """Publish the staged version atomically; the dataset card (its own task run) is written before the manifest."""
+    pv = staging.publish(run_id=run_id, card=write_card)
+    return {"name": pv.name, "version": int(pv.version), "uri": str(pv.uri)}
+
+
+def _spec_name(spec: Any) -> str:
+    try:
+        return resolve_spec(spec)[0].name
+    except Exception:
+        return "dataset"
+
+
+def _flow_run_name() -> str:
+    from prefect.runtime import flow_run
+
+    return f"build {_spec_name(flow_run.parameters.get('spec'))}"
+
+
+def _cache_scope(staging: Any, root: str | None) -> str:
+    """What a cached shard result is valid for: this staged version of this build under this store root."""
+    where = getattr(staging, "version_dir", None) or getattr(staging, "staging_dir", None) or str(root)
+    return f"{staging.name}|{getattr(staging, 'key', '')}|{staging.digest}|v{staging.version}|{where}"
+
+
+def _store(root: str | None):
+    from store import DatasetStore
+
+    return DatasetStore(root)
+
+
+def _default_task_runner():
+    """The runner a plain call or a served run uses: the local default, or PAIRFORGE_RUNNER/_WORKERS/_DASK_ADDRESS
+    (set by ``pairforge serve`` for the runs it starts in fresh processes)."""
+    from flows.runners import make_task_runner
+
+    workers = os.environ.get("PAIRFORGE_WORKERS")
+    return make_task_runner(os.environ.get("PAIRFORGE_RUNNER", "local"), int(workers) if workers else None,
+                            os.environ.get("PAIRFORGE_DASK_ADDRESS") or None)
+
+
+@flow(name="build-dataset", flow_run_name=_flow_run_name, validate_parameters=False, log_prints=False,
+      task_runner=_default_task_runner())
+def build_dataset(spec: Any, root: str | None = None) -> dict[str, Any]:
+    """Build and publish one version of the dataset ``spec`` describes (a path, YAML text or a mapping)."""
+    from prefect.runtime import flow_run
+
+    t0 = time.perf_counter()
+    model, text = resolve_spec(spec)
+    digest = spec_hash(model)
+    version = code_version()
+    st = _store(root)
+    staging = st.open_build(model, text, digest, version)
+    shards = plan_shards(model.samples, model.shard_size)
+    scope = _cache_scope(staging, root)
+    _emit("plan", name=model.name, version=staging.version, shards=len(shards), samples=model.samples,
+          finished=len(staging.finished_shards()))
+
+    def submit(i: int, r: range, refresh: bool = False):
+        t = build_shard.with_options(refresh_cache=True) if refresh else build_shard
+        return t.submit(model, staging, i, r.start, r.stop, len(shards), scope)
+
+    futures = {submit(i, r): i for i, r in enumerate(shards)}
+    results: dict[int, dict] = {}
+    for fut in as_completed(list(futures)):
+        res = dict(fut.result())
+        res["reused"] = bool(res.get("reused")) or fut.state.name == "Cached"
+        results[futures[fut]] = res
+        _emit("shard", **res)
+    # The markers decide: a Prefect cache hit for a shard the staging area does not hold is redone.
+    missing = sorted(set(range(len(shards))) - set(staging.finished_shards()))
+    for i in missing:
+        res = dict(submit(i, shards[i], refresh=True).result(), redone=True)
+        results[i] = res
+        _emit("shard", **res)
+
+    run_id = str(flow_run.id) if flow_run.id else None
+    published = publish_version(staging, model.name, staging.version, run_id)
+    summary = {
+        **published,
+        "samples": sum(r["n"] for r in results.values()),
+        "shards": len(shards),
+        "reused": sum(1 for r in results.values() if r["reused"]),
+        "generated": sum(1 for r in results.values() if not r["reused"]),
+        "qc_failed": sum(int(r.get("qc_failed") or 0) for r in results.values()),
+        "bytes": sum(int(r.get("bytes") or 0) for r in results.values()),
+        "seconds": time.perf_counter() - t0,
+        "spec_hash": digest,
+        "code_version": version,
+        "flow_run_id": run_id,
+    }
+    _emit("published", **summary)
+    return summary
+
+
+def run_build(spec: Any, root: str | None = None, runner: str = "local", workers: int | None = None,
+              dask_address: str | None = None) -> dict[str, Any]:
+    """Run ``build_dataset`` with the chosen task runner (see flows.runners)."""
+    from flows.runners import make_task_runner
+
+    tr = make_task_runner(runner, workers, dask_address)
+    return build_dataset.with_options(task_runner=tr)(spec, root=root)

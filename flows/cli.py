@@ -1,0 +1,312 @@
+"""The ``pairforge`` command line: build, preview, inspect, pull, verify, schedule.
+
+Exit codes: 0 success, 2 bad input (one line naming the problem), 1 failure (``--verbose`` for the traceback).
+"""
+from __future__ import annotations
+
+from flows import settings  # noqa: F401  (Prefect defaults before prefect is imported)
+
+import functools
+import importlib.util
+import json
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Callable, List, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from schemas.errors import SpecError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="pairforge: synthetic images with pixel-exact segmentation labels, from a spec.")
+out = Console(highlight=False, soft_wrap=True)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+EXIT_OK, EXIT_FAILURE, EXIT_BAD_INPUT = 0, 1, 2
+
+RootOpt = typer.Option(None, "--root", help="dataset root: a folder or fsspec URL (default $PAIRFORGE_ROOT or ./datasets)")
+VerboseOpt = typer.Option(False, "--verbose", "-v", help="details, Prefect logs and tracebacks")
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    """Exception types that mean bad input. The store's errors (StoreError, IntegrityError, PublishError) are
+    SpecError subclasses, so one type covers specs, options, roots, refs and missing versions."""
+    return (SpecError,)
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split()) or type(e).__name__
+
+
+def handle_errors(fn: Callable) -> Callable:
+    """Map exceptions to exit codes: bad input -> 2 with one line; anything else -> 1 (traceback with --verbose)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        verbose = bool(kwargs.get("verbose"))
+        try:
+            return fn(*args, **kwargs)
+        except typer.Exit:
+            raise
+        except KeyboardInterrupt:
+            typer.echo("interrupted", err=True)
+            raise typer.Exit(130)
+        except user_errors() as e:
+            if verbose:
+                traceback.print_exc()
+            typer.echo(f"error: {_one_line(e)}", err=True)
+            raise typer.Exit(EXIT_BAD_INPUT)
+        except Exception as e:
+            if verbose:
+                traceback.print_exc()
+            hint = "" if verbose else " (run with --verbose for the traceback)"
+            typer.echo(f"error: {type(e).__name__}: {_one_line(e)}{hint}", err=True)
+            raise typer.Exit(EXIT_FAILURE)
+
+    return wrapper
+
+
+def _quiet_prefect(verbose: bool) -> None:
+    settings.apply_defaults(verbose)
+    settings.silence_shutdown_noise()
+
+
+# --------------------------------------------------------------------------------------------------- build
+class BuildProgress:
+    """A rich progress bar fed by the flow's events; samples/s counts generated (not reused) samples only."""
+
+    def __init__(self, console: Console, enabled: bool = True):
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        # Fits 80 columns; the dataset and version go on a line of their own above the bar.
+        self.console = console
+        self.enabled = enabled
+        self.progress = Progress(BarColumn(bar_width=24), MofNCompleteColumn(), TextColumn("samples"),
+                                 TextColumn("{task.fields[rate]}"), TextColumn("{task.fields[shards]}"),
+                                 TimeElapsedColumn(), console=console, disable=not enabled, transient=False)
+        self.task = None
+        self.t0 = time.perf_counter()
+        self.generated = 0
+
+    def __enter__(self):
+        self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self.progress.__exit__(*exc)
+
+    def __call__(self, ev: dict[str, Any]) -> None:
+        if ev["event"] == "plan":
+            self.t0 = time.perf_counter()
+            self.n_shards = ev["shards"]
+            self.done_shards = 0
+            if self.enabled:
+                resumed = f", {ev['finished']} already staged" if ev.get("finished") else ""
+                self.console.print(f"building {ev['name']} v{ev['version']}: {ev['samples']} samples in "
+                                   f"{ev['shards']} shards{resumed}")
+            self.task = self.progress.add_task(f"build {ev['name']} v{ev['version']}", total=ev["samples"],
+                                               rate="", shards=f"0/{ev['shards']} shards")
+        elif ev["event"] == "shard" and self.task is not None:
+            self.done_shards += 0 if ev.get("redone") else 1
+            if not ev.get("reused"):
+                self.generated += int(ev["n"])
+            dt = max(time.perf_counter() - self.t0, 1e-9)
+            rate = f"{self.generated / dt:.1f} samples/s" if self.generated else "reused"
+            # A shard redone after a stale cache hit was already counted once.
+            self.progress.update(self.task, advance=0 if ev.get("redone") else int(ev["n"]), rate=rate,
+                                 shards=f"{self.done_shards}/{self.n_shards} shards")
+
+
+@app.command()
+@handle_errors
+def build(spec: str = typer.Argument(..., help="spec file (.yaml/.json)"),
+          root: Optional[str] = RootOpt,
+          runner: str = typer.Option("local", "--runner", help="local | threads | processes | dask"),
+          workers: Optional[int] = typer.Option(None, "--workers", "-w", help="parallel workers (default: CPU count)"),
+          dask_address: Optional[str] = typer.Option(None, "--dask-address", help="existing Dask scheduler, tcp://host:port"),
+          verbose: bool = VerboseOpt) -> None:
+    """Build and publish a new version of the dataset SPEC describes."""
+    _quiet_prefect(verbose)
+    from flows import build as b
+    from flows.pipeline import backend_for
+    from flows.runners import describe, make_task_runner
+
+    # Every input check runs before Prefect starts, so bad input costs no server start and publishes nothing.
+    model, _ = b.resolve_spec(Path(spec))
+    backend_for(model)  # unknown generator or option -> SpecError
+    b.check_root_writable(root)
+    make_task_runner(runner, workers, dask_address)  # validates the runner choice
+
+    with settings.prefect_api(verbose) as api:
+        if verbose:
+            err.print(f"Prefect API: {api}; runner: {describe(runner, workers, dask_address)}; "
+                      f"code version {b.code_version()}")
+        with BuildProgress(out, enabled=sys.stdout.isatty() or verbose) as progress, b.reporting_to(progress):
+            summary = b.run_build(str(Path(spec)), root=root, runner=runner, workers=workers,
+                                  dask_address=dask_address)
+    rate = summary["samples"] / summary["seconds"] if summary["seconds"] else 0.0
+    out.print(f"shards: {summary['generated']} generated, {summary['reused']} reused (of {summary['shards']})")
+    out.print(f"samples: {summary['samples']} ({summary['qc_failed']} failed QC), "
+              f"{summary['seconds']:.1f} s, {rate:.1f} samples/s overall")
+    out.print(f"published {summary['name']}@v{summary['version']} at {summary['uri']}")
+
+
+# --------------------------------------------------------------------------------------------------- parse / preview / schema
+@app.command()
+@handle_errors
+def parse(text: str = typer.Argument(..., help='shorthand, e.g. "8mm solid nodule, right upper lobe"'),
+          verbose: bool = VerboseOpt) -> None:
+    """Parse shorthand text into a structured spec (JSON)."""
+    from flows.preview import parse_text
+
+    typer.echo(json.dumps(parse_text(text), indent=2, default=str))
+
+
+@app.command()
+@handle_errors
+def preview(source: str = typer.Argument(..., help="spec file or shorthand text"),
+            out_dir: Path = typer.Option(..., "--out", "-o", help="folder for the preview images"),
+            n: int = typer.Option(4, "-n", help="number of samples"),
+            seed: Optional[int] = typer.Option(None, "--seed", help="override the spec's seed"),
+            verbose: bool = VerboseOpt) -> None:
+    """Render a few samples with label outlines, without orchestration or publishing."""
+    from flows.preview import run_preview
+
+    if n < 1:
+        raise SpecError(f"-n must be at least 1, not {n}")
+    paths = run_preview(source, out_dir, n, seed)
+    for p in paths:
+        out.print(str(p))
+
+
+@app.command()
+@handle_errors
+def schema(verbose: bool = VerboseOpt) -> None:
+    """Print the JSON schema of dataset specs."""
+    from schemas.spec import spec_json_schema
+
+    typer.echo(json.dumps(spec_json_schema(), indent=2))
+
+
+# --------------------------------------------------------------------------------------------------- store commands
+def _store(root: Optional[str]):
+    from store import DatasetStore
+
+    return DatasetStore(root)
+
+
+@app.command("ls")
+@handle_errors
+def ls_(root: Optional[str] = RootOpt, verbose: bool = VerboseOpt) -> None:
+    """List datasets and their published versions."""
+    st = _store(root)
+    names = st.list_datasets()
+    if not names:
+        out.print(f"no datasets under {st.url}")
+        return
+    t = Table("dataset", "versions", "latest", "samples", "created (UTC)")
+    for name in names:
+        versions = st.versions(name)
+        if not versions:
+            t.add_row(name, "-", "-", "-", "(build in progress)")
+            continue
+        m = st.manifest(name, versions[-1])
+        t.add_row(name, ", ".join(f"v{v}" for v in versions), f"v{versions[-1]}", str(m.counts.samples), m.created_at)
+    out.print(t)
+
+
+@app.command()
+@handle_errors
+def show(ref: str = typer.Argument(..., help="NAME, NAME@vN or NAME@latest"), root: Optional[str] = RootOpt,
+         as_json: bool = typer.Option(False, "--json", help="print the whole manifest as JSON"),
+         verbose: bool = VerboseOpt) -> None:
+    """Show a published version (the latest when none is given)."""
+    st = _store(root)
+    if as_json:
+        name, version = st.resolve(ref)
+        typer.echo(st.manifest(name, version).model_dump_json(indent=2))
+        return
+    out.print(st.show(ref), soft_wrap=True)
+
+
+@app.command()
+@handle_errors
+def pull(ref: str = typer.Argument(..., help="NAME@vN"), dest: Path = typer.Argument(..., help="destination folder"),
+         root: Optional[str] = RootOpt, verbose: bool = VerboseOpt) -> None:
+    """Copy a published version to DEST/NAME/vN, checking every sha256."""
+    folder = _store(root).pull(ref, dest)
+    out.print(f"pulled {ref} to {folder}")
+
+
+@app.command()
+@handle_errors
+def verify(target: str = typer.Argument(..., help="an image file (reads its watermark) or NAME@vN (checks every file)"),
+           root: Optional[str] = RootOpt, verbose: bool = VerboseOpt) -> None:
+    """Verify an image's watermark and provenance, or every checksum of a published version (exit 1 if it fails)."""
+    import store
+
+    if os.path.isfile(target):
+        res = store.verify_image(target, root=root)
+        ok = res.watermark_found and res.file_matches is not False and res.pixels_match is not False
+    else:
+        if "@" not in target and (os.sep in target or Path(target).suffix):
+            raise SpecError(f"{target!r} is neither an existing file nor a dataset reference NAME@vN")
+        res = store.verify_version(target, root=root)
+        ok = res.ok
+    out.print(str(res), soft_wrap=True)
+    if not ok:
+        raise typer.Exit(EXIT_FAILURE)
+
+
+# --------------------------------------------------------------------------------------------------- serve
+@app.command()
+@handle_errors
+def serve(specs: List[str] = typer.Argument(..., help="spec files; each becomes one scheduled deployment"),
+          root: Optional[str] = RootOpt,
+          runner: str = typer.Option("local", "--runner", help="local | threads | processes | dask"),
+          workers: Optional[int] = typer.Option(None, "--workers", "-w"),
+          verbose: bool = VerboseOpt) -> None:
+    """Serve one deployment per spec, each on the cron of its spec's ``schedule:`` (Ctrl-C stops)."""
+    _quiet_prefect(verbose)
+    from flows.serve import deployments_for, serve_deployments
+
+    deps = deployments_for(specs, root=root, runner=runner, workers=workers)  # validates every spec first
+    for d, spec_name, cron in deps:
+        out.print(f"deployment [bold]{d.name}[/]: {spec_name} on cron {cron!r}")
+    with settings.prefect_api(verbose, services=True) as api:
+        out.print(f"serving {len(deps)} deployment(s) against {api}; Ctrl-C to stop")
+        serve_deployments([d for d, _, _ in deps])
+
+
+# --------------------------------------------------------------------------------------------------- export-mvtec
+if importlib.util.find_spec("store.mvtec") is not None:
+
+    @app.command("export-mvtec")
+    @handle_errors
+    def export_mvtec_cmd(ref: str = typer.Argument(..., help="NAME@vN of a surface dataset"),
+                         dest: Path = typer.Argument(..., help="destination folder"),
+                         class_name: str = typer.Option(..., "--class-name", help="MVTec class folder name"),
+                         include_failed: bool = typer.Option(False, "--include-failed",
+                                                             help="also export samples that failed QC"),
+                         overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing class folder"),
+                         root: Optional[str] = RootOpt, verbose: bool = VerboseOpt) -> None:
+        """Export a surface dataset version in the MVTec AD folder layout."""
+        from store.mvtec import export_mvtec
+
+        res = export_mvtec(ref, dest, class_name, root=root, include_failed=include_failed, overwrite=overwrite)
+        counts = ", ".join(f"{k} {v}" for k, v in sorted((res.get("counts") or {}).items()))
+        out.print(f"exported {ref} to {res.get('class_dir', dest)}" + (f" ({counts})" if counts else ""))
+
+
+def main() -> None:
+    # Click reports usage errors (missing argument, unknown option) with exit code 2 by itself.
+    app()
+
+
+if __name__ == "__main__":
+    main()
