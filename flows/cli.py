@@ -186,6 +186,20 @@ def preview(source: str = typer.Argument(..., help="spec file or shorthand text"
 
 @app.command()
 @handle_errors
+def validate(spec: Path = typer.Argument(..., help="spec file (.yaml or .json)"),
+             verbose: bool = VerboseOpt) -> None:
+    """Check a spec without generating anything; print its normalised form's summary and hash."""
+    from schemas.spec import load_spec, spec_hash
+
+    model = load_spec(spec)
+    out.print(f"ok: {model.name} ({model.domain}), {model.samples} samples, seed {model.seed}, "
+              f"generator {model.generator.name}, spec hash {spec_hash(model)[:16]}")
+    if verbose:
+        typer.echo(json.dumps(model.model_dump(mode="json"), indent=2))
+
+
+@app.command()
+@handle_errors
 def schema(verbose: bool = VerboseOpt) -> None:
     """Print the JSON schema of dataset specs."""
     from schemas.spec import spec_json_schema

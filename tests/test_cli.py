@@ -182,3 +182,17 @@ def test_sigkilled_build_resumes_reusing_shards_and_publishes_identical_bytes(pr
     a, b = data_file_hashes(root_a / "kill-ct" / "v1"), data_file_hashes(root_b / "kill-ct" / "v1")
     assert len(a) == 3 * 32 + 2 + 4  # image, label, instance PNGs; samples.parquet, README.md; 4 card PNGs
     assert sorted(k for k in a if a[k] != b.get(k)) == []
+
+
+def test_validate_accepts_the_examples_and_rejects_a_bad_spec_with_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    exe = [sys.executable, "-c", "from flows.cli import main; main()"]
+    for spec in ("examples/chest_ct_nodules.yaml", "examples/surface_defects.yaml"):
+        r = subprocess.run(exe + ["validate", spec], capture_output=True, text=True)
+        assert r.returncode == 0 and r.stdout.startswith("ok: "), r.stderr
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\nsamples: 3\nfindings: {negatives: 0, mixture: ['8mm nodule left middle lobe']}\n")
+    r = subprocess.run(exe + ["validate", str(bad)], capture_output=True, text=True)
+    assert r.returncode == 2 and "no left middle lobe" in r.stderr and len(r.stderr.strip().splitlines()) == 1
