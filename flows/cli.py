@@ -7,7 +7,6 @@ from __future__ import annotations
 from flows import settings  # noqa: F401  (Prefect defaults before prefect is imported)
 
 import functools
-import importlib.util
 import json
 import os
 import sys
@@ -298,23 +297,21 @@ def serve(specs: List[str] = typer.Argument(..., help="spec files; each becomes 
 
 
 # --------------------------------------------------------------------------------------------------- export-mvtec
-if importlib.util.find_spec("store.mvtec") is not None:
+@app.command("export-mvtec")
+@handle_errors
+def export_mvtec_cmd(ref: str = typer.Argument(..., help="NAME@vN of a surface dataset"),
+                     dest: Path = typer.Argument(..., help="destination folder"),
+                     class_name: str = typer.Option(..., "--class-name", help="MVTec class folder name"),
+                     include_failed: bool = typer.Option(False, "--include-failed",
+                                                         help="also export samples that failed QC"),
+                     overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing class folder"),
+                     root: Optional[str] = RootOpt, verbose: bool = VerboseOpt) -> None:
+    """Export a surface dataset version in the MVTec AD folder layout."""
+    from store.mvtec import export_mvtec
 
-    @app.command("export-mvtec")
-    @handle_errors
-    def export_mvtec_cmd(ref: str = typer.Argument(..., help="NAME@vN of a surface dataset"),
-                         dest: Path = typer.Argument(..., help="destination folder"),
-                         class_name: str = typer.Option(..., "--class-name", help="MVTec class folder name"),
-                         include_failed: bool = typer.Option(False, "--include-failed",
-                                                             help="also export samples that failed QC"),
-                         overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing class folder"),
-                         root: Optional[str] = RootOpt, verbose: bool = VerboseOpt) -> None:
-        """Export a surface dataset version in the MVTec AD folder layout."""
-        from store.mvtec import export_mvtec
-
-        res = export_mvtec(ref, dest, class_name, root=root, include_failed=include_failed, overwrite=overwrite)
-        counts = ", ".join(f"{k} {v}" for k, v in sorted((res.get("counts") or {}).items()))
-        out.print(f"exported {ref} to {res.get('class_dir', dest)}" + (f" ({counts})" if counts else ""))
+    res = export_mvtec(ref, dest, class_name, root=root, include_failed=include_failed, overwrite=overwrite)
+    counts = ", ".join(f"{k} {v}" for k, v in sorted((res.get("counts") or {}).items()))
+    out.print(f"exported {ref} to {res.get('class_dir', dest)}" + (f" ({counts})" if counts else ""))
 
 
 def main() -> None:
