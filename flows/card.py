@@ -6,7 +6,6 @@ Every byte is a function of the data (no clocks, no run ids), so rebuilding a ve
 """
 from __future__ import annotations
 
-import importlib
 import io
 from collections import Counter, defaultdict
 from typing import Any
@@ -23,18 +22,13 @@ THUMB_PX = 160
 
 
 def _class_table(domain: str | None):
-    """The domain's ClassTable (for outline colours), from schemas.classes or the domain's schema module."""
-    from schemas.classes import ClassTable
+    """The domain's ClassTable (for outline colours), or None for an unknown domain."""
+    from schemas.classes import class_table
 
-    for mod in ("schemas.classes", f"schemas.{domain}", "schemas.surface"):
-        try:
-            m = importlib.import_module(mod)
-        except ImportError:
-            continue
-        for v in vars(m).values():
-            if isinstance(v, ClassTable) and v.domain == domain:
-                return v
-    return None
+    try:
+        return class_table(domain or "")
+    except KeyError:
+        return None
 
 
 def _fs(version_dir: str):

@@ -10,13 +10,12 @@ to ``[:H, :W]``; the label itself is never resized.
 """
 from __future__ import annotations
 
-import importlib
 import math
 
 import cv2
 import numpy as np
 
-from schemas.classes import CT_CLASSES, ClassTable
+from schemas.classes import class_table  # noqa: F401  (re-exported for callers of the palette)
 
 CONDITIONINGS = ("segmentation", "canny", "lineart")
 ANNOTATORS = ("controlnet_aux", "opencv")
@@ -30,15 +29,6 @@ MIN_PALETTE_STEP = 10
 CANNY_LOW, CANNY_HIGH = 16, 32
 # LineartStandardDetector's defaults.
 LINEART_SIGMA, LINEART_THRESHOLD = 6.0, 8
-
-
-def class_table(domain: str) -> ClassTable:
-    """The published class table of ``domain`` (its ``colors`` are the segmentation palette)."""
-    if domain == "chest_ct":
-        return CT_CLASSES
-    if domain == "surface":
-        return importlib.import_module("schemas.surface").SURFACE_CLASSES
-    raise KeyError(f"no class table for domain {domain!r}; known: chest_ct, surface")
 
 
 def palette_lut(domain: str) -> tuple[np.ndarray, np.ndarray]:

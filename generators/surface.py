@@ -121,7 +121,7 @@ def surface_layout(spec: SurfaceSpec, request: SampleRequest, rng: np.random.Gen
             orient = f.get("orientation_deg")
             if orient is None and f["kind"] in ("scratch", "crack") and tries > MAX_PLACEMENT_TRIES // 3:
                 # long lines in a narrow region: aim along the region's long side, tilted at most as far as fits
-                long_side, short_side = max(rx1 - rx0, ry1 - ry0), min(rx1 - rx0, ry1 - ry0)
+                short_side = min(rx1 - rx0, ry1 - ry0)
                 base = 0.0 if (rx1 - rx0) >= (ry1 - ry0) else 90.0
                 length_px = f["length_mm"] / sp
                 tilt = np.degrees(np.arcsin(min(1.0, 0.6 * short_side / max(length_px, 1.0))))

@@ -66,3 +66,14 @@ LOBE_NAMES: dict[str, str] = {
 }
 LUNG_CLASS_IDS = frozenset(LOBES.values()) | {17, 18, 19, 20, 21}
 NODULE_CLASS_IDS = frozenset({20, 21})
+
+
+def class_table(domain: str) -> ClassTable:
+    """The published class table of ``domain``; KeyError naming the known domains otherwise."""
+    if domain == "chest_ct":
+        return CT_CLASSES
+    if domain == "surface":
+        from schemas.surface import SURFACE_CLASSES  # imported here: schemas.surface imports this module
+
+        return SURFACE_CLASSES
+    raise KeyError(f"no class table for domain {domain!r}; known: chest_ct, surface")

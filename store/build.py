@@ -93,20 +93,13 @@ def library_versions() -> dict[str, str | None]:
 
 
 def class_names(domain: str) -> dict[int, str]:
-    """The class table of a domain (schemas.classes or a domain module), or {} if none is known."""
-    import importlib
+    """The class table of a domain as {id: name}, or {} if none is known."""
+    from schemas.classes import class_table
 
-    from schemas.classes import ClassTable
-
-    for mod in ("schemas.classes", f"schemas.{domain}", "schemas.surface"):
-        try:
-            m = importlib.import_module(mod)
-        except ImportError:
-            continue
-        for v in vars(m).values():
-            if isinstance(v, ClassTable) and v.domain == domain:
-                return dict(v.names)
-    return {}
+    try:
+        return dict(class_table(domain).names)
+    except KeyError:
+        return {}
 
 
 def parquet_bytes(table: pa.Table) -> bytes:
