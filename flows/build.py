@@ -27,6 +27,7 @@ from prefect.futures import as_completed
 from prefect.tasks import exponential_backoff
 
 from flows.card import card
+from flows.card import warm_up as card_warm_up
 from flows.pipeline import make_samples
 from schemas.errors import SpecError
 from schemas.plan import plan_shards
@@ -225,6 +226,8 @@ def build_dataset(spec: Any, root: str | None = None) -> dict[str, Any]:
         return t.submit(model, staging, i, r.start, r.stop, len(shards), scope)
 
     futures = {submit(i, r): i for i, r in enumerate(shards)}
+    # While workers generate shards, this process waits: load the card's plotting stack now, off the publish path.
+    threading.Thread(target=card_warm_up, name="card-imports", daemon=True).start()
     results: dict[int, dict] = {}
     for fut in as_completed(list(futures)):
         res = dict(fut.result())

@@ -53,6 +53,11 @@ def _pyplot():
     return plt
 
 
+def warm_up() -> None:
+    """Import matplotlib ahead of time (about 1 s here), so the card costs no import on the publish path."""
+    _pyplot()
+
+
 def _png(fig, palette: list[tuple[int, int, int]] | None = None) -> bytes:
     """PNG bytes of a figure; sample grids are mapped onto a fixed palette to keep them a few tens of KB."""
     buf = io.BytesIO()
