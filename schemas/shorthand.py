@@ -12,6 +12,7 @@ from pydantic import ValidationError
 from schemas.errors import SpecError
 from schemas.findings import NoduleFinding
 from schemas.units import ACCEPTED_UNITS, UNITS_TO_MM
+from schemas.wording import collect, one_of, take
 
 ACCEPTED_LOBES = ("RUL/right upper lobe, RML/right middle lobe, RLL/right lower lobe, "
                   "LUL/left upper lobe (lingula), LLL/left lower lobe, any lobe")
@@ -52,11 +53,6 @@ _MARGIN_WORDS = [
 _JUXTA = re.compile(r"\bjuxta[\s-]?pleural\b|\bpleural[\s-]based\b|\bsubpleural\b")
 
 
-def _take(text: str, pattern: re.Pattern) -> tuple[list[str], str]:
-    found = [m.group(0) for m in pattern.finditer(text)]
-    return found, pattern.sub(" ", text)
-
-
 def parse_finding(text: str) -> NoduleFinding:
     """Parse one shorthand finding; raise SpecError naming the offending words on anything unclear."""
     if text is None or not str(text).strip():
@@ -69,32 +65,17 @@ def parse_finding(text: str) -> NoduleFinding:
     if pat.search(t):
         raise SpecError(f"{why} in {original!r}; accepted lobes: {ACCEPTED_LOBES}")
 
-    def collect(table):
-        nonlocal t
-        hits: list[tuple[str, str]] = []
-        for pat, value in table:
-            words, t = _take(t, pat)
-            hits += [(w, value) for w in words]
-        return hits
-
-    lobes = collect(_LOBE_WORDS)
+    lobes, t = collect(t, _LOBE_WORDS)
     for pat, why in _BAD_LOBES[1:]:  # ambiguous phrases left after the exact lobe names were taken out
         if pat.search(t):
             raise SpecError(f"{why} in {original!r}; accepted lobes: {ACCEPTED_LOBES}")
-    kinds = collect(_KIND_WORDS)
-    margins = collect(_MARGIN_WORDS)
-    juxta, t = _take(t, _JUXTA)
+    kinds, t = collect(t, _KIND_WORDS)
+    margins, t = collect(t, _MARGIN_WORDS)
+    juxta, t = take(t, _JUXTA)
 
-    def single(hits, what, accepted):
-        values = {v for _, v in hits}
-        if len(values) > 1:
-            words = " and ".join(repr(w) for w, _ in hits)
-            raise SpecError(f"contradictory {what} {words} in {original!r}; give one of: {accepted}")
-        return values.pop() if values else None
-
-    location = single(lobes, "locations", ACCEPTED_LOBES) or "any"
-    kind = single(kinds, "kinds", ACCEPTED_KINDS) or "solid"
-    margin = single(margins, "margins", ACCEPTED_MARGINS) or "smooth"
+    location = one_of(lobes, "locations", ACCEPTED_LOBES, original) or "any"
+    kind = one_of(kinds, "kinds", ACCEPTED_KINDS, original) or "solid"
+    margin = one_of(margins, "margins", ACCEPTED_MARGINS, original) or "smooth"
 
     neg = re.search(r"(?:^|[^\d.\s])\s*(-\s*\d[\w.]*)", t)
     if neg:

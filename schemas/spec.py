@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from schemas.errors import SpecError
 from schemas.findings import LOBE_LEVELS, MAX_DIAMETER_MM, NoduleFinding
 from schemas.units import MmRange, UnitRange
+from schemas.wording import expand_mixture
 
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 _CRON_FIELD = re.compile(r"^(\*|\d+(-\d+)?)(/\d+)?(,(\*|\d+(-\d+)?)(/\d+)?)*$|^[A-Za-z]{3}$")
@@ -73,20 +74,7 @@ class CTFindings(BaseModel):
     def _shorthand(cls, v):
         from schemas.shorthand import parse_finding
 
-        if not isinstance(v, list):
-            raise ValueError("findings.mixture must be a list of findings")
-        out = []
-        for item in v:
-            if isinstance(item, str):
-                out.append(parse_finding(item).model_dump())
-            elif isinstance(item, dict) and "text" in item:
-                extra = {k: w for k, w in item.items() if k != "text"}
-                f = parse_finding(item["text"]).model_dump()
-                f.update(extra)
-                out.append(f)
-            else:
-                out.append(item)
-        return out
+        return expand_mixture(v, lambda text: parse_finding(text).model_dump(), "findings.mixture", "findings")
 
     @model_validator(mode="after")
     def _mixture_needed(self) -> "CTFindings":

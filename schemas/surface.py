@@ -18,6 +18,7 @@ from schemas.plan import PLANNERS, draw_split, sample_id, uniform
 from schemas.sample import SampleRequest
 from schemas.spec import SPEC_MODELS, BaseSpec, QCSpec
 from schemas.units import MmRange, UnitRange
+from schemas.wording import expand_mixture
 
 SURFACE_CLASSES = ClassTable(
     domain="surface",
@@ -186,20 +187,8 @@ class SurfaceDefects(BaseModel):
     def _shorthand(cls, v):
         from schemas.surface_shorthand import parse_defect_text
 
-        if not isinstance(v, list):
-            raise ValueError("defects.mixture must be a list of defects")
-        out = []
-        for item in v:
-            if isinstance(item, str) or (isinstance(item, dict) and "text" in item):
-                text = item if isinstance(item, str) else item["text"]
-                d, _ = parse_defect_text(text)  # the material is taken by SurfaceSpec
-                f = d.model_dump()
-                if isinstance(item, dict):
-                    f.update({k: w for k, w in item.items() if k != "text"})
-                out.append(f)
-            else:
-                out.append(item)
-        return out
+        # The material a text names is taken by SurfaceSpec._material_from_shorthand.
+        return expand_mixture(v, lambda text: parse_defect_text(text)[0].model_dump(), "defects.mixture", "defects")
 
     @model_validator(mode="after")
     def _needed(self) -> "SurfaceDefects":

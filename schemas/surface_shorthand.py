@@ -13,6 +13,8 @@ from pydantic import ValidationError
 
 from schemas.errors import SpecError
 from schemas.units import ACCEPTED_UNITS, UNITS_TO_MM
+from schemas.wording import collect as collect_words
+from schemas.wording import one_of
 
 ACCEPTED_KINDS = ("scratch, crack, dent, pit, stain, hole, particle (contamination, debris), "
                   "missing material (chipped edge, chip)")
@@ -76,11 +78,6 @@ _QUALIFIERS = {"long": "length_mm", "length": "length_mm", "wide": "width_mm", "
 _LINEAR = ("scratch", "crack", "missing_material")
 
 
-def _take(text: str, pattern: re.Pattern) -> tuple[list[re.Match], str]:
-    found = list(pattern.finditer(text))
-    return found, pattern.sub(" ", text)
-
-
 def parse_defect_text(text: str):
     """Parse one shorthand defect -> (SurfaceDefect, material or None). SpecError on anything unclear."""
     from schemas.surface import SurfaceDefect
@@ -99,18 +96,11 @@ def parse_defect_text(text: str):
 
     def collect(table):
         nonlocal t
-        hits = []
-        for pat, value in table:
-            ms, t = _take(t, pat)
-            hits += [(mm.group(0).strip(), value) for mm in ms]
+        hits, t = collect_words(t, table)
         return hits
 
     def single(hits, what, accepted):
-        values = {v for _, v in hits}
-        if len(values) > 1:
-            words = " and ".join(repr(w) for w, _ in hits)
-            raise SpecError(f"contradictory {what} {words} in {original!r}; give one of: {accepted}")
-        return values.pop() if values else None
+        return one_of(hits, what, accepted, original)
 
     kind = single(collect(_KIND_WORDS), "defect kinds", ACCEPTED_KINDS)
     locs = collect(_LOCATION_WORDS)
