@@ -12,10 +12,10 @@ import cv2
 import numpy as np
 
 from annotators import Annotation, check, register_annotator
-from schemas.classes import CT_CLASSES, LOBES
+from schemas.classes import CT_IDS, LOBES
 from schemas.sample import Layout, SampleRequest
 
-C = {name: k for k, name in CT_CLASSES.names.items()}
+C = CT_IDS
 LOBE_BY_ID = {v: k for k, v in LOBES.items()}
 LUNG_IDS = list(LOBES.values())
 

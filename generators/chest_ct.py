@@ -14,12 +14,12 @@ import cv2
 import numpy as np
 
 from generators.base import register_layout
-from schemas.classes import CT_CLASSES, LOBES
+from schemas.classes import CT_IDS, LOBES
 from schemas.errors import PlacementError
 from schemas.findings import LOBE_LEVELS
 from schemas.sample import Layout, SampleRequest
 
-C = {name: k for k, name in CT_CLASSES.names.items()}
+C = CT_IDS
 SHIFT = 4  # cv2 sub-pixel bits
 SCALE = 1 << SHIFT
 

@@ -12,10 +12,10 @@ import cv2
 import numpy as np
 
 from generators.base import Renderer, register_renderer
-from schemas.classes import CT_CLASSES
+from schemas.classes import CT_IDS
 from schemas.sample import Layout
 
-C = {name: k for k, name in CT_CLASSES.names.items()}
+C = CT_IDS
 
 # Published HU ranges (../shared/docs/DOMAIN.md); each sample draws its own value inside the range.
 HU_RANGES: dict[str, tuple[float, float]] = {

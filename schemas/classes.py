@@ -59,6 +59,8 @@ CT_CLASSES = ClassTable(
     },
 )
 
+CT_IDS: dict[str, int] = {name: k for k, name in CT_CLASSES.names.items()}  # class name -> label id
+
 LOBES: dict[str, int] = {"RUL": 12, "RML": 13, "RLL": 14, "LUL": 15, "LLL": 16}
 LOBE_NAMES: dict[str, str] = {
     "RUL": "right upper lobe", "RML": "right middle lobe", "RLL": "right lower lobe",
