@@ -6,19 +6,27 @@ The same work everywhere: for every planned shard, ``flows.pipeline.make_samples
 into a fresh root, so nothing is reused. The bare loop runs shards one after another (``--workers 1``) or in a
 ``concurrent.futures.ProcessPoolExecutor`` with the same number of worker processes as the flow's runner.
 
-Flow timings start at the flow call with the Prefect API already up (a long-lived API, as with a server or
-``pairforge serve``); the one-off start of the embedded ephemeral API is measured and reported separately.
+Two ways to time it:
 
-    python bench/bench_flow.py --samples 2000 --workers 2 --out bench/results_flow.json
+* end to end, as commands (``cli_build``, ``cli_bare``): ``pairforge build SPEC`` on the embedded defaults (it starts
+  its own local Prefect API) against a bare-loop script (``bench_flow.py --bare-run``), each timed from process
+  launch to exit, imports, API start and interpreter exit included. This is "the full flow vs a bare loop".
+* in process (``flow_*``, ``dask*``, ``bare_*``): from the flow call to its return with the Prefect API already up
+  (a long-lived API, as with a server or ``pairforge serve``), to see where the time goes (phases).
+
+    python bench/bench_flow.py --samples 2000 --only cli_bare,cli_build --repeat 2 --out results.json
+    python bench/bench_flow.py --samples 2000 --only dask2,dask1 --repeat 2 --out results.json
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import concurrent.futures as cf
 import json
 import os
 import platform
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -32,13 +40,15 @@ settings.silence_shutdown_noise()
 
 import yaml  # noqa: E402
 
-from flows import build as fb  # noqa: E402
 from flows.card import card  # noqa: E402
+from flows.inputs import code_version, resolve_spec  # noqa: E402  (no Prefect import: the bare loop stays bare)
 from flows.pipeline import make_samples  # noqa: E402
 from schemas.plan import plan_shards  # noqa: E402
 from schemas.spec import spec_hash  # noqa: E402
 
-EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "chest_ct_nodules.yaml"
+REPO = Path(__file__).resolve().parent.parent
+EXAMPLE = REPO / "examples" / "chest_ct_nodules.yaml"
+PAIRFORGE = str(Path(sys.executable).with_name("pairforge"))
 
 
 def bench_spec_text(samples: int, size: int, shard_size: int) -> str:
@@ -59,8 +69,8 @@ def bare_loop(spec_text: str, root: str, workers: int) -> dict:
     from store import DatasetStore
 
     t0 = time.perf_counter()
-    spec, text = fb.resolve_spec(spec_text)
-    staging = DatasetStore(root).open_build(spec, text, spec_hash(spec), fb.code_version())
+    spec, text = resolve_spec(spec_text)
+    staging = DatasetStore(root).open_build(spec, text, spec_hash(spec), code_version())
     shards = plan_shards(spec.samples, spec.shard_size)
     args = [(spec, staging, i, r.start, r.stop) for i, r in enumerate(shards)]
     if workers == 1:
@@ -79,6 +89,37 @@ def bare_loop(spec_text: str, root: str, workers: int) -> dict:
                                                              "publish": t_end - t_shards}}
 
 
+def _bench_prefect_home() -> str:
+    """A PREFECT_HOME kept between bench runs for the CLI runs (its database is migrated once, as on a user's
+    machine); not the user's own ~/.prefect."""
+    home = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "pairforge-bench-prefect"
+    home.mkdir(parents=True, exist_ok=True)
+    return str(home)
+
+
+def _command_env() -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    env["PREFECT_HOME"] = _bench_prefect_home()
+    env["PYTHONPATH"] = str(REPO)
+    return env
+
+
+def cli_run(argv: list[str], spec_text: str, root: str) -> dict:
+    """One command, timed from launch to exit; ``{spec}``/``{root}`` in argv are filled in."""
+    spec_file = Path(root) / "bench-spec.yaml"
+    spec_file.write_text(spec_text)
+    data_root = str(Path(root) / "data")
+    argv = [a.format(spec=spec_file, root=data_root) for a in argv]
+    t0 = time.perf_counter()
+    p = subprocess.run(argv, env=_command_env(), cwd=str(REPO), capture_output=True, text=True)
+    seconds = time.perf_counter() - t0
+    if p.returncode != 0:
+        raise RuntimeError(f"{' '.join(argv)} exited {p.returncode}: {p.stderr.strip()[-2000:]}")
+    n = int(json.loads(p.stdout.strip().splitlines()[-1])["samples"]) if "--bare-run" in argv else \
+        int(next(ln for ln in p.stdout.splitlines() if ln.startswith("samples:")).split()[1])
+    return {"samples": n, "seconds": seconds, "phases": {"start": 0.0, "shards": seconds, "publish": 0.0}}
+
+
 def flow_run(spec_text: str, root: str, runner: str, workers: int) -> dict:
     """The flow as `pairforge build` runs it. Phases from the flow's own events: start (task runner and cluster
     start, open the staging area), shards (first submit to last shard done), publish (samples.parquet, card)."""
@@ -90,6 +131,8 @@ def flow_run(spec_text: str, root: str, runner: str, workers: int) -> dict:
             marks["plan"] = now
         elif ev["event"] == "shard":
             marks["last_shard"] = now
+
+    from flows import build as fb
 
     t0 = time.perf_counter()
     with fb.reporting_to(on_event):
@@ -104,14 +147,19 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--samples", type=int, default=2000)
     ap.add_argument("--size", type=int, default=512)
-    ap.add_argument("--shard-size", type=int, default=40)
+    ap.add_argument("--shard-size", type=int, default=100)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--only", default="bare_par,flow_local,flow_processes,dask2,dask1,bare_seq,flow_seq",
                     help="comma list of: bare_seq, bare_par, flow_local (the default runner), flow_processes, flow_threads, "
                          "flow_seq (default runner, 1 worker), dask1, dask2")
     ap.add_argument("--repeat", type=int, default=1, help="run the whole list this many times; ratios use medians")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
+    ap.add_argument("--bare-run", nargs=2, metavar=("SPEC", "ROOT"), help=argparse.SUPPRESS)
     a = ap.parse_args()
+    if a.bare_run:  # the bare loop as a command of its own (cli_bare): build SPEC into ROOT, print a JSON line
+        r = bare_loop(Path(a.bare_run[0]).read_text(), a.bare_run[1], a.workers)
+        print(json.dumps(r))
+        return
 
     text = bench_spec_text(a.samples, a.size, a.shard_size)
     runs = {
@@ -123,17 +171,30 @@ def main() -> None:
         "flow_threads": lambda root: flow_run(text, root, "threads", a.workers),
         "dask1": lambda root: flow_run(text, root, "dask", 1),
         "dask2": lambda root: flow_run(text, root, "dask", a.workers),
+        "cli_build": lambda root: cli_run([PAIRFORGE, "build", "{spec}", "--root", "{root}", "--workers",
+                                           str(a.workers)], text, root),
+        "cli_bare": lambda root: cli_run([sys.executable, str(Path(__file__).resolve()), "--bare-run", "{spec}",
+                                          "{root}", "--workers", str(a.workers)], text, root),
     }
     results: dict = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
                                  "processor": platform.processor() or platform.machine(),
                                  "python": platform.python_version()},
                      "samples": a.samples, "size": a.size, "shard_size": a.shard_size, "workers": a.workers,
                      "command": " ".join(["python"] + sys.argv), "runs": {}}
+    names = a.only.split(",")
+    unknown = sorted(set(names) - set(runs))
+    if unknown:
+        ap.error(f"unknown configuration(s) {', '.join(unknown)}; accepted: {', '.join(runs)}")
+    if any(n.startswith("cli_") for n in names):
+        # Migrate the bench PREFECT_HOME's database once, untimed (a user's ~/.prefect is migrated already).
+        warm = tempfile.mkdtemp(prefix="pf-bench-warm-")
+        cli_run([PAIRFORGE, "build", "{spec}", "--root", "{root}"], bench_spec_text(4, 512, 4), warm)
+        shutil.rmtree(warm, ignore_errors=True)
     t0 = time.perf_counter()
-    with settings.prefect_api() as api:
-        results["api_start_seconds"] = time.perf_counter() - t0
+    in_process = any(not n.startswith("cli_") for n in names)
+    with (settings.prefect_api() if in_process else contextlib.nullcontext("none")) as api:
+        results["api_start_seconds"] = time.perf_counter() - t0 if in_process else None
         results["api"] = "ephemeral" if "127.0.0.1" in api else api
-        names = a.only.split(",")
         for rep in range(a.repeat):
             # Repetitions alternate the order so slow drifts in machine load hit every configuration alike.
             for name in (names if rep % 2 == 0 else names[::-1]):
@@ -173,12 +234,15 @@ def main() -> None:
         ratios["flow_threads / bare_par"] = R["flow_threads"]["samples_per_s"] / R["bare_par"]["samples_per_s"]
     if "flow_seq" in R and "bare_seq" in R:
         ratios["flow_seq / bare_seq"] = R["flow_seq"]["samples_per_s"] / R["bare_seq"]["samples_per_s"]
+    if "cli_build" in R and "cli_bare" in R:
+        ratios["cli_build / cli_bare (end to end)"] = R["cli_build"]["samples_per_s"] / R["cli_bare"]["samples_per_s"]
     if "dask1" in R and "dask2" in R:
         ratios["dask2 / dask1"] = R["dask2"]["samples_per_s"] / R["dask1"]["samples_per_s"]
         ratios["dask2 / dask1, shard phase only"] = (R["dask2"]["shard_phase_samples_per_s"]
                                                      / R["dask1"]["shard_phase_samples_per_s"])
     results["ratios"] = ratios
-    print(f"API start {results['api_start_seconds']:.1f} s")
+    if results["api_start_seconds"] is not None:
+        print(f"API start {results['api_start_seconds']:.1f} s")
     for k, v in ratios.items():
         print(f"{k:45s} {v:.3f}")
     if a.out:

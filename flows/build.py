@@ -12,15 +12,11 @@ from flows import settings  # noqa: F401  (Prefect defaults before prefect is im
 import contextlib
 import contextvars
 import datetime as dt
-import functools
-import hashlib
 import os
 import threading
 import time
-from pathlib import Path
 from typing import Any, Callable, Iterator
 
-import yaml
 from prefect import flow, task
 from prefect.cache_policies import Inputs
 from prefect.futures import as_completed
@@ -31,11 +27,8 @@ from flows.card import warm_up as card_warm_up
 from flows.pipeline import make_samples
 from schemas.errors import SpecError
 from schemas.plan import plan_shards
-from schemas.spec import BaseSpec, load_spec, load_spec_text, spec_hash, validate_spec
-
-# Source that decides the bytes of a dataset; a change to any of it is a new code version (no resuming across).
-_CODE_PACKAGES = ("schemas", "generators", "annotators", "store")
-_CODE_MODULES = ("flows/pipeline.py",)
+from flows.inputs import check_root_writable, code_version, resolve_spec  # noqa: F401  (re-exported)
+from schemas.spec import BaseSpec, spec_hash
 
 # Errors worth another try: storage and network hiccups. Bad input (SpecError) and bugs are not retried.
 TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (OSError, ConnectionError, TimeoutError)
@@ -58,51 +51,6 @@ def _emit(event: str, **data: Any) -> None:
     fn = _progress.get()
     if fn is not None:
         fn({"event": event, **data})
-
-
-@functools.lru_cache(maxsize=1)
-def code_version() -> str:
-    """``pairforge <version>+src.<hash>``: the package version plus a digest of every source file that shapes
-    the data (generators, annotators, store, schemas, the sample pipeline)."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        pkg = version("pairforge")
-    except PackageNotFoundError:
-        pkg = "0+unknown"
-    h = hashlib.sha256()
-    repo = Path(__file__).resolve().parent.parent
-    files: list[Path] = []
-    for pkg_dir in _CODE_PACKAGES:
-        files += sorted((repo / pkg_dir).rglob("*.py"))
-    files += [repo / m for m in _CODE_MODULES]
-    for f in files:
-        if f.is_file() and "__pycache__" not in f.parts:
-            h.update(str(f.relative_to(repo)).encode())
-            h.update(f.read_bytes())
-    return f"{pkg}+src.{h.hexdigest()[:12]}"
-
-
-def resolve_spec(spec: Any) -> tuple[BaseSpec, str]:
-    """A validated spec and its text, from a path, YAML/JSON text, a mapping or a spec model. SpecError otherwise."""
-    if isinstance(spec, BaseSpec):
-        return spec, yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False)
-    if isinstance(spec, dict):
-        return validate_spec(spec), yaml.safe_dump(spec, sort_keys=False)
-    if isinstance(spec, Path) or (isinstance(spec, str) and "\n" not in spec and (
-            spec.endswith((".yaml", ".yml", ".json")) or os.path.exists(spec))):
-        model = load_spec(spec)
-        return model, Path(spec).read_text(encoding="utf-8")
-    if isinstance(spec, str):
-        return load_spec_text(spec), spec
-    raise SpecError(f"a spec must be a file path, YAML text or a mapping, not {type(spec).__name__}")
-
-
-def check_root_writable(root: str | None) -> None:
-    """Fail fast, before any orchestration, when the dataset root cannot be written (one StoreError line)."""
-    from store.root import ensure_writable, resolve_root
-
-    ensure_writable(resolve_root(root))
 
 
 def _is_transient(task, task_run, state) -> bool:
@@ -261,9 +209,15 @@ def build_dataset(spec: Any, root: str | None = None) -> dict[str, Any]:
 
 
 def run_build(spec: Any, root: str | None = None, runner: str = "local", workers: int | None = None,
-              dask_address: str | None = None) -> dict[str, Any]:
-    """Run ``build_dataset`` with the chosen task runner (see flows.runners)."""
+              dask_address: str | None = None, task_runner: Any = None) -> dict[str, Any]:
+    """Run ``build_dataset`` with the chosen task runner (see flows.runners), or with ``task_runner`` as given
+    (e.g. a process pool whose workers were started while the API server started)."""
     from flows.runners import make_task_runner
 
-    tr = make_task_runner(runner, workers, dask_address)
-    return build_dataset.with_options(task_runner=tr)(spec, root=root)
+    tr = task_runner if task_runner is not None else make_task_runner(runner, workers, dask_address)
+    try:
+        return build_dataset.with_options(task_runner=tr)(spec, root=root)
+    finally:
+        close = getattr(tr, "close_prestarted", None)
+        if close is not None:  # workers started for a run that never took them (e.g. it failed to start)
+            close()

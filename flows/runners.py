@@ -8,6 +8,7 @@ win on small builds (a few hundred samples): ``--runner threads``.
 from __future__ import annotations
 
 import os
+import sys
 
 from schemas.errors import SpecError
 
@@ -19,8 +20,119 @@ def default_workers() -> int:
     return max(1, os.cpu_count() or 1)
 
 
-def make_task_runner(kind: str = "local", workers: int | None = None, dask_address: str | None = None):
-    """A Prefect task runner for ``kind``. ``dask_address`` (tcp://host:port) implies Dask on that cluster."""
+def init_pool_worker() -> None:
+    """A process-pool worker's initializer: die with the build (a SIGKILLed ``pairforge build`` leaves no workers
+    behind; they hold nothing a resumed build needs) and import what a shard task needs."""
+    import signal
+
+    from flows.settings import die_with_parent
+
+    die_with_parent(signal.SIGKILL)
+    import_shard_modules()
+
+
+def import_shard_modules() -> None:
+    """What a worker process needs to run a shard task."""
+    import annotators  # noqa: F401
+    import flows.build  # noqa: F401  (Prefect, the task, the pipeline)
+    import generators  # noqa: F401
+    import store  # noqa: F401
+
+
+def _cuda_initialized() -> bool:
+    """A process that has initialised CUDA cannot hand it to forked children: those pools are spawned."""
+    torch = sys.modules.get("torch")
+    try:
+        return bool(torch is not None and torch.cuda.is_initialized())
+    except Exception:
+        return True
+
+
+def _warm_up_worker() -> int:
+    return os.getpid()
+
+
+def _process_pool_class():
+    """``WarmProcessPoolTaskRunner``, built on first use so that importing this module does not import Prefect."""
+    global _WarmPool
+    if _WarmPool is not None:
+        return _WarmPool
+    import multiprocessing
+    import threading
+    from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+
+    from prefect.task_runners import ProcessPoolTaskRunner, TaskRunner, _initialize_process_pool_worker
+
+    class WarmProcessPoolTaskRunner(ProcessPoolTaskRunner):
+        """Prefect's process pool whose workers can be started before the flow run: ``prestart()`` spawns them and
+        runs their imports (Prefect and the generator stack, ~1.5 s of CPU each) while something else waits, e.g.
+        the local API server starting. Without ``prestart()`` it is Prefect's ProcessPoolTaskRunner, with
+        ``init_pool_worker`` as each worker's initializer."""
+
+        def __init__(self, max_workers: int | None = None):
+            super().__init__(max_workers=max_workers, initializer=init_pool_worker)
+            self._prestarted = None
+
+        def prestart(self) -> "WarmProcessPoolTaskRunner":
+            if self._prestarted is None:
+                import_shard_modules()
+                # Forked workers start with every module already imported (no ~1.5 s of imports each). Only where
+                # fork is sound: Linux, and no other thread in this process that could hold a lock across the fork.
+                # Otherwise spawn, as Prefect's own pool does.
+                method = os.environ.get("PAIRFORGE_POOL_START") or (
+                    "fork" if sys.platform.startswith("linux") and threading.active_count() == 1
+                    and not _cuda_initialized() else "spawn")
+                if method not in ("fork", "spawn", "forkserver"):
+                    raise SpecError(f"PAIRFORGE_POOL_START={method!r}; accepted: fork, spawn, forkserver")
+                ctx = multiprocessing.get_context(method)
+                queue = ctx.Queue()
+                executor = ProcessPoolExecutor(
+                    max_workers=self._max_workers, mp_context=ctx,
+                    initializer=_initialize_process_pool_worker, initargs=(queue, init_pool_worker, ()))
+                self.start_method = method
+                # Each submit spawns a worker while none is idle: one job per worker starts them all now.
+                for _ in range(self._max_workers):
+                    executor.submit(_warm_up_worker)
+                self._prestarted = (queue, executor)
+            return self
+
+        def duplicate(self) -> "WarmProcessPoolTaskRunner":
+            # The flow engine runs a duplicate of the flow's runner: hand the started workers over to it.
+            dup = super().duplicate()
+            dup._prestarted, self._prestarted = self._prestarted, None
+            return dup
+
+        def __enter__(self):
+            if self._prestarted is None:
+                return super().__enter__()
+            TaskRunner.__enter__(self)
+            queue, executor = self._prestarted
+            self._prestarted = None
+            self._subprocess_message_queue = queue
+            self._message_forwarding_thread = threading.Thread(
+                target=self._forward_subprocess_messages, name="ProcessPoolTaskRunnerMessageForwarder", daemon=True)
+            self._message_forwarding_thread.start()
+            self._executor = executor
+            self._resolver_executor = ThreadPoolExecutor(max_workers=self._max_workers)
+            return self
+
+        def close_prestarted(self) -> None:
+            """Stop workers that were started but never used by a flow run."""
+            if self._prestarted is not None:
+                queue, executor = self._prestarted
+                self._prestarted = None
+                executor.shutdown(wait=True, cancel_futures=True)
+                queue.close()
+
+    _WarmPool = WarmProcessPoolTaskRunner
+    return _WarmPool
+
+
+_WarmPool = None
+
+
+def check_runner(kind: str = "local", workers: int | None = None, dask_address: str | None = None) -> str:
+    """The runner kind these options name (``local`` resolved); SpecError for a bad combination. Imports nothing."""
     if dask_address and kind in ("local", "dask"):
         kind = "dask"
     elif dask_address:
@@ -29,24 +141,26 @@ def make_task_runner(kind: str = "local", workers: int | None = None, dask_addre
         raise SpecError(f"unknown runner {kind!r}; accepted: {', '.join(RUNNERS)}")
     if workers is not None and workers < 1:
         raise SpecError(f"--workers must be at least 1, not {workers}")
+    if dask_address and not dask_address.startswith(("tcp://", "tls://", "ucx://", "inproc://")):
+        raise SpecError(f"--dask-address {dask_address!r} is not a scheduler address like tcp://host:8786")
+    return DEFAULT_LOCAL if kind == "local" else kind
+
+
+def make_task_runner(kind: str = "local", workers: int | None = None, dask_address: str | None = None):
+    """A Prefect task runner for ``kind``. ``dask_address`` (tcp://host:port) implies Dask on that cluster."""
+    kind = check_runner(kind, workers, dask_address)
     n = workers or default_workers()
-    if kind == "local":
-        kind = DEFAULT_LOCAL
     if kind == "threads":
         from prefect.task_runners import ThreadPoolTaskRunner
 
         return ThreadPoolTaskRunner(max_workers=n)
     if kind == "processes":
-        from prefect.task_runners import ProcessPoolTaskRunner
-
-        return ProcessPoolTaskRunner(max_workers=n)
+        return _process_pool_class()(max_workers=n)
     try:
         from prefect_dask import DaskTaskRunner
     except ImportError as e:  # pragma: no cover - prefect-dask is a declared dependency
         raise SpecError(f"--runner dask needs prefect-dask installed ({e})") from None
     if dask_address:
-        if not dask_address.startswith(("tcp://", "tls://", "ucx://", "inproc://")):
-            raise SpecError(f"--dask-address {dask_address!r} is not a scheduler address like tcp://host:8786")
         return DaskTaskRunner(address=dask_address)
     # Dask's nanny sets MALLOC_TRIM_THRESHOLD_=65536 in its workers, so every large numpy temporary becomes a fresh
     # mmap; measured here that makes a 512x512 sample ~45 % slower (47 -> 68 ms). Shards hold no memory between

@@ -22,7 +22,8 @@ def deployments_for(spec_paths: list[str], root: str | None = None, runner: str 
                     workers: int | None = None, dask_address: str | None = None) -> list[tuple[Any, str, str | None]]:
     """(RunnerDeployment, dataset name, cron) per spec. Every spec is validated before anything is served;
     two specs for the same dataset name are an error (their deployments would collide)."""
-    from flows.build import build_dataset, check_root_writable, resolve_spec
+    from flows.build import build_dataset
+    from flows.inputs import check_root_writable, resolve_spec
     from flows.pipeline import backend_for
     from flows.runners import make_task_runner
 

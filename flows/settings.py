@@ -10,8 +10,9 @@ import logging
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 # Defaults applied before Prefect is imported anywhere in the process.
 PREFECT_DEFAULTS = {
@@ -64,65 +65,166 @@ def api_url() -> str | None:
     return PREFECT_API_URL.value() or None
 
 
-@contextlib.contextmanager
-def prefect_api(verbose: bool = False, services: bool = False) -> Iterator[str]:
-    """Yield the API URL flows report to. With no ``PREFECT_API_URL``, start one local server (SQLite under
-    ``PREFECT_HOME``) for this process and its workers; process pools and Dask workers inherit its URL, so every
-    task run lands in the same database instead of each worker starting its own server.
-
-    ``services=False`` starts it the way Prefect's ephemeral mode does (no background services: fastest start,
-    enough for a build). ``pairforge serve`` needs ``services=True``: the scheduler service is what turns a
-    deployment's cron into scheduled runs, and ephemeral mode does not run it.
-    """
-    url = api_url()
-    if url:
-        yield url
+def die_with_parent(sig: int | None = None) -> None:
+    """Linux: ask the kernel to send ``sig`` (default SIGTERM) to this process when the process (thread) that
+    started it dies, even by SIGKILL, so nothing pairforge starts outlives it. Elsewhere a no-op."""
+    if not sys.platform.startswith("linux"):
         return
-    from prefect.server.api.server import SubprocessASGIServer
-    from prefect.settings import PREFECT_API_URL, PREFECT_HOME, temporary_settings
+    with contextlib.suppress(Exception):
+        import ctypes
+        import signal
 
-    log_path = Path(PREFECT_HOME.value()) / "local-server.log"
-    log_path.parent.mkdir(parents=True, exist_ok=True)
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, int(sig or signal.SIGTERM))  # PR_SET_PDEATHSIG
 
-    class _LocalServer(SubprocessASGIServer):
-        """Prefect's own server command; output to a log file unless --verbose, services on request."""
 
-        def _run_uvicorn_command(self) -> subprocess.Popen:
+class LocalServer:
+    """Prefect's own API server (``uvicorn prefect.server.api.server:create_app``) on a free local port, SQLite under
+    ``PREFECT_HOME``: what Prefect's ephemeral mode runs, started without importing Prefect's server package here.
+
+    That import costs ~2 s in the calling process and ephemeral mode does it before launching the server, which
+    then imports the same modules again (~3 s). ``start()`` only launches the process; the caller does its own
+    imports while the server starts, and ``wait()`` blocks until ``/api/health`` answers.
+    ``services=True`` runs Prefect's background services (the scheduler turns a deployment's cron into runs).
+    """
+
+    def __init__(self, verbose: bool = False, services: bool = False, log_path: Path | None = None):
+        self.verbose, self.services, self.log_path = verbose, services, log_path
+        self.port: int | None = None
+        self.process: subprocess.Popen | None = None
+        self._log = None
+
+    @property
+    def api_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/api"
+
+    @staticmethod
+    def _free_port() -> int:
+        import socket
+
+        with contextlib.closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as s:
+            s.bind(("127.0.0.1", 0))
+            return s.getsockname()[1]
+
+    def start(self) -> "LocalServer":
+        self.port = self._free_port()
+        env = {**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_FINAL": "1"}
+        if "prefect.settings" in sys.modules:  # settings set in this process (profiles, temporary_settings) carry over
             from prefect.settings import get_current_settings
 
-            env = {**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_FINAL": "1",
-                   **get_current_settings().to_environment_variables(exclude_unset=True)}
-            if not services:
-                env["PREFECT__SERVER_EPHEMERAL"] = "1"
-            out = None if verbose else open(log_path, "ab")
-            # No --app-dir (Prefect passes its site-packages, which would shadow PYTHONPATH): the server imports
-            # exactly what this process imports.
-            return subprocess.Popen(
-                [sys.executable, "-m", "uvicorn", "--factory", "prefect.server.api.server:create_app",
-                 "--host", "127.0.0.1", "--port", str(self.port), "--log-level", "error", "--lifespan", "on"],
-                env=env, stdout=out, stderr=out)
-
-    prior = SubprocessASGIServer._instances.get(None)
-    server = _LocalServer(port=None)
-    # Registered as the default instance so Prefect's internals reuse it rather than spawning another.
-    SubprocessASGIServer._instances[None] = server
-    if not verbose:
-        logging.getLogger("prefect.server.api.server").setLevel(logging.WARNING)
-    server.start()
-    old_env = os.environ.get("PREFECT_API_URL")
-    os.environ["PREFECT_API_URL"] = server.api_url
-    try:
-        with temporary_settings(updates={PREFECT_API_URL: server.api_url}):
-            yield server.api_url
-    finally:
-        _drain_prefect_workers()
-        if old_env is None:
-            os.environ.pop("PREFECT_API_URL", None)
+            env.update(get_current_settings().to_environment_variables(exclude_unset=True))
+        env.pop("PREFECT_API_URL", None)
+        if not self.services:
+            env["PREFECT__SERVER_EPHEMERAL"] = "1"
+        if self.verbose or self.log_path is None:
+            out = None
         else:
-            os.environ["PREFECT_API_URL"] = old_env
+            self.log_path.parent.mkdir(parents=True, exist_ok=True)
+            out = self._log = open(self.log_path, "ab")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "uvicorn", "--factory", "prefect.server.api.server:create_app", "--host",
+             "127.0.0.1", "--port", str(self.port), "--log-level", "error", "--lifespan", "on"],
+            env=env, stdout=out, stderr=out, stdin=subprocess.DEVNULL,
+            preexec_fn=die_with_parent if sys.platform.startswith("linux") else None)
+        return self
+
+    def wait(self, timeout: float | None = None) -> str:
+        """Block until the API answers; restart on another port if this one was taken meanwhile."""
+        import urllib.error
+        import urllib.request
+
+        limit = float(timeout or os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS") or 120)
+        deadline = time.monotonic() + limit
+        while time.monotonic() < deadline:
+            code = self.process.poll()
+            if code == 3:  # uvicorn: address already in use
+                self.start()
+                continue
+            if code is not None:
+                raise RuntimeError(f"the local Prefect API server exited with code {code} while starting; see "
+                                   f"{self.log_path or 'its output above'}")
+            with contextlib.suppress(OSError, urllib.error.URLError):
+                with urllib.request.urlopen(f"{self.api_url}/health", timeout=2) as r:
+                    if r.status == 200:
+                        return self.api_url
+            time.sleep(0.05)
+        self.stop()
+        raise RuntimeError(f"the local Prefect API server did not answer within {limit:.0f} s "
+                           "(PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS)")
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.process = None
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+
+
+def _prefect_home() -> Path:
+    return Path(os.environ.get("PREFECT_HOME") or Path.home() / ".prefect").expanduser()
+
+
+@contextlib.contextmanager
+def prefect_api(verbose: bool = False, services: bool = False,
+                while_starting: Callable[[], None] | None = None) -> Iterator[str]:
+    """Yield the API URL flows report to. With no ``PREFECT_API_URL`` (environment, profile or settings), start one
+    local server for this process and its workers; process pools and Dask workers inherit its URL, so every task
+    run lands in the same database instead of each worker starting its own server.
+
+    The server is launched first and Prefect's settings are read while it starts; if they name an API after all,
+    the launched server is stopped and that API is used. ``while_starting`` runs while the server starts (imports,
+    warming worker pools). ``services=False`` starts it the way Prefect's ephemeral mode does (no background
+    services: fastest start, enough for a build); ``pairforge serve`` needs ``services=True``: the scheduler service
+    is what turns a deployment's cron into scheduled runs, and ephemeral mode does not run it.
+    """
+    env_url = os.environ.get("PREFECT_API_URL")
+    if env_url:
+        if while_starting is not None:
+            while_starting()
+        yield env_url
+        return
+    server = LocalServer(verbose, services, _prefect_home() / "local-server.log").start()
+    exported = False
+    try:
+        configured = api_url()  # imports Prefect's settings (~1 s) while the server starts
+        if configured:
+            server.stop()
+            if while_starting is not None:
+                while_starting()
+            yield configured
+            return
+        from prefect.context import refresh_global_settings_context
+        from prefect.settings import PREFECT_API_URL, PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
+
+        # Exported before the server answers, so that worker processes started meanwhile inherit it; and in the
+        # process-global settings, for threads Prefect starts without this context (a process pool's message
+        # forwarder), which would otherwise start servers of their own.
+        os.environ["PREFECT_API_URL"] = server.api_url
+        refresh_global_settings_context()
+        exported = True
+        if while_starting is not None:
+            while_starting()
+        url = server.wait()
+        if os.environ.get("PREFECT_API_URL") != url:  # restarted on another port (the first was taken meanwhile)
+            os.environ["PREFECT_API_URL"] = url
+            refresh_global_settings_context()
+        # No flow-run heartbeats: they let a long-lived server notice crashed runs, and this server ends with this
+        # process; their thread also costs up to 1 s at the end of every flow run.
+        with temporary_settings(updates={PREFECT_API_URL: url, PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
+            yield url
+    finally:
+        if exported:
+            _drain_prefect_workers()
+            os.environ.pop("PREFECT_API_URL", None)
+            from prefect.context import refresh_global_settings_context
+
+            refresh_global_settings_context()
         server.stop()
-        if prior is not None:
-            SubprocessASGIServer._instances[None] = prior
 
 
 def _drain_prefect_workers() -> None:

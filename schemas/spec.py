@@ -92,7 +92,8 @@ class BaseSpec(BaseModel):
     splits: Splits = Field(default_factory=Splits)
     watermark: bool = Field(True, description="embed an invisible watermark in every image")
     schedule: str | None = Field(None, description="cron expression for scheduled rebuilds (pairforge serve)")
-    shard_size: int = Field(50, ge=1, le=10_000, description="samples per shard (one orchestration task)")
+    shard_size: int = Field(100, ge=1, le=10_000,
+                            description="samples per shard (one orchestration task; a few seconds of work each)")
     generator: GeneratorSpec = Field(default_factory=GeneratorSpec)
     qc: QCSpec = Field(default_factory=QCSpec)
 
