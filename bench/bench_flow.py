@@ -227,9 +227,6 @@ def main() -> None:
         ratios["flow_processes / bare_par"] = R["flow_processes"]["samples_per_s"] / R["bare_par"]["samples_per_s"]
     if "flow_local" in R and "bare_par" in R:
         ratios["flow_local / bare_par"] = R["flow_local"]["samples_per_s"] / R["bare_par"]["samples_per_s"]
-        ratios["flow_local incl. API start / bare_par"] = (
-            R["flow_local"]["samples"] / (R["flow_local"]["seconds"] + results["api_start_seconds"])) / \
-            R["bare_par"]["samples_per_s"]
     if "flow_threads" in R and "bare_par" in R:
         ratios["flow_threads / bare_par"] = R["flow_threads"]["samples_per_s"] / R["bare_par"]["samples_per_s"]
     if "flow_seq" in R and "bare_seq" in R:

@@ -2,8 +2,9 @@
 
 Shard tasks are numpy/OpenCV work that releases the GIL for much, not all, of a sample. On the project's 2-core
 machine, building 2,000 samples of 512x512, Prefect's process pool was 3-6 % faster than its thread pool in every
-quiet run (45.3 vs 43.5 samples/s; docs/performance.md), so ``local`` means processes. Threads start faster and
-win on small builds (a few hundred samples): ``--runner threads``.
+quiet run (docs/performance.md), so ``local`` means processes: ``WarmProcessPoolTaskRunner``, Prefect's pool whose
+workers ``pairforge build`` starts (forked, on Linux) while the local API server starts. ``--runner threads``
+starts nothing and may suit small builds.
 """
 from __future__ import annotations
 
@@ -167,7 +168,15 @@ def make_task_runner(kind: str = "local", workers: int | None = None, dask_addre
     # tasks, so the local cluster's workers keep glibc's default (None unsets it; see distributed's nanny).
     import dask
 
-    dask.config.set({"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None})
+    dask.config.set({
+        "distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None,
+        # A worker's statistical profiler walks every thread's stack 100 times a second and its monitors poll
+        # memory and the system 10 and 2 times a second, each taking the GIL from the shard thread. Shards are
+        # seconds long: no profiler, monitors once a second.
+        "distributed.worker.profile.enabled": False,
+        "distributed.worker.memory.monitor-interval": "1s",
+        "distributed.admin.system-monitor.interval": "1s",
+    })
     # Workers of a local cluster log a heartbeat error when the cluster closes under them at the end of a build;
     # shard failures reach the user through Prefect, so the workers' own logging stays at CRITICAL.
     os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "critical")
