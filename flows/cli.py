@@ -125,7 +125,7 @@ class BuildProgress:
 @handle_errors
 def build(spec: str = typer.Argument(..., help="spec file (.yaml/.json)"),
           root: Optional[str] = RootOpt,
-          runner: str = typer.Option("local", "--runner", help="local | threads | processes | dask"),
+          runner: str = typer.Option("local", "--runner", help="local | threads | processes | dask | ray"),
           workers: Optional[int] = typer.Option(None, "--workers", "-w", help="parallel workers (default: CPU count)"),
           dask_address: Optional[str] = typer.Option(None, "--dask-address", help="existing Dask scheduler, tcp://host:port"),
           verbose: bool = VerboseOpt) -> None:
@@ -292,7 +292,7 @@ def verify(target: str = typer.Argument(..., help="an image file (reads its wate
 @handle_errors
 def serve(specs: List[str] = typer.Argument(..., help="spec files; each becomes one scheduled deployment"),
           root: Optional[str] = RootOpt,
-          runner: str = typer.Option("local", "--runner", help="local | threads | processes | dask"),
+          runner: str = typer.Option("local", "--runner", help="local | threads | processes | dask | ray"),
           workers: Optional[int] = typer.Option(None, "--workers", "-w"),
           verbose: bool = VerboseOpt) -> None:
     """Serve one deployment per spec, each on the cron of its spec's ``schedule:`` (Ctrl-C stops)."""

@@ -216,3 +216,18 @@ def test_code_version_names_the_package_and_a_source_digest():
     pkg, _, src = v.partition("+src.")
     assert pkg and len(src) == 12 and int(src, 16) >= 0
     assert json.dumps(v)
+
+
+# --------------------------------------------------------------------------------------------- Ray
+def test_ray_runner_builds_and_publishes_the_same_bytes_as_the_local_runner(prefect_api, tmp_path):
+    """``--runner ray``: prefect-ray's RayTaskRunner on a local Ray with 2 CPUs runs the shard tasks."""
+    from flows import build as fb
+
+    text = tiny_spec_text(name="ray-ct", samples=8, shard_size=4)
+    ray_summary = fb.run_build(text, root=str(tmp_path / "ray"), runner="ray", workers=2)
+    local_summary = fb.run_build(text, root=str(tmp_path / "local"), runner="threads", workers=2)
+    assert (ray_summary["samples"], ray_summary["generated"], ray_summary["reused"]) == (8, 2, 0)
+    assert ray_summary["spec_hash"] == local_summary["spec_hash"]
+    a = data_file_hashes(tmp_path / "ray" / "ray-ct" / "v1")
+    b = data_file_hashes(tmp_path / "local" / "ray-ct" / "v1")
+    assert a == b and len(a) == 3 * 8 + 2 + 4

@@ -86,7 +86,9 @@ def test_quadrants_edges_and_points_hold_their_defects():
         "2 pits 0.5-1 mm, bottom-right", "scratch 10 mm, top-left", "crack 30 mm, bottom edge",
         "hole 2 mm at (10, 40) mm", "chipped edge 5 mm, left edge", "dent 3 mm, center"])
     seen = set()
-    for req, lay, img, ann in _first_attempts(spec, range(16)):
+    # A mixture of six entries drawn per sample: with this spec the first 32 samples hold every kind (16 did not
+    # once shard_size, part of the spec hash and so of the seeds, changed its default).
+    for req, lay, img, ann in _first_attempts(spec, range(32)):
         h, w = lay.label.shape
         for f in lay.findings:
             y0, x0, y1, x1 = region_box(f["region"], part_box(None, (h, w)), lay.spacing_mm,
