@@ -195,6 +195,21 @@ def main() -> None:
     with (settings.prefect_api() if in_process else contextlib.nullcontext("none")) as api:
         results["api_start_seconds"] = time.perf_counter() - t0 if in_process else None
         results["api"] = "ephemeral" if "127.0.0.1" in api else api
+        # One untimed tiny build per runner first: importing the runner's stack in this process (distributed and
+        # prefect-dask: ~1.5 s), Prefect's first flow and task registrations and cold file caches would otherwise
+        # be charged to whichever configuration happens to run first.
+        warm_text = bench_spec_text(8, a.size, 4)
+        for name in dict.fromkeys(n for n in names if not n.startswith("cli_")):
+            warm_root = tempfile.mkdtemp(prefix="pf-bench-warm-")
+            try:
+                kind = {"bare_seq": None, "bare_par": None, "flow_seq": "local", "flow_local": "local",
+                        "flow_processes": "processes", "flow_threads": "threads", "dask1": "dask", "dask2": "dask"}[name]
+                if kind is None:
+                    bare_loop(warm_text, warm_root, 1)
+                else:
+                    flow_run(warm_text, warm_root, kind, 1)
+            finally:
+                shutil.rmtree(warm_root, ignore_errors=True)
         for rep in range(a.repeat):
             # Repetitions alternate the order so slow drifts in machine load hit every configuration alike.
             for name in (names if rep % 2 == 0 else names[::-1]):

@@ -68,13 +68,25 @@ def api_url() -> str | None:
 def die_with_parent(sig: int | None = None) -> None:
     """Linux: ask the kernel to send ``sig`` (default SIGTERM) to this process when the process (thread) that
     started it dies, even by SIGKILL, so nothing pairforge starts outlives it. Elsewhere a no-op."""
+    fn = _pdeathsig_setter(sig)
+    if fn is not None:
+        fn()
+
+
+def _pdeathsig_setter(sig: int | None = None) -> Callable[[], None] | None:
+    """A function that sets the parent-death signal, with libc loaded now: usable as a ``preexec_fn``, which runs
+    between fork and exec where importing or loading a library could deadlock on a lock another thread held."""
     if not sys.platform.startswith("linux"):
-        return
-    with contextlib.suppress(Exception):
+        return None
+    try:
         import ctypes
         import signal
 
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, int(sig or signal.SIGTERM))  # PR_SET_PDEATHSIG
+        prctl = ctypes.CDLL("libc.so.6", use_errno=True).prctl
+        value = int(sig or signal.SIGTERM)
+    except Exception:
+        return None
+    return lambda: prctl(1, value)  # PR_SET_PDEATHSIG
 
 
 class LocalServer:
@@ -115,6 +127,9 @@ class LocalServer:
         env.pop("PREFECT_API_URL", None)
         if not self.services:
             env["PREFECT__SERVER_EPHEMERAL"] = "1"
+        if self._log is not None:  # a restart on another port
+            self._log.close()
+            self._log = None
         if self.verbose or self.log_path is None:
             out = None
         else:
@@ -124,7 +139,7 @@ class LocalServer:
             [sys.executable, "-m", "uvicorn", "--factory", "prefect.server.api.server:create_app", "--host",
              "127.0.0.1", "--port", str(self.port), "--log-level", "error", "--lifespan", "on"],
             env=env, stdout=out, stderr=out, stdin=subprocess.DEVNULL,
-            preexec_fn=die_with_parent if sys.platform.startswith("linux") else None)
+            preexec_fn=_pdeathsig_setter())
         return self
 
     def wait(self, timeout: float | None = None) -> str:
