@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import concurrent.futures as cf
+import functools
 import json
 import os
 import platform
@@ -49,6 +50,22 @@ from schemas.spec import spec_hash  # noqa: E402
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLE = REPO / "examples" / "chest_ct_nodules.yaml"
 PAIRFORGE = str(Path(sys.executable).with_name("pairforge"))
+
+# In-process configurations: name -> (task runner kind, or None for the bare loop; workers, None = --workers).
+IN_PROCESS = {
+    "bare_seq": (None, 1), "bare_par": (None, None),
+    "flow_seq": ("local", 1), "flow_local": ("local", None), "flow_processes": ("processes", None),
+    "flow_threads": ("threads", None), "dask1": ("dask", 1), "dask2": ("dask", None),
+}
+# Ratios of samples/s reported when both configurations ran: (numerator, denominator, label).
+RATIOS = [
+    ("flow_processes", "bare_par", "flow_processes / bare_par"),
+    ("flow_local", "bare_par", "flow_local / bare_par"),
+    ("flow_threads", "bare_par", "flow_threads / bare_par"),
+    ("flow_seq", "bare_seq", "flow_seq / bare_seq"),
+    ("cli_build", "cli_bare", "cli_build / cli_bare (end to end)"),
+    ("dask2", "dask1", "dask2 / dask1"),
+]
 
 
 def bench_spec_text(samples: int, size: int, shard_size: int) -> str:
@@ -151,7 +168,7 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--only", default="bare_par,flow_local,flow_processes,dask2,dask1,bare_seq,flow_seq",
                     help="comma list of: bare_seq, bare_par, flow_local (the default runner), flow_processes, flow_threads, "
-                         "flow_seq (default runner, 1 worker), dask1, dask2")
+                         "flow_seq (default runner, 1 worker), dask1, dask2, cli_bare, cli_build (end to end)")
     ap.add_argument("--repeat", type=int, default=1, help="run the whole list this many times; ratios use medians")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     ap.add_argument("--bare-run", nargs=2, metavar=("SPEC", "ROOT"), help=argparse.SUPPRESS)
@@ -162,20 +179,15 @@ def main() -> None:
         return
 
     text = bench_spec_text(a.samples, a.size, a.shard_size)
-    runs = {
-        "bare_seq": lambda root: bare_loop(text, root, 1),
-        "bare_par": lambda root: bare_loop(text, root, a.workers),
-        "flow_seq": lambda root: flow_run(text, root, "local", 1),
-        "flow_local": lambda root: flow_run(text, root, "local", a.workers),
-        "flow_processes": lambda root: flow_run(text, root, "processes", a.workers),
-        "flow_threads": lambda root: flow_run(text, root, "threads", a.workers),
-        "dask1": lambda root: flow_run(text, root, "dask", 1),
-        "dask2": lambda root: flow_run(text, root, "dask", a.workers),
-        "cli_build": lambda root: cli_run([PAIRFORGE, "build", "{spec}", "--root", "{root}", "--workers",
-                                           str(a.workers)], text, root),
-        "cli_bare": lambda root: cli_run([sys.executable, str(Path(__file__).resolve()), "--bare-run", "{spec}",
-                                          "{root}", "--workers", str(a.workers)], text, root),
-    }
+    runs = {}
+    for name, (kind, workers) in IN_PROCESS.items():
+        n = a.workers if workers is None else workers
+        runs[name] = (functools.partial(bare_loop, text, workers=n) if kind is None
+                      else functools.partial(flow_run, text, runner=kind, workers=n))
+    runs["cli_build"] = lambda root: cli_run([PAIRFORGE, "build", "{spec}", "--root", "{root}", "--workers",
+                                              str(a.workers)], text, root)
+    runs["cli_bare"] = lambda root: cli_run([sys.executable, str(Path(__file__).resolve()), "--bare-run", "{spec}",
+                                             "{root}", "--workers", str(a.workers)], text, root)
     results: dict = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
                                  "processor": platform.processor() or platform.machine(),
                                  "python": platform.python_version()},
@@ -199,11 +211,10 @@ def main() -> None:
         # prefect-dask: ~1.5 s), Prefect's first flow and task registrations and cold file caches would otherwise
         # be charged to whichever configuration happens to run first.
         warm_text = bench_spec_text(8, a.size, 4)
-        for name in dict.fromkeys(n for n in names if not n.startswith("cli_")):
+        for name in dict.fromkeys(n for n in names if n in IN_PROCESS):
             warm_root = tempfile.mkdtemp(prefix="pf-bench-warm-")
             try:
-                kind = {"bare_seq": None, "bare_par": None, "flow_seq": "local", "flow_local": "local",
-                        "flow_processes": "processes", "flow_threads": "threads", "dask1": "dask", "dask2": "dask"}[name]
+                kind = IN_PROCESS[name][0]
                 if kind is None:
                     bare_loop(warm_text, warm_root, 1)
                 else:
@@ -238,18 +249,10 @@ def main() -> None:
                 "shard_phase_samples_per_s": n / shard_sec}
     results["aggregate"] = R
     ratios = {}
-    if "flow_processes" in R and "bare_par" in R:
-        ratios["flow_processes / bare_par"] = R["flow_processes"]["samples_per_s"] / R["bare_par"]["samples_per_s"]
-    if "flow_local" in R and "bare_par" in R:
-        ratios["flow_local / bare_par"] = R["flow_local"]["samples_per_s"] / R["bare_par"]["samples_per_s"]
-    if "flow_threads" in R and "bare_par" in R:
-        ratios["flow_threads / bare_par"] = R["flow_threads"]["samples_per_s"] / R["bare_par"]["samples_per_s"]
-    if "flow_seq" in R and "bare_seq" in R:
-        ratios["flow_seq / bare_seq"] = R["flow_seq"]["samples_per_s"] / R["bare_seq"]["samples_per_s"]
-    if "cli_build" in R and "cli_bare" in R:
-        ratios["cli_build / cli_bare (end to end)"] = R["cli_build"]["samples_per_s"] / R["cli_bare"]["samples_per_s"]
+    for num, den, label in RATIOS:
+        if num in R and den in R:
+            ratios[label] = R[num]["samples_per_s"] / R[den]["samples_per_s"]
     if "dask1" in R and "dask2" in R:
-        ratios["dask2 / dask1"] = R["dask2"]["samples_per_s"] / R["dask1"]["samples_per_s"]
         ratios["dask2 / dask1, shard phase only"] = (R["dask2"]["shard_phase_samples_per_s"]
                                                      / R["dask1"]["shard_phase_samples_per_s"])
     results["ratios"] = ratios

@@ -90,7 +90,6 @@ def _process_pool_class():
                 executor = ProcessPoolExecutor(
                     max_workers=self._max_workers, mp_context=ctx,
                     initializer=_initialize_process_pool_worker, initargs=(queue, init_pool_worker, ()))
-                self.start_method = method
                 # Each submit spawns a worker while none is idle: one job per worker starts them all now.
                 for _ in range(self._max_workers):
                     executor.submit(_warm_up_worker)

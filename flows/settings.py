@@ -236,9 +236,7 @@ def prefect_api(verbose: bool = False, services: bool = False,
         if exported:
             _drain_prefect_workers()
             os.environ.pop("PREFECT_API_URL", None)
-            from prefect.context import refresh_global_settings_context
-
-            refresh_global_settings_context()
+            refresh_global_settings_context()  # imported above, before ``exported`` was set
         server.stop()
 
 

@@ -67,6 +67,15 @@ def _randomise(module: torch.nn.Module, seed: int) -> None:
             p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.05)
 
 
+def _save_pipeline(pipe, folder: Path, tok_dir: Path) -> Path:
+    """Save a pipeline in diffusers format and drop the tokenizer source folder it was built from."""
+    pipe.save_pretrained(folder, safe_serialization=True)
+    for f in tok_dir.iterdir():
+        f.unlink()
+    tok_dir.rmdir()
+    return folder
+
+
 def build_tiny_base(folder: str | Path, *, unet_overrides: dict | None = None, seed: int = 0) -> Path:
     """A diffusers-format SD-1.5-style pipeline folder (unet, vae, text_encoder, tokenizer, scheduler)."""
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
@@ -88,11 +97,7 @@ def build_tiny_base(folder: str | Path, *, unet_overrides: dict | None = None, s
     pipe = StableDiffusionPipeline(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
                                    scheduler=scheduler, safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
-    pipe.save_pretrained(folder, safe_serialization=True)
-    for f in tok_dir.iterdir():
-        f.unlink()
-    tok_dir.rmdir()
-    return folder
+    return _save_pipeline(pipe, folder, tok_dir)
 
 
 def build_tiny_controlnet(folder: str | Path, base: str | Path, *, seed: int = 10,
@@ -147,8 +152,4 @@ def build_tiny_sdxl_base(folder: str | Path, *, seed: int = 20) -> Path:
     pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
                                      tokenizer=tokenizer, tokenizer_2=tokenizer, unet=unet, scheduler=scheduler,
                                      add_watermarker=False)
-    pipe.save_pretrained(folder, safe_serialization=True)
-    for f in tok_dir.iterdir():
-        f.unlink()
-    tok_dir.rmdir()
-    return folder
+    return _save_pipeline(pipe, folder, tok_dir)
