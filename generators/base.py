@@ -21,7 +21,8 @@ _LAYOUTS: dict[str, LayoutFn] = {}
 _RENDERERS: dict[tuple[str, str], type["Renderer"]] = {}
 # Modules imported lazily the first time a registry is read, so heavy backends (torch) load only when asked for.
 _BUILTIN_MODULES = {"layouts": ["generators.chest_ct", "generators.surface"]}
-_RENDERER_MODULES = {"procedural": ["generators.ct_render", "generators.surface"], "controlnet": ["generators.controlnet"]}
+_RENDERER_MODULES = {"procedural": ["generators.ct_render", "generators.surface"], "controlnet": ["generators.controlnet"],
+                     "learned": ["generators.learned"]}
 
 
 class Renderer:
