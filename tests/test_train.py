@@ -256,9 +256,10 @@ def test_a_build_renders_with_the_learned_model_and_publishes(flow_model, prefec
     assert len(ds) == 4
     row = ds[0]
     assert row["image"].dtype == np.float32 and row["image"].shape == (64, 64)
-    params = json.loads(ds.table.column("params_json").to_pylist()[0])
-    assert params["render"]["backend"] == "learned" and params["render"]["model"]["name"] == "tiny-look"
-    assert "learned" in str(ds.table.column("generator").to_pylist()[0])
+    gen = ds.table.column("generator").to_pylist()[0]
+    params = json.loads(gen["params_json"])
+    assert gen["name"] == "learned" and params["render"]["backend"] == "learned"
+    assert params["render"]["model"]["name"] == "tiny-look" and len(params["render"]["model"]["weights_sha256"]) == 64
 
 
 # ------------------------------------------------------------------------------------------------ refusals

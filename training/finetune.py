@@ -194,7 +194,7 @@ def train_controlnet(spec: TrainSpec, workdir: str | Path, progress: Callable | 
             torch._foreach_lerp_(list(ema.parameters()), list(trainable.parameters()), 1.0 - decay)
         state["step"] = step + 1
         state["images_seen"] += ts.batch_size
-        lv = float(loss)
+        lv = float(loss.detach())
         if not math.isfinite(lv):
             raise RuntimeError(f"training diverged at step {state['step']} (loss {lv}); lower train.lr")
         state["losses"].append([state["step"], round(lv, 6)])
