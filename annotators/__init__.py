@@ -1,7 +1,8 @@
 """pairforge annotators: measurements from label maps, control maps and QC checks, dispatched by domain.
 
-Each domain registers ``annotate(image, layout, request, qc_spec) -> Annotation``. Measurements always come from
-the label map itself, never from the request.
+Each domain registers ``annotate(image, layout, request, qc_spec) -> Annotation`` from the module its
+``schemas.domain.Domain`` description names (``annotator_module``), imported on first use. Measurements always
+come from the label map itself, never from the request.
 """
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ from typing import Any, Callable
 
 import numpy as np
 
+from schemas.domain import get_domain
+from schemas.errors import SpecError
 from schemas.sample import Layout, SampleRequest
 
 
@@ -27,7 +30,6 @@ class Annotation:
 
 AnnotateFn = Callable[[np.ndarray, Layout, SampleRequest, Any], Annotation]
 _ANNOTATORS: dict[str, AnnotateFn] = {}
-_MODULES = {"chest_ct": "annotators.ct", "surface": "annotators.surface"}
 
 
 def register_annotator(domain: str) -> Callable[[AnnotateFn], AnnotateFn]:
@@ -38,9 +40,19 @@ def register_annotator(domain: str) -> Callable[[AnnotateFn], AnnotateFn]:
 
 
 def annotate(domain: str, image: np.ndarray, layout: Layout, request: SampleRequest, qc: Any) -> Annotation:
-    if domain not in _ANNOTATORS and domain in _MODULES:
-        importlib.import_module(_MODULES[domain])
-    return _ANNOTATORS[domain](image, layout, request, qc)
+    return annotator_for(domain)(image, layout, request, qc)
+
+
+def annotator_for(domain: str) -> AnnotateFn:
+    """The annotate function of ``domain``, importing the module its description names on first use."""
+    if domain not in _ANNOTATORS:
+        mod = get_domain(domain).annotator_module
+        if mod:
+            importlib.import_module(mod)
+    if domain not in _ANNOTATORS:
+        raise SpecError(f"no annotator for domain {domain!r}; its description names module "
+                        f"{get_domain(domain).annotator_module!r}, which registers none")
+    return _ANNOTATORS[domain]
 
 
 def check(name: str, passed: bool, value: float | None = None, threshold: str = "", detail: str = "") -> dict:

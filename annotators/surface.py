@@ -252,3 +252,11 @@ def annotate_surface(image: np.ndarray, layout: Layout, request: SampleRequest, 
         n_def = int(((layout.label > 0) & (layout.label != OUTSIDE_PART)).sum())
         checks.append(check("empty_mask", n_def == 0, n_def, "0 defect pixels", "defect-free sample"))
     return Annotation(measured=measured, checks=checks, bboxes=bboxes)
+
+
+def preview_overlay(image: np.ndarray, label: np.ndarray, instance: np.ndarray, table: Any) -> np.ndarray:
+    """`pairforge preview`'s overlay: the image with each defect outlined in red."""
+    from annotators.overlay import instance_outline
+
+    rgb = image if image.ndim == 3 else cv2.cvtColor(image, cv2.COLOR_GRAY2RGB)
+    return instance_outline(rgb, instance, color=(255, 40, 40))

@@ -14,7 +14,7 @@ import cv2
 import numpy as np
 
 from generators.base import register_layout
-from schemas.classes import CT_IDS, LOBES
+from schemas.chest_ct import CT_IDS, DOMAIN, LOBES
 from schemas.errors import PlacementError
 from schemas.findings import LOBE_LEVELS
 from schemas.sample import Layout, SampleRequest
@@ -467,7 +467,7 @@ LOBE_CORE_LEVELS: dict[str, tuple[float, float]] = {
 LEVEL_TRIES = 4
 
 
-@register_layout("chest_ct")
+@register_layout(DOMAIN)
 def chest_ct_layout(spec, request: SampleRequest, rng: np.random.Generator) -> Layout:
     """Anatomy at the planned level, then the findings; when they do not fit, a bounded, recorded resample of the
     level inside the range where the requested lobes are largest (and still inside the spec's slice range)."""

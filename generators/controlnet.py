@@ -26,7 +26,7 @@ import torch
 from generators.conditioning import (ANNOTATORS, CANNY_HIGH, CANNY_LOW, CONDITIONINGS, LINEART_SIGMA,
                                      LINEART_THRESHOLD, PAD_MODE, control_image, pad_label, padded_size, palette_lut)
 from generators.base import Renderer, register_renderer
-from schemas.classes import LOBE_NAMES
+from schemas.chest_ct import LOBE_NAMES
 from schemas.errors import GenerationError, SpecError
 from schemas.sample import Layout
 from schemas.seeding import torch_seed

@@ -16,6 +16,7 @@ from pydantic import ValidationError
 from schemas.arrow import dumps, finding_dict
 from schemas.manifest import Manifest
 from store import codec
+from store import codecs
 from store.build import content_digest, published_versions
 from store.errors import IntegrityError, StoreError
 from store.root import MANIFEST, SAMPLES, Root, check_name, ensure_readable, parse_ref, resolve_root
@@ -147,8 +148,7 @@ class VersionDataset(Sequence):
         if isinstance(i, slice):
             return [self[j] for j in range(*i.indices(len(self)))]
         r = self._rows[i]
-        image = codec.stored_to_image(codec.decode_png(self._read(r["image_path"], r["image_sha256"])),
-                                      r["image_encoding"])
+        image = codecs.codec_for_row(r).read(self._read(r["image_path"], r["image_sha256"]))
         return {
             "image": image,
             "label": codec.decode_png(self._read(r["label_path"], r["label_sha256"])),
