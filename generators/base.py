@@ -61,7 +61,8 @@ def register_layout(domain: str) -> Callable[[LayoutFn], LayoutFn]:
 
 
 def register_renderer(cls: type[Renderer]) -> type[Renderer]:
-    """Register a renderer class under its name for each domain it draws (one name may serve several domains)."""
+    """Register a renderer class under its name for each domain it draws (one name may serve several domains).
+    ``domains = ("*",)`` serves every domain whose description lists the renderer's name in ``renderers``."""
     for domain in cls.domains:
         _RENDERERS[(cls.name, domain)] = cls
     return cls
@@ -126,7 +127,11 @@ def get_backend(name: str | None, domain: str, options: dict[str, Any] | None = 
         raise SpecError(f"no layout for domain {domain!r}; its description names layout module "
                         f"{d.layout_module!r}, which registers none")
     cls = _RENDERERS.get((name, domain))
+    if cls is None and name in d.renderers:
+        cls = _RENDERERS.get((name, "*"))
     if cls is None:
-        served = sorted(d for n, d in _RENDERERS if n == name)
+        served = sorted(dom for n, dom in _RENDERERS if n == name and dom != "*")
+        served += sorted(dd.name for dd in all_domains() if name in dd.renderers and (name, "*") in _RENDERERS)
+        served = sorted(set(served))
         raise SpecError(f"generator {name!r} cannot render domain {domain!r}; it renders: {', '.join(served) or 'nothing here'}")
     return Backend(name=name, domain=domain, layout_fn=_LAYOUTS[domain], renderer=cls(domain, options))
