@@ -55,6 +55,28 @@ def annotator_for(domain: str) -> AnnotateFn:
     return _ANNOTATORS[domain]
 
 
+def bounding_box(ys: np.ndarray, xs: np.ndarray) -> list[int]:
+    """[x0, y0, x1, y1]: the half-open pixel box around the given pixel coordinates. The one box definition of
+    pairforge (annotators, the pipeline's fallback and the exporters use it)."""
+    return [int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1]
+
+
+def box_record(instance: int, ys: np.ndarray, xs: np.ndarray, **extra: Any) -> dict[str, Any]:
+    """A sample's ``bboxes`` entry: {"instance", extra fields..., "x0", "y0", "x1", "y1"}."""
+    x0, y0, x1, y1 = bounding_box(ys, xs)
+    return {"instance": int(instance), **extra, "x0": x0, "y0": y0, "x1": x1, "y1": y1}
+
+
+def instance_boxes(instance: np.ndarray) -> list[dict[str, Any]]:
+    """One box per labelled instance (ids > 0) of an instance map, in id order."""
+    out = []
+    ids = np.unique(instance)
+    for k in ids[ids > 0]:
+        ys, xs = np.nonzero(instance == k)
+        out.append(box_record(int(k), ys, xs))
+    return out
+
+
 def check(name: str, passed: bool, value: float | None = None, threshold: str = "", detail: str = "") -> dict:
     return {"name": name, "passed": bool(passed), "value": None if value is None else float(value),
             "threshold": threshold, "detail": detail}

@@ -11,7 +11,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from annotators import Annotation, check, register_annotator
+from annotators import Annotation, bounding_box, check, register_annotator
 from schemas.chest_ct import CT_IDS, DOMAIN, LOBES
 from schemas.sample import Layout, SampleRequest
 
@@ -116,7 +116,7 @@ def measure_findings(label: np.ndarray, instance: np.ndarray, lobes: np.ndarray 
             "lobe": LOBE_BY_ID.get(lobe_id, "none"),
             "in_region_fraction": round(in_region, 5),
             "lung_rads_size_category": lung_rads_size_category(f["kind"], mean_axis, solid_mean),
-            "bbox_px": [int(xs.min()) + x0, int(ys.min()) + y0, int(xs.max()) + x0 + 1, int(ys.max()) + y0 + 1],
+            "bbox_px": bounding_box(ys + y0, xs + x0),
         })
     return out
 

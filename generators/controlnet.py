@@ -134,6 +134,8 @@ def controlnet_hooks(domain: str) -> Any:
 
 def __getattr__(name: str):
     """Domain-specific names that moved to the domains' generator modules (e.g. ``describe_ct_finding``)."""
+    if name.startswith("__"):
+        raise AttributeError(name)
     import importlib
 
     for d in all_domains():

@@ -13,6 +13,8 @@ __all__ = ["SpecError", "CT_CLASSES", "ClassTable", "Sample", "Domain", "get_dom
 
 def __getattr__(name: str):
     """Domain tables (e.g. ``CT_CLASSES``) from the registry, so that this package imports no domain eagerly."""
+    if name.startswith("__"):
+        raise AttributeError(name)
     from schemas import classes
 
     return getattr(classes, name)

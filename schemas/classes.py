@@ -33,6 +33,8 @@ def class_table(domain: str) -> ClassTable:
 
 def __getattr__(name: str):
     """Tables that moved to their domain's module (e.g. the CT lobe ids), found through the registry."""
+    if name.startswith("__"):
+        raise AttributeError(name)
     import importlib
 
     from schemas.domain import all_domains

@@ -114,9 +114,13 @@ def _import_plugin(modname: str) -> None:
         reg()
 
 
-def load_plugins() -> None:
-    """Import the built-in domains, entry points and $PAIRFORGE_PLUGINS once (idempotent, thread-safe)."""
+def load_plugins(reload: bool = False) -> None:
+    """Import the built-in domains, entry points and $PAIRFORGE_PLUGINS once (idempotent, thread-safe);
+    ``reload`` reads them again (e.g. after $PAIRFORGE_PLUGINS changed)."""
     global _loaded, _loading
+    if reload:
+        with _lock:
+            _loaded = False
     if _loaded:
         return
     with _lock:  # re-entrant: a module imported here may look a domain up (it sees what is registered so far)

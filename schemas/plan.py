@@ -77,6 +77,8 @@ def plan_shards(n_samples: int, shard_size: int) -> list[range]:
 
 def __getattr__(name: str):
     """``PLANNERS`` (domain -> planner) and the old per-domain planner names, from the registry."""
+    if name.startswith("__"):
+        raise AttributeError(name)
     if name == "PLANNERS":
         return {d.name: (lambda spec, index, rng, _d=d: plan_with(_d, spec, index, rng)) for d in all_domains()}
     if name.startswith("plan_") and name[len("plan_"):] in {d.name for d in all_domains()}:

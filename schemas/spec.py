@@ -99,6 +99,8 @@ class BaseSpec(BaseModel):
 def __getattr__(name: str):
     """Names that moved to the domain modules (``SPEC_MODELS``, a domain's spec classes), found through the
     registry so that old imports keep working."""
+    if name.startswith("__"):
+        raise AttributeError(name)
     if name == "SPEC_MODELS":
         return {d.name: d.spec_model for d in all_domains()}
     import importlib

@@ -62,6 +62,17 @@ def test_unknown_domain_is_one_line_listing_the_known_ones():
         get_domain("weld_xray")
 
 
+def test_a_plugin_module_that_cannot_be_imported_is_one_line_naming_it(monkeypatch):
+    from schemas.domain import load_plugins
+
+    monkeypatch.setenv("PAIRFORGE_PLUGINS", "tests.toy_domain, no_such_plugin_module")
+    with pytest.raises(SpecError, match="PAIRFORGE_PLUGINS: cannot import 'no_such_plugin_module'"):
+        load_plugins(reload=True)
+    monkeypatch.setenv("PAIRFORGE_PLUGINS", "tests.toy_domain")
+    load_plugins(reload=True)
+    assert "toy_thermal" in known_domains()
+
+
 def test_toy_shorthand_phrase_is_parsed_and_bad_phrases_name_what_is_accepted():
     from schemas.spec import load_spec_text
 
@@ -259,4 +270,6 @@ def test_example_specs_publish_the_bytes_they_did_before_the_registry():
         assert g["spec_hash"] == w["spec_hash"], ex
         differing = sorted(f for f in w["files"] if w["files"][f] != g["files"].get(f))
         assert differing == ["manifest.json", "samples.parquet"], (ex, differing)
-        assert len(w["files"]) == len(g["files"])
+        for view in ("manifest.json#manifest_without_codec", "samples.parquet#rows_without_codec"):
+            assert g["files"][view] == w["files"][view], (ex, view)
+        assert len(w["files"]) == len(g["files"]) == 27
