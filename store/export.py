@@ -150,7 +150,8 @@ def check_selection(version: VersionDataset, split: str | Iterable[str] | None,
     """``split`` and ``classes`` as tuples, each name checked against what the version holds."""
     splits, kinds = _names(split), _names(classes)
     if splits:
-        there = sorted(version.manifest.counts.splits)
+        m = version.manifest  # the spec's splits, even one too small to have drawn a sample
+        there = sorted(set(m.counts.splits) | set(m.spec.get("splits") or {}))
         bad = [s for s in splits if s not in there]
         if bad:
             raise SpecError(f"split {bad[0]!r} is not in {version.ref}; splits there: {', '.join(there)}")
