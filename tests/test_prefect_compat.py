@@ -119,3 +119,11 @@ def test_background_workers_still_drain_with_a_timeout():
                          ("prefect.events.worker", "EventsWorker.drain_all")):
         _has_params(_private(module, name), f"{module}.{name}", "timeout")
     compat.drain_background_workers(timeout=1)  # nothing queued: returns at once
+
+
+def test_a_missing_private_api_fails_naming_it():
+    with pytest.raises(pytest.fail.Exception, match=r"has no prefect\.task_runners\._gone_in_a_future_prefect "
+                                                    r"\(private API used by flows/prefect_compat\.py\)"):
+        _private("prefect.task_runners", "_gone_in_a_future_prefect")
+    with pytest.raises(AssertionError, match=r"no longer takes message_queue"):
+        _has_params(lambda queue, initializer, initargs: None, "stand-in", "message_queue")
