@@ -213,18 +213,18 @@ def staged_folder(final: str | os.PathLike, overwrite: bool = False) -> Iterator
         raise
 
 
-def export_version(root: Root | str | os.PathLike | None, ref: str, format: str, dest: str | os.PathLike, *,
+def export_version(root: Root | str | os.PathLike | None, ref: str, fmt: str, dest: str | os.PathLike, *,
                    split: str | Iterable[str] | None = None, classes: str | Iterable[str] | None = None,
                    overwrite: bool = False, storage_options: dict | None = None, **options: Any) -> dict[str, Any]:
-    """Export the published version ``ref`` (``name@vN``) under ``root`` as ``format`` into ``dest``. The format and
-    its options are checked before the store is touched; the version is read through the verified reader."""
-    fmt = get_format(format)
-    opts = check_options(fmt, options)
+    """Export the published version ``ref`` (``name@vN``) under ``root`` as format ``fmt`` into ``dest``. The format
+    and its options are checked before the store is touched; the version is read through the verified reader."""
+    form = get_format(fmt)
+    opts = check_options(form, options)
     r = root if isinstance(root, Root) else resolve_root(root, storage_options)
     name, number = resolve_version(r, ref)
     version = VersionDataset(r, name, number, verify=True)
     splits, kinds = check_selection(version, split, classes)
-    summary = dict(fmt.export(version, Path(dest), split=splits, classes=kinds, overwrite=overwrite, **opts))
-    summary.setdefault("format", fmt.name)
+    summary = dict(form.export(version, Path(dest), split=splits, classes=kinds, overwrite=overwrite, **opts))
+    summary.setdefault("format", form.name)
     summary.setdefault("source", version.ref)
     return summary
