@@ -161,6 +161,22 @@ class VersionDataset(Sequence):
             "watermark_payload": r["watermark_payload"],
         }
 
+    def row(self, i: int) -> dict[str, Any]:
+        """Sample ``i``'s index row without pixels (sample_id, split, domain, image_encoding, findings as dicts...),
+        read from the sha-checked index; what exporters select and name files by."""
+        r = dict(self._rows[i])
+        r["requested"] = [finding_dict(f) for f in r.get("requested") or []]
+        r["measured"] = [finding_dict(f) for f in r.get("measured") or []]
+        return r
+
+    def file_bytes(self, i: int, kind: str) -> bytes:
+        """The stored bytes of sample ``i``'s ``kind`` file ("image", "label" or "instance"), checked against its
+        sha256 (IntegrityError naming the file otherwise): exporters copy published files through this."""
+        if kind not in ("image", "label", "instance"):
+            raise ValueError(f"file kind {kind!r}; accepted: image, label, instance")
+        r = self._rows[i]
+        return self._read(r[f"{kind}_path"], r[f"{kind}_sha256"])
+
     def __iter__(self) -> Iterator[dict[str, Any]]:
         for i in range(len(self)):
             yield self[i]
