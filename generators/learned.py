@@ -218,7 +218,7 @@ class LearnedRenderer(Renderer):
 
     name = "learned"
     version = "1"
-    domains = ("chest_ct", "surface")
+    domains = ("*",)  # any domain whose description lists "learned"; the model folder says which one it draws
     options_accepted = ("model", "steps", "device", "precision", "batch_size")
 
     def __init__(self, domain: str, options: dict[str, Any] | None = None):
