@@ -289,6 +289,38 @@ def grid_png(path: Path, labels, standin, learned, procedural) -> None:
     write_png(path, np.concatenate(rows[:-1], axis=0))
 
 
+def save_ema_shards(model_dir: Path, dest: Path, stem: str, max_bytes: int = 15 * 2**20) -> list[str]:
+    """The model's EMA weights in bf16 as sharded safetensors (``<stem>-0000k-of-0000n.safetensors`` + an index,
+    the Hugging Face sharded layout) next to ``config.json``, small enough to come back from a GPU machine; a later
+    run rebuilds the network from the config and starts from these weights."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    state = {k: v.to(torch.bfloat16) if v.is_floating_point() else v
+             for k, v in load_file(str(model_dir / "model.safetensors")).items()}
+    shards, cur, size = [], {}, 0
+    for k in sorted(state):
+        nbytes = state[k].numel() * state[k].element_size()
+        if cur and size + nbytes > max_bytes:
+            shards.append(cur)
+            cur, size = {}, 0
+        cur[k] = state[k]
+        size += nbytes
+    shards.append(cur)
+    files, weight_map = [], {}
+    for i, sh in enumerate(shards, 1):
+        name = f"{stem}-{i:05d}-of-{len(shards):05d}.safetensors"
+        save_file(sh, str(dest / name), metadata={"dtype": "bfloat16", "source": "EMA weights"})
+        weight_map.update({k: name for k in sh})
+        files.append(str(dest / name))
+    (dest / f"{stem}.safetensors.index.json").write_text(json.dumps({"metadata": {"dtype": "bfloat16"},
+                                                                     "weight_map": weight_map}, indent=0))
+    shutil.copyfile(model_dir / "config.json", dest / f"{stem}_config.json")
+    return files + [str(dest / f"{stem}.safetensors.index.json"), str(dest / f"{stem}_config.json")]
+
+
 # ------------------------------------------------------------------------------------------------ main
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -308,13 +340,14 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--compile", action="store_true")
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--work", default="/tmp/pairforge_train_gpu", help="working folder (pairs, full checkpoints)")
     a = ap.parse_args()
     if a.tiny:
         a.pairs, a.held_out, a.size, a.train_s, a.seg_s, a.batch = 40, 8, 64, min(a.train_s, 25.0), 4.0, 4
         a.channels, a.sample_steps, a.checkpoint_every = "16,32", 4, 6
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    work = out.with_suffix("").with_name(out.stem + "_work")
+    work = Path(a.work)  # pairs cache and full checkpoints (optimizer state): large, kept out of --out's folder
     report: dict = {"args": vars(a)}
     t_all = time.perf_counter()
 
@@ -358,8 +391,9 @@ def main() -> None:
         f"step {e['step']} loss {e['loss']:.4f} {e['images_per_s']:.0f} img/s", flush=True)
         if e["event"] == "step" and e["step"] % (100 if not a.tiny else 2) == 0 else None)
     wall = time.perf_counter() - t0
-    model_dir = out.with_name(out.stem + "_model")
+    model_dir = work / "model"
     export(spec, work, model_dir, summary, code_version="bench/train_gpu.py")
+    ema_files = save_ema_shards(model_dir, out.parent, out.stem + "_ema")
     report["training"] = {k: summary[k] for k in ("step", "images_seen", "steady_images_per_s", "device_name",
                                                   "precision", "compile", "parameters", "final_loss",
                                                   "seconds_this_run")}
@@ -420,6 +454,7 @@ def main() -> None:
                                              tests["standin_heldout"][0], dev)
     grid_png(out.with_name(out.stem + "_grid.png"), labels[:6], standin[:6], learned[:6], proc[:6])
     report["files"] = {"grid": str(out.with_name(out.stem + "_grid.png")), "model": str(model_dir),
+                       "ema_shards": ema_files,
                        "validation_grids": sorted(str(p) for p in (work / "validation").glob("*.png"))}
     report["total_wall_s"] = round(time.perf_counter() - t_all, 1)
     report["prefect_imported"] = "prefect" in sys.modules

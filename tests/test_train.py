@@ -335,9 +335,7 @@ def test_a_spec_far_from_the_training_spacing_is_refused(flow_model):
 
 # ------------------------------------------------------------------------------------------------ route 2
 def test_a_diffusers_controlnet_is_fine_tuned_resumed_and_rendered(pairs_folder, tmp_path):
-    sys.path.insert(0, str(REPO / "tests"))
-    from tiny_models import build_tiny_base
-
+    from generators.tiny_models import build_tiny_base
     from generators.learned import LearnedRenderer
     from training.data import prepare
     from training.finetune import export_controlnet, train_controlnet
