@@ -13,7 +13,7 @@ several kinds (MVTec AD's own name for that). Samples that failed QC are left ou
 Images are copied byte for byte from a published version (watermark and provenance chunk kept), read through the
 verified reader (a file whose sha256 does not match fails the export, naming it); from in-memory samples they are
 encoded as 8-bit PNG. The mask is every finding's pixels (instance map > 0), so nothing here depends on a domain;
-8-bit grey or RGB images are required. The export is written beside ``dest`` and moved into place at the end:
+images stored with the ``u8`` codec (8-bit grey or RGB) are required. The export is written beside ``dest`` and moved into place at the end:
 nothing half-written is ever visible. Registered as export format ``mvtec`` (``pairforge export mvtec``).
 """
 from __future__ import annotations
