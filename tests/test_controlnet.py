@@ -117,6 +117,21 @@ def test_sample_alone_matches_the_same_sample_in_a_batch_bitwise(models):
     assert len(batch[2].params["render"]["controlnets"]) == 2
 
 
+def test_overlapped_cpu_work_gives_the_same_images_as_serial(models):
+    """overlap: control images of batch k+1 and the crop/convert of batch k on a CPU thread while batch k denoises
+    (the default on CUDA) changes when work happens, not what is computed."""
+    lays = [hand_layout(64, 64) for _ in range(5)]
+    for k, lay in enumerate(lays):
+        lay.label[k * 4: k * 4 + 8, 10:30] = 20
+    serial = renderer(models, overlap=False, batch_size=2).render_batch(lays, [np.random.default_rng(k) for k in range(5)])
+    overlapped = renderer(models, overlap=True, batch_size=2).render_batch(lays,
+                                                                            [np.random.default_rng(k) for k in range(5)])
+    assert len(overlapped) == 5
+    for (a, pa), (b, pb) in zip(serial, overlapped):
+        assert np.array_equal(a, b) and pa["seed"] == pb["seed"] and pa["prompt"] == pb["prompt"]
+    assert not np.array_equal(serial[0][0], serial[1][0])
+
+
 def test_the_seed_and_the_control_image_both_change_the_pixels(models):
     r = renderer(models)
     lay = hand_layout(64, 64)
@@ -250,6 +265,10 @@ def test_a_spec_image_size_above_max_size_is_refused_when_the_backend_is_built(m
     ({"hu_window": [-2000, 0]}, "hu_window"),
     ({"color": "rgb"}, "surface domain only"),
     ({"batch_size": "many"}, "batch_size"),
+    ({"compile_mode": "max-autotune-no-cudagraphs"}, "need compile: true"),
+    ({"compile": True, "compile_mode": "reduce-overhead", "device": "cpu"}, "records CUDA graphs and needs a CUDA"),
+    ({"compile": True, "compile_mode": "fastest"}, "compile_mode.*accepted: default, reduce-overhead"),
+    ({"overlap": "yes"}, "option overlap"),
 ])
 def test_bad_options_are_one_line_spec_errors(models, options, match):
     refused(models, match, **options)
