@@ -414,6 +414,7 @@ class SpeedOptions:
     compile: bool = False
     compile_mode: str = "default"  # reduce-overhead / max-autotune: CUDA graphs through Inductor's graph trees
     compile_cache: str | None = None  # persistent Inductor/Triton cache folder (None: torch's own default)
+    compile_backend: str = "inductor"  # "eager": Dynamo tracing only (checks the compiled path without a compiler)
     channels_last: bool = False
     fuse_qkv: bool = False  # one matmul for Q, K and V in every self-attention (diffusers' fuse_qkv_projections)
 
@@ -482,7 +483,10 @@ def load_models(folders: ModelFolders, dtype: torch.dtype, device: torch.device,
             use_compile_cache(speed.compile_cache)
         # Static shapes (render_batch pads every call to one batch size): one graph, no dynamic-shape kernels.
         for m in (unet, *nets):
-            m.compile(mode=speed.compile_mode, dynamic=False)
+            if speed.compile_backend == "inductor":
+                m.compile(mode=speed.compile_mode, dynamic=False)
+            else:
+                m.compile(backend=speed.compile_backend, dynamic=False)
     models = LoadedModels(family=folders.family, vae=vae, unet=unet, text_encoders=tuple(encoders),
                           tokenizers=tuple(tokenizers), controlnets=nets, scheduler_config=scheduler_config)
     _MODEL_CACHE[key] = models
@@ -570,7 +574,7 @@ class ControlNetRenderer(Renderer):
     options_accepted = ("base_model", "controlnets", "prompt", "negative_prompt", "steps", "guidance_scale",
                         "scheduler", "dtype", "device", "batch_size", "compile", "allow_download", "hu_window", "color",
                         "max_size", "batch_invariant", "hash_weights", "annotator", "compile_mode", "compile_cache",
-                        "channels_last", "fuse_qkv", "overlap")
+                        "channels_last", "fuse_qkv", "overlap", "compile_backend")
 
     def __init__(self, domain: str, options: dict[str, Any] | None = None):
         super().__init__(domain, options)
@@ -602,13 +606,15 @@ class ControlNetRenderer(Renderer):
                             "torch's own per-user temporary cache")
         cl = o.get("channels_last", "auto")
         fq = o.get("fuse_qkv", "auto")
-        if (mode != "default" or "compile_cache" in o) and not self.compile:
-            raise SpecError("options compile_mode and compile_cache need compile: true")
+        backend = _choice("compile_backend", o.get("compile_backend", "inductor"), ("inductor", "eager"))
+        if (mode != "default" or "compile_cache" in o or "compile_backend" in o) and not self.compile:
+            raise SpecError("options compile_mode, compile_cache and compile_backend need compile: true")
         if mode in ("reduce-overhead", "max-autotune") and self.device.type != "cuda":
             raise SpecError(f"option compile_mode {mode!r} records CUDA graphs and needs a CUDA device; accepted on "
                             "the CPU: default, max-autotune-no-cudagraphs")
         self.speed = SpeedOptions(
             compile=self.compile, compile_mode=mode, compile_cache=cache if self.compile else None,
+            compile_backend=backend,
             channels_last=(self.compile and self.device.type == "cuda") if cl == "auto"
             else _as_bool("channels_last", cl),
             fuse_qkv=(self.compile and self.device.type == "cuda") if fq == "auto" else _as_bool("fuse_qkv", fq))
