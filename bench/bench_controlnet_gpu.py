@@ -3,7 +3,7 @@ pairforge eager and fast, in ONE process on the same GPU, models, prompts, contr
 
 Models are the full-size SD-1.5 UNet + ControlNet + VAE + CLIP-L text encoder *architectures* with random weights
 (built from the configs below and saved as float16 safetensors to a folder: no download). The tokenizer is the tiny
-byte-level CLIP vocabulary of tests/tiny_models.py (the text encoder's cost does not depend on the vocabulary).
+byte-level CLIP vocabulary of generators/tiny_models.py (the text encoder's cost does not depend on the vocabulary).
 Layouts are real chest-CT label maps from the project's layout generator; prompts and control images are pairforge's
 own, handed to diffusers as ready tensors (pairforge computes its own inside its timing: it is charged more work).
 
@@ -81,7 +81,7 @@ def build_sd15_folders(root: Path, device: torch.device) -> tuple[Path, Path]:
     from diffusers import AutoencoderKL, ControlNetModel, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-    from tests.tiny_models import write_tiny_clip_tokenizer
+    from generators.tiny_models import write_tiny_clip_tokenizer
 
     torch.manual_seed(0)  # the bench's own weights; nothing in pairforge reads torch's global generator
     vocab = write_tiny_clip_tokenizer(root / "_tok")
@@ -109,7 +109,7 @@ def build_sd15_folders(root: Path, device: torch.device) -> tuple[Path, Path]:
 def build_tiny_folders(root: Path) -> tuple[Path, Path]:
     from diffusers import PNDMScheduler
 
-    from tests.tiny_models import build_tiny_base, build_tiny_controlnet
+    from generators.tiny_models import build_tiny_base, build_tiny_controlnet
 
     base = build_tiny_base(root / "tiny_base")
     PNDMScheduler(**SD15_SCHEDULER).save_pretrained(base / "scheduler")  # the same scheduler as the full-size run
@@ -192,7 +192,6 @@ class Work:
         self.layouts, self.rngs = layouts, rngs
         self.prompts = [renderer.prompt_for(lay) for lay in layouts]
         self.controls = [renderer.control_images(lay.label)[0][0] for lay in layouts]
-        self.hu_window = renderer.hu_window
 
     def seeds(self, idx):
         from schemas.seeding import torch_seed
@@ -263,7 +262,7 @@ def run_pairforge(renderer, work: Work, bs: int, device: torch.device, n_batches
     t0 = time.perf_counter()
     renderer.pipeline()
     load_s = time.perf_counter() - t0
-    lo, hi = renderer.hu_window
+    lo, hi = renderer.state["hu_window"]  # the chest-CT hook's grey -> HU window
 
     def run_one(k: int):
         idx = work.batch(k, bs)
@@ -381,7 +380,7 @@ def main() -> int:
     peak, peak_note = bf16_peak(device, args.peak_tflops)
     out: dict = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "models": "tiny random (tests/tiny_models.py)" if args.tiny else
+        "models": "tiny random (generators/tiny_models.py)" if args.tiny else
                   "SD-1.5 UNet + ControlNet + VAE + CLIP-L architectures, random weights",
         "size": size, "steps": steps, "scheduler": "pndm", "batch": bs, "budget_s": budget,
         "bf16_peak_tflops": peak, "peak_note": peak_note, "model_build_s": round(build_s, 1),

@@ -569,24 +569,3 @@ def test_two_publishing_processes_get_distinct_versions(root, ct_samples, tmp_pa
     assert st.versions("store-ct") == [1, 2]
     assert {st.manifest("store-ct", v).run_id for v in (1, 2)} == {"proc-0", "proc-1"}
     assert all(st.verify_version(f"store-ct@v{v}").ok for v in (1, 2))
-
-
-def test_png_encoder_writes_standard_deterministic_pngs_any_reader_decodes_bitwise():
-    import io
-
-    import cv2
-    from PIL import Image
-
-    from store import codec
-
-    rng = np.random.default_rng(5)
-    arrays = [rng.integers(0, 65536, (37, 53), dtype=np.uint16), rng.integers(0, 256, (40, 31), dtype=np.uint8),
-              rng.integers(0, 256, (20, 22, 3), dtype=np.uint8)]
-    for a in arrays:
-        data = codec.encode_png(a, text={"dataset": "x"})
-        assert data == codec.encode_png(a, text={"dataset": "x"})  # bytes are a function of the pixels
-        assert data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR" and data.endswith(b"IEND\xaeB`\x82")
-        assert np.array_equal(np.asarray(Image.open(io.BytesIO(data))), a)
-        bgr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
-        assert np.array_equal(bgr[..., ::-1] if a.ndim == 3 else bgr, a)
-        assert codec.read_itxt(data) == {"dataset": "x"}
