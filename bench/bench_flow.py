@@ -69,9 +69,15 @@ RATIOS = [
 ]
 
 
-def bench_spec_text(samples: int, size: int, shard_size: int) -> str:
+def bench_spec_text(samples: int, size: int, shard_size: int | str) -> str:
+    """The example spec with ``samples``; ``shard_size`` an integer, "example" (as shipped) or "unset" (the spec
+    default a user who leaves it out gets)."""
     d = yaml.safe_load(EXAMPLE.read_text())
-    d.update(name="bench-ct", samples=samples, shard_size=shard_size)
+    d.update(name="bench-ct", samples=samples)
+    if shard_size == "unset":
+        d.pop("shard_size", None)
+    elif shard_size != "example":
+        d["shard_size"] = int(shard_size)
     d["image"]["size"] = size
     return yaml.safe_dump(d, sort_keys=False)
 
@@ -168,7 +174,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--samples", type=int, default=2000)
     ap.add_argument("--size", type=int, default=512)
-    ap.add_argument("--shard-size", type=int, default=100)
+    ap.add_argument("--shard-size", default="example",
+                    help='shards of N samples, "example" (the example spec as shipped: 40) or "unset" (the default)')
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--only", default="bare_par,flow_local,flow_processes,dask2,dask1,bare_seq,flow_seq",
                     help="comma list of: bare_seq, bare_par, flow_local (the default runner), flow_processes, flow_threads, "
