@@ -354,7 +354,7 @@ SURFACE = register_domain(Domain(
     name=DOMAIN, spec_model=SurfaceSpec, classes=SURFACE_CLASSES, plan_frame=plan_frame, plan_finding=plan_finding,
     codec="u8", findings_field="defects", parse_finding=parse_text, claims_text=claims_text,
     one_finding_spec=one_finding_spec, layout_module="generators.surface", annotator_module="annotators.surface",
-    renderers={"procedural": "generators.surface", "controlnet": "generators.controlnet"},
+    renderers={"procedural": "generators.surface", "controlnet": "generators.controlnet", "learned": "generators.learned"},
     hooks_module="annotators.surface", controlnet_module="generators.surface",
     description="surface images (procedural materials or photos) with defect masks"))
 
