@@ -174,11 +174,6 @@ def test_the_graph_covers_every_package_and_finds_known_edges():
     assert "flows.pipeline" in g["flows.cli"]  # an import inside a command function
 
 
-# schemas/spec.py, plan.py, classes.py, surface*.py and shorthand.py import each other; the domain registry (branch
-# `domains`, issue 10) rewrites those files. This marker goes when that lands (strict: the test then passes).
-SCHEMAS_CIRCLE_OPEN = True
-
-
 def _schemas_cycles() -> list[list[str]]:
     return [c for c in cycles(import_graph()) if all(_package(m) == "schemas" for m in c)]
 
@@ -189,9 +184,6 @@ def test_no_import_cycles_outside_schemas():
     assert not bad, "import cycles: " + " | ".join(_describe(c, g) for c in bad)
 
 
-@pytest.mark.xfail(SCHEMAS_CIRCLE_OPEN, strict=True,
-                   reason="schemas/ spec <-> surface <-> classes <-> plan <-> shorthand circle: removed by branch "
-                          "domains (the domain registry)")
 def test_no_import_cycles_inside_schemas():
     g = import_graph()
     bad = _schemas_cycles()
