@@ -171,23 +171,25 @@ def draw_volume_anatomy(rng: np.random.Generator) -> dict[str, Any]:
     p: dict[str, Any] = {
         "lung_height_mm": H,
         "body_half_width_mm": u(150, 168), "body_half_depth_mm": u(102, 120), "fat_mm": fat,
-        "wall_mm": u(11, 16), "female": bool(rng.random() < 0.5), "breast_mm": u(25, 55),
+        "wall_mm": u(8, 12), "female": bool(rng.random() < 0.5), "breast_mm": u(25, 55),
         "cavity_shape": u(2.1, 2.6),
         "apex_level": u(0.14, 0.2), "apex_offset_mm": u(32, 42),
         "mediastinum_half_mm": u(20, 27),
         "dome_right_level": u(0.74, 0.8), "dome_left_level": u(0.79, 0.86), "dome_depth": u(1.05, 1.25),
-        "heart": {"x": u(15, 30), "y": u(-40, -25), "level": u(0.66, 0.74), "a": u(58, 70), "b": u(44, 54),
-                  "c": u(55, 68), "angle_deg": u(-40, -25), "wall_mm": u(8, 11)},
+        "heart": {"x": u(18, 30), "y": u(-38, -25), "a": u(52, 62), "b": u(38, 46),
+                  "c": u(42, 50), "angle_deg": u(-40, -25), "wall_mm": u(8, 11)},
         "carina_level": u(0.3, 0.36), "arch_level": u(0.22, 0.28),
         "aorta_r_mm": u(12, 15), "trachea_r_mm": u(8, 10),
-        "spine_y_mm": u(48, 60), "vert_r_mm": u(19, 23), "disc_mm": u(4, 6),
-        "oblique_post_level": (u(0.2, 0.3), u(0.22, 0.32)), "oblique_ant_level": (u(0.95, 1.05), u(0.95, 1.05)),
-        "horizontal_level": u(0.42, 0.5), "horizontal_tilt": u(-0.08, 0.08),
+        "spine_y_mm": u(38, 46), "vert_r_mm": u(19, 23), "disc_mm": u(4, 6),
+        "oblique_post_level": (u(0.1, 0.16), u(0.1, 0.16)), "oblique_ant_level": (u(0.88, 0.96), u(0.86, 0.94)),
+        "horizontal_level": u(0.5, 0.56), "horizontal_tilt": u(-0.08, 0.08),
         "fissure_ripple": [[u(-4, 4), u(0.01, 0.03), u(0, 6.3)] for _ in range(4)],
         "rib_drop_mm": [u(35, 60) for _ in range(12)], "rib_r_mm": u(3.6, 4.6),
         "arm_gap_mm": u(4, 20),
         "tree_seed": int(rng.integers(0, 2**31 - 1)),
     }
+    # the heart rests on the diaphragm: its lowest point a few mm above the lower dome top
+    p["heart"]["level"] = (0.5 * (p["dome_right_level"] + p["dome_left_level"]) * H - p["heart"]["c"] + 8) / H
     return p
 
 
@@ -208,7 +210,7 @@ def cavity_axes(P: dict, z: float) -> tuple[float, float, float]:
     t = z / H
     w, d = body_axes(P, z)
     wall = P["fat_mm"] + P["wall_mm"]
-    cw = (w - wall - 4) * (0.62 + 0.38 * _smooth(t, -0.05, 0.5))
+    cw = (w - wall - 4) * (0.7 + 0.3 * _smooth(t, -0.1, 0.35))
     cd = (d - wall - 6) * (0.78 + 0.22 * _smooth(t, -0.05, 0.4))
     return float(cw), float(cd), float(d * 0.08)
 
@@ -220,7 +222,7 @@ def oblique_z(P: dict, side: int, x: np.ndarray, y: np.ndarray, z_unused=None) -
     zp = P["oblique_post_level"][si] * H
     za = P["oblique_ant_level"][si] * H
     _, cd, yc = cavity_axes(P, 0.5 * H)
-    yp, ya = yc + cd, yc - 0.55 * cd
+    yp, ya = yc + cd, yc - 0.7 * cd
     zf = zp + (yp - y) * (za - zp) / (yp - ya)
     for a, f, ph in P["fissure_ripple"]:
         zf = zf + a * np.sin(f * (x * 0.7 + y) + ph) * 0.5
@@ -331,15 +333,17 @@ def central_tubes(P: dict) -> dict[str, Tubes]:
         z0 = -30 + (i + 0.55) * period
         ext = [0.55, 0.72, 0.8, 0.82, 0.84, 0.86, 0.88, 0.86, 0.8, 0.74, 0.55, 0.42][i]
         for side in (-1, 1):
-            phi = np.linspace(0, ext * math.pi, 48)
+            phi = np.linspace(0.45, ext * math.pi, 44)
             zz = z0 + P["rib_drop_mm"][i] * (1 - np.cos(phi * 0.9)) / 2 * (0.4 if i == 0 else 1)
             zz = zz - 6 * np.sin(phi * 1.5) * (phi < 1.2)
             cw, cd, yc = np.array([cavity_axes(P, float(z)) for z in zz]).T
             xo = 26
             x = side * (xo + (cw + 5 - xo) * np.sin(phi))
             y = yc + (cd + 6) * np.cos(phi)
-            y = np.minimum(y, ys + 4)
             pts = np.stack([zz, y, x], 1)
+            head = np.array([[z0 - 2, ys + 0.2 * P["vert_r_mm"], side * (P["vert_r_mm"] + 4)],
+                             [z0 - 4, ys + P["vert_r_mm"] + 8, side * (P["vert_r_mm"] + 18)]])
+            pts = np.concatenate([head, pts])  # rib head at the vertebral body, neck along the transverse process
             ncart = 0 if i >= 10 else 10
             ribs.append(Tubes.from_polyline(pts[: len(pts) - ncart // 2], P["rib_r_mm"] * (1 + 0.15 * (i > 3))))
             if i < 10:
@@ -595,15 +599,15 @@ def grow_trees(P: dict) -> dict[str, Any]:
         if len(idx) == 0:
             continue
         side = -1 if name.startswith("R") else 1
-        for tree, root, r_root, store in (("artery", hil[side], 9.0, art_segs), ("vein", vein[side], 8.0, vein_segs)):
+        for tree, root, r_root, store in (("artery", hil[side], 5.5, art_segs), ("vein", vein[side], 5.0, vein_segs)):
             n = max(8, int(n_total * lobe_vol[L] / total))
             pick = rng.choice(idx, size=n, replace=True)
             pts = g.to_mm(np.stack(np.unravel_index(pick, g.shape), 1) + rng.uniform(-0.5, 0.5, (n, 3)))
-            r_lobe = r_root * (lobe_vol[L] / total) ** (1 / 3) * 1.25
+            r_lobe = r_root * (lobe_vol[L] / total) ** (1 / 3)
             segs = _split_tree(rng, root, r_lobe, pts, r_min=0.3)
             store.append(segs)
             if tree == "artery":
-                air_segs.append(_airway_from(segs, bron[side], r_scale=0.85, r_min=1.1))
+                air_segs.append(_airway_from(segs, bron[side], r_scale=0.9, r_min=0.9))
     art = Tubes.concat(art_segs)
     vei = Tubes.concat(vein_segs)
     return {"vessel": Tubes.concat([art, vei]), "airway": Tubes.concat(air_segs), "artery": art, "vein": vei,

@@ -24,7 +24,7 @@ HU_RANGES: dict[str, tuple[float, float]] = {
     "lung_rul": (-870, -825), "lung_rml": (-870, -825), "lung_rll": (-870, -825), "lung_lul": (-870, -825),
     "lung_lll": (-870, -825),
     "heart": (42, 58), "heart_chamber": (30, 42), "stomach": (10, 35), "gas": (-1000, -980),
-    "cartilage": (90, 180), "cancellous_bone": (180, 300), "cortical_bone": (700, 1100),
+    "cartilage": (90, 180), "cancellous_bone": (120, 220), "cortical_bone": (700, 1100),
 }
 LUNG_PARENCHYMA = [V[n] for n in ("lung_rul", "lung_rml", "lung_rll", "lung_lul", "lung_lll")]
 IS_LUNG = np.zeros(256, bool)
@@ -45,7 +45,7 @@ def draw_volume_render_params(rng: np.random.Generator, spacing: tuple[float, fl
         "hu": hu,
         "lung_gradient_hu": u(20, 45),
         "lung_texture_hu": u(14, 22), "lung_texture_mm": u(2.0, 3.5),
-        "soft_texture_hu": u(2, 5), "bone_texture_hu": u(60, 110), "bone_texture_mm": u(0.8, 1.4),
+        "soft_texture_hu": u(2, 5), "bone_texture_hu": u(80, 130), "bone_texture_mm": u(0.8, 1.4),
         "fissure_hu": u(700, 900),
         "psf_sigma_mm": u(0.35, 0.55),
         "ssp_fwhm_mm": float(spacing[0]) * u(1.0, 1.2),

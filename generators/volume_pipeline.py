@@ -30,9 +30,12 @@ def volume_geometry(req: VolumeRequest, P: dict[str, Any], rng: np.random.Genera
     H = P["lung_height_mm"]
     center = (req.z_center_level * H, 0.0, 0.0)
     if req.center_on_lobe:
+        from scipy.ndimage import distance_transform_edt
+
         atlas, g = lobe_atlas(P)
-        idx = np.argwhere(atlas == LOBES[req.center_on_lobe])
-        if len(idx):
+        dist = distance_transform_edt(atlas == LOBES[req.center_on_lobe], sampling=g.spacing)
+        idx = np.argwhere(dist >= 0.7 * dist.max()) if dist.max() > 0 else np.zeros((0, 3), int)
+        if len(idx):  # deep inside the lobe, so a crop round it has room for a finding
             pick = idx[int(rng.integers(len(idx)))] if rng is not None else idx[len(idx) // 2]
             center = tuple(float(v) for v in g.to_mm(pick))
     return VolumeGeometry(tuple(int(v) for v in req.shape), tuple(float(v) for v in req.spacing), center)
