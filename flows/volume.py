@@ -41,7 +41,7 @@ def make_volume(req: VolumeRequest, seed: int, index: int, max_attempts: int = 3
         history.append({"attempt": attempt, "passed": qc["passed"]})
         if qc["passed"] or attempt == max_attempts - 1:
             anatomy = {k: v for k, v in lay["anatomy"].items()}
-            return {"image": img, "label": lay["label"], "instance": lay["instance"], "geometry": g,
+            return {"image": img, "label": lay["label"], "instance": lay["instance"], "lobes": lay["lobes"], "geometry": g,
                     "measured": measured, "qc": {**qc, "attempts": attempt + 1, "history": history},
                     "params": {"anatomy": anatomy, "render": rp, "findings": public_findings(lay["nodules"]),
                                "trees": {"vessel_segments": len(lay["trees"]["vessel"]),

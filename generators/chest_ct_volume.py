@@ -226,7 +226,8 @@ def oblique_z(P: dict, side: int, x: np.ndarray, y: np.ndarray, z_unused=None) -
     zf = zp + (yp - y) * (za - zp) / (yp - ya)
     for a, f, ph in P["fissure_ripple"]:
         zf = zf + a * np.sin(f * (x * 0.7 + y) + ph) * 0.5
-    return zf + 0.06 * (np.abs(x) - 70)
+    # at one level the fissure runs from the hilum (anterior, medial) to the chest wall (posterior, lateral)
+    return zf + (za - zp) / (yp - ya) * 0.45 * (np.abs(x) - 60)
 
 
 def horizontal_z(P: dict, x: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -414,9 +415,9 @@ def draw_slice(P: dict, geom: VolumeGeometry, z: float, label: np.ndarray, lobes
     if P["female"] and 0.35 < t < 0.85:
         bs = P["breast_mm"] * math.sin(math.pi * (t - 0.35) / 0.5)
         for s in (-1, 1):
-            _ell(label, geom, V["skin"], s * w * 0.45, yb - d + 10, bs * 1.3, bs + 2)
-            _ell(label, geom, V["subcutaneous_fat"], s * w * 0.45, yb - d + 10, bs * 1.3 - 2, bs)
-            _ell(label, geom, V["muscle"], s * w * 0.45, yb - d + 4, bs * 0.6, bs * 0.45)  # fibroglandular cone
+            _ell(label, geom, V["skin"], s * w * 0.42, yb - d + 0.55 * bs, bs * 1.9, bs + 2, -s * 12)
+            _ell(label, geom, V["subcutaneous_fat"], s * w * 0.42, yb - d + 0.55 * bs, bs * 1.9 - 2, bs, -s * 12)
+            _ell(label, geom, V["muscle"], s * w * 0.42, yb - d + 0.2 * bs, bs * 0.9, bs * 0.45, -s * 12)
     _poly(label, geom, V["muscle"], superellipse(0, yb + 2, w - fat, d - fat * 0.8, 2.4, post_flat=0.25))
     # fat pads between muscle groups: a thin fat plane outside the cavity
     _poly(label, geom, V["subcutaneous_fat"], superellipse(0, yc, cw + 9, cd + 9, P["cavity_shape"]))

@@ -142,3 +142,27 @@ def test_lungs_have_five_lobes_with_published_shares():
     share = counts / counts.sum() * 100
     for got, want in zip(share, [17.9, 9.3, 26.5, 23.1, 23.2]):
         assert abs(got - want) <= 10, share
+
+
+def test_dicom_series_and_seg_read_back_with_label_ids_and_geometry_of_the_nifti(tmp_path):
+    import pydicom
+
+    from schemas.volume import VOLUME_CLASSES
+    from store.dicom_volume import read_seg_labels, write_dicom
+
+    req = VolumeRequest((20, 96, 96), (5.0, 3.6, 3.6), 0.65,
+                        [{"kind": "solid", "diameter_mm": 12.0, "location": "RLL"}])
+    vol = make_volume(req, seed=3, index=0)
+    g = vol["geometry"]
+    out = write_dicom(vol["image"], vol["label"], g.lps_affine(), VOLUME_CLASSES.names, tmp_path, key="t-3-0")
+    for p in out["ct"] + [out["seg"]]:
+        pydicom.dcmread(p)  # every file parses
+    ct0 = pydicom.dcmread(out["ct"][0])
+    assert np.array_equal(ct0.pixel_array, vol["image"][0])
+    lab, pos = read_seg_labels(out["seg"], out["ct"])
+    assert np.array_equal(lab, vol["label"])
+    assert (lab == V["nodule_solid"]).sum() == vol["measured"][0]["voxels"]
+    ras = g.ras_affine()
+    for k in (0, 19):
+        r = ras @ np.array([0, 0, k, 1.0])
+        assert np.allclose(pos[k], [-r[0], -r[1], r[2]], atol=1e-3)
