@@ -37,7 +37,7 @@ def outline(rgb, lab, ids, color):
     cv2.drawContours(rgb, cs, -1, color, 1)
 
 
-def panel(img2d, lab2d, lob2d, scale_rows, size=300, c=-600, w=1500, lobes=True):
+def panel(img2d, lab2d, lob2d, scale_rows, size=256, c=-600, w=1500, lobes=True):
     h, wd = img2d.shape
     nh = int(round(h * scale_rows))
     g = cv2.resize(window(img2d, c, w), (wd, nh), interpolation=cv2.INTER_LINEAR)
@@ -81,7 +81,7 @@ def main() -> int:
         txt = f"{m['kind']} {m['equivalent_diameter_mm']:.1f} mm eq. ({m['lobe']}), Lung-RADS {m['lung_rads']}"
         cv2.putText(tiles[0], txt, (4, 14), cv2.FONT_HERSHEY_SIMPLEX, 0.38, (255, 255, 0), 1, cv2.LINE_AA)
         for t, name in zip(tiles, ["axial", "coronal", "sagittal", "axial, mediastinal window"]):
-            cv2.putText(t, name, (4, 292), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (200, 200, 200), 1, cv2.LINE_AA)
+            cv2.putText(t, name, (4, 250), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (200, 200, 200), 1, cv2.LINE_AA)
         rows.append(np.concatenate(tiles, 1))
         print(f"volume {v}: {txt}; qc passed {vol['qc']['passed']}", flush=True)
     out = np.concatenate(rows, 0)

@@ -180,7 +180,7 @@ def draw_volume_anatomy(rng: np.random.Generator) -> dict[str, Any]:
                   "c": u(42, 50), "angle_deg": u(-40, -25), "wall_mm": u(8, 11)},
         "carina_level": u(0.3, 0.36), "arch_level": u(0.22, 0.28),
         "aorta_r_mm": u(12, 15), "trachea_r_mm": u(8, 10),
-        "spine_y_mm": u(38, 46), "vert_r_mm": u(19, 23), "disc_mm": u(4, 6),
+        "spine_y_mm": u(26, 32), "vert_r_mm": u(19, 23), "disc_mm": u(4, 6),
         "oblique_post_level": (u(0.1, 0.16), u(0.1, 0.16)), "oblique_ant_level": (u(0.88, 0.96), u(0.86, 0.94)),
         "horizontal_level": u(0.5, 0.56), "horizontal_tilt": u(-0.08, 0.08),
         "fissure_ripple": [[u(-4, 4), u(0.01, 0.03), u(0, 6.3)] for _ in range(4)],
@@ -212,7 +212,7 @@ def cavity_axes(P: dict, z: float) -> tuple[float, float, float]:
     wall = P["fat_mm"] + P["wall_mm"]
     cw = (w - wall - 4) * (0.7 + 0.3 * _smooth(t, -0.1, 0.35))
     cd = (d - wall - 6) * (0.78 + 0.22 * _smooth(t, -0.05, 0.4))
-    return float(cw), float(cd), float(d * 0.08)
+    return float(cw), float(cd), float(d * 0.02)
 
 
 def oblique_z(P: dict, side: int, x: np.ndarray, y: np.ndarray, z_unused=None) -> np.ndarray:
@@ -557,10 +557,11 @@ def draw_volume(P: dict, geom: VolumeGeometry, fissure: bool = True, trees: dict
     np.multiply(lobes, lung_mask[label], out=lobes)
     vessel_w = np.zeros(geom.shape, np.uint8)
     if trees is not None:
-        draw_tubes(label, trees["airway"], geom, V["airway_wall"], slab=True, radius_scale=1.25, where=lung_mask)
+        # airways are cut at the slice centre (a slab-wide air label would darken thick slices)
+        draw_tubes(label, trees["airway"], geom, V["airway_wall"], radius_scale=1.25, where=lung_mask)
         aw_ok = lung_mask.copy()
         aw_ok[V["airway_wall"]] = True
-        draw_tubes(label, trees["airway"], geom, V["airway_lumen"], slab=True, radius_scale=0.75, where=aw_ok)
+        draw_tubes(label, trees["airway"], geom, V["airway_lumen"], radius_scale=0.75, where=aw_ok)
         lung_now = lung_mask[label]  # parenchyma only: vessels do not overwrite the airways beside them
         draw_tubes(vessel_w, trees["vessel"], geom, None, slab=True, where=lung_now,
                    also=(label, V["pulmonary_vessel"]))

@@ -21,8 +21,8 @@ from schemas.volume import VOLUME_IDS, VolumeGeometry
 V = VOLUME_IDS
 HU_RANGES: dict[str, tuple[float, float]] = {
     **SLICE_HU_RANGES,
-    "lung_rul": (-870, -825), "lung_rml": (-870, -825), "lung_rll": (-870, -825), "lung_lul": (-870, -825),
-    "lung_lll": (-870, -825),
+    "lung_rul": (-865, -815), "lung_rml": (-865, -815), "lung_rll": (-865, -815), "lung_lul": (-865, -815),
+    "lung_lll": (-865, -815),
     "heart": (42, 58), "heart_chamber": (30, 42), "stomach": (10, 35), "gas": (-1000, -980),
     "cartilage": (90, 180), "cancellous_bone": (120, 220), "cortical_bone": (700, 1100),
 }
@@ -43,7 +43,7 @@ def draw_volume_render_params(rng: np.random.Generator, spacing: tuple[float, fl
         hu[n] = lung + u(-5, 5)
     return {
         "hu": hu,
-        "lung_gradient_hu": u(20, 45),
+        "lung_gradient_hu": u(25, 50),
         "lung_texture_hu": u(14, 22), "lung_texture_mm": u(2.0, 3.5),
         "soft_texture_hu": u(2, 5), "bone_texture_hu": u(80, 130), "bone_texture_mm": u(0.8, 1.4),
         "fissure_hu": u(700, 900),
@@ -127,7 +127,7 @@ def render_volume(layout: dict[str, Any], geom: VolumeGeometry, p: dict[str, Any
             wf = w.astype(np.float32) * np.float32(1 / 255)
             img += wf * (vessel_hu - img)
         if fissure is not None and fissure[k].any():
-            img += fissure[k].astype(np.float32) * np.float32(p["fissure_hu"] / 255)
+            img += fissure[k].astype(np.float32) * (lungf[lab] * np.float32(p["fissure_hu"] / 255))
         for nd in nods:
             _composite_nodule(img, k, nd, p, geom, t)
         out[k] = cv2.GaussianBlur(img, (0, 0), psf)
