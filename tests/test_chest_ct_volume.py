@@ -166,3 +166,36 @@ def test_dicom_series_and_seg_read_back_with_label_ids_and_geometry_of_the_nifti
     for k in (0, 19):
         r = ras @ np.array([0, 0, k, 1.0])
         assert np.allclose(pos[k], [-r[0], -r[1], r[2]], atol=1e-3)
+
+
+def test_juxtapleural_nodule_touches_pleura_and_juxtavascular_touches_a_vessel():
+    spacing = (1.25, 0.8, 0.8)
+    for flag, check in (("juxtapleural", "touches_pleura"), ("juxtavascular", None)):
+        req = VolumeRequest((64, 120, 120), spacing, findings=[{"kind": "solid", "diameter_mm": 7.0, "location": "RLL",
+                                                               flag: True}], center_on_lobe="RLL")
+        lay = layout_volume(req, np.random.default_rng(21))
+        m = measure_volume_findings(lay["label"], lay["instance"], lay["lobes"], lay["geometry"], lay["nodules"])[0]
+        assert abs(m["equivalent_diameter_mm"] - 7.0) <= 0.8 and m["in_lobe_fraction"] >= 0.99
+        if check:
+            assert m[check] and not m["touches_fissure"]
+        else:
+            box = tuple(slice(max(0, a - 2), b + 2) for a, b in lay["nodules"][0]["box"])
+            ring = ndimage.binary_dilation(lay["instance"][box] == 1, iterations=2)
+            assert (lay["label"][box][ring] == V["pulmonary_vessel"]).any()
+
+
+def test_volume_spec_rejects_bad_input_in_one_line_and_plans_reproducibly():
+    from schemas.errors import SpecError
+    from schemas.volume_spec import plan_volume, validate_volume_spec
+
+    good = {"name": "vol", "samples": 4, "volume": {"size": [64, 256, 256], "spacing_mm": [1.25, 0.7, 0.7]},
+            "findings": {"negatives": 0, "mixture": [{"kind": "solid", "diameter_mm": [4, 8], "location": "RUL",
+                                                      "volume_mm3": 200}]}}
+    spec = validate_volume_spec(good)
+    a, b = plan_volume(spec, 3), plan_volume(spec, 3)
+    assert a == b and a["findings"][0]["volume_mm3"] == 200 and 4 <= a["findings"][0]["diameter_mm"] <= 8
+    with pytest.raises(SpecError, match="spacing") as e:
+        validate_volume_spec({**good, "volume": {"spacing_mm": [0.01, 0.7, 0.7]}})
+    assert "\n" not in str(e.value)
+    with pytest.raises(SpecError, match="juxtavascular|extra"):
+        validate_volume_spec({**good, "findings": {"mixture": [{"diameter_mm": 5, "juxtavascularr": True}]}})
