@@ -199,3 +199,25 @@ def test_volume_spec_rejects_bad_input_in_one_line_and_plans_reproducibly():
     assert "\n" not in str(e.value)
     with pytest.raises(SpecError, match="juxtavascular|extra"):
         validate_volume_spec({**good, "findings": {"mixture": [{"diameter_mm": 5, "juxtavascularr": True}]}})
+
+
+def test_nifti_codec_round_trips_and_every_slice_carries_the_watermark():
+    from store import watermark as wm
+    from store.codecs import get_codec
+    import store.nifti  # noqa: F401  (registers the codec)
+
+    req = VolumeRequest((12, 512, 512), (5.0, 0.7, 0.7), 0.6,
+                        [{"kind": "solid", "diameter_mm": 10.0, "location": "RLL"}])
+    vol = make_volume(req, seed=4, index=0)
+    codec = get_codec("nifti_hu16")
+    stored = codec.encode(vol["image"].astype(np.float32))
+    pay = wm.payload_for("vol-test", 1, 0)
+    keep = ndimage.binary_dilation(vol["instance"] > 0, iterations=2)
+    marked = codec.watermark(stored, pay, keep)
+    diff = np.abs(marked.astype(np.int32) - stored)
+    assert diff.max() <= 4 and diff[keep].max() == 0
+    data = codec.to_bytes(marked, {"affine_ras": vol["geometry"].ras_affine().tolist(), "sample": "0"})
+    back = codec.from_bytes(data)
+    assert np.array_equal(back, marked)
+    det = wm.decode((back[6].astype(np.int32) + 1024).astype(np.uint16))
+    assert det.found and det.payload == pay
