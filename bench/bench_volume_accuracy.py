@@ -52,6 +52,8 @@ def main() -> int:
     rows, misses = [], []
     t0 = time.perf_counter()
     for i in range(args.volumes):
+        if i and i % 25 == 0:
+            print(f"  {i} volumes, {time.perf_counter() - t0:.0f} s", flush=True)
         req, rng = request_for(i, args.seed)
         f = req.findings[0]
         try:
