@@ -42,23 +42,6 @@ def stored_to_hu(stored: np.ndarray) -> np.ndarray:
     return stored.astype(np.float32) - HU_OFFSET
 
 
-def image_to_stored(image: np.ndarray, domain: str) -> tuple[np.ndarray, str]:
-    """A Sample's image -> the array that is stored (before the watermark) and its encoding text, by the codec the
-    domain declares (see ``store.codecs``)."""
-    from store.codecs import codec_for_domain
-
-    c = codec_for_domain(domain)
-    stored = c.encode(image)
-    return stored, c.describe(stored)
-
-
-def stored_to_image(stored: np.ndarray, encoding: str) -> np.ndarray:
-    """Decode by an encoding text of a version published before codecs were recorded (``LEGACY_ENCODINGS``)."""
-    from store.codecs import codec_from_record
-
-    return codec_from_record(None, encoding).decode(stored)
-
-
 def _chunk(kind: bytes, data: bytes) -> bytes:
     return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
 
