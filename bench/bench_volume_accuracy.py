@@ -48,6 +48,7 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--volumes", type=int, default=200)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--only-juxtapleural", action="store_true", help="run only the juxtapleural requests")
     args = ap.parse_args()
     rows, misses = [], []
     t0 = time.perf_counter()
@@ -56,6 +57,8 @@ def main() -> int:
             print(f"  {i} volumes, {time.perf_counter() - t0:.0f} s", flush=True)
         req, rng = request_for(i, args.seed)
         f = req.findings[0]
+        if args.only_juxtapleural and not f["juxtapleural"]:
+            continue
         try:
             lay = layout_volume(req, rng)
         except PlacementError as e:
