@@ -61,7 +61,7 @@ def check_provenance(folder: Path, ds: VersionDataset) -> None:
 
 
 def test_every_format_is_registered():
-    assert {"mvtec", "nnunet", "coco", "monai", "hf"} <= set(formats())
+    assert {"mvtec", "nnunet", "coco", "monai", "hf", "croissant"} <= set(formats())
 
 
 @pytest.mark.parametrize("name", ["tiny-ct", "plates"])
@@ -205,3 +205,41 @@ def test_a_refused_export_writes_nothing(root, tmp_path):
         export_version(root, "plates@v1", "coco", tmp_path / "x")
     assert [p.name for p in (tmp_path / "x").iterdir()] == ["plates_v1"]
     assert not (tmp_path / "x" / "Dataset1000_Plates").exists()
+
+
+@pytest.mark.parametrize("name", ["tiny-ct", "plates"])
+def test_croissant_metadata_validates_and_iterates_record_by_record(root, name, tmp_path):
+    import mlcroissant as mlc
+
+    out = export_version(root, f"{name}@v1", "croissant", tmp_path)
+    folder = Path(out["path"])
+    assert out["warnings"] == []
+    dataset = mlc.Dataset(str(folder / "croissant.json"))  # validates; raises on errors
+    issues = dataset.metadata.ctx.issues
+    assert not issues.errors and not issues.warnings, issues.report()
+    doc = json.loads((folder / "croissant.json").read_text())
+    assert "Synthetic data" in doc["rai:dataCollection"] and doc["rai:dataCollectionType"] in ("Synthetic data", ["Synthetic data"])
+    assert doc["license"] and doc["conformsTo"]
+    ds = version(root, name)
+    samples = by_id(ds)
+    n = 0
+    for rec in dataset.records("samples"):
+        s = samples[rec["samples/sample_id"].decode()]
+        assert rec["samples/split"].decode() == s["split"]
+        assert rec["samples/pixel_spacing_mm"] == pytest.approx(s["spacing_mm"])
+        kinds = rec["samples/finding_kinds"]
+        assert (kinds.decode().split(";") if kinds else []) == [f["kind"] for f in s["requested"]]
+        measured = json.loads(rec["samples/findings_json"])
+        assert [m["area_mm2"] for m in measured] == [m["area_mm2"] for m in s["measured"]]
+        n += 1
+    assert n == sum(1 for i in range(len(ds)) if ds[i]["qc_passed"])
+    for rec in dataset.records("labels"):  # mlcroissant hands PNGs over as 8-bit RGB: class ids fit
+        s = samples[rec["labels/sample_id"].decode()]
+        assert np.array_equal(np.asarray(rec["labels/content"])[..., 0], s["label"])
+    for rec in dataset.records("images"):
+        s = samples[rec["images/sample_id"].decode()]
+        path = folder / "images" / f"{s['sample_id']}.png"
+        assert path.read_bytes() == ds.file_bytes(s["pos"], "image")  # the published file, byte for byte
+        if s["image"].dtype == np.uint8:  # 8-bit images survive mlcroissant's RGB conversion exactly
+            assert np.array_equal(np.asarray(rec["images/content"]), s["image"])
+    check_provenance(folder, ds)
