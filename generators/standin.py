@@ -162,4 +162,18 @@ def standin_samples(n: int, *, size: int = 256, seed: int = 0, start: int = 0, c
     return [standin_sample(i, size=size, seed=seed, cfg=cfg) for i in range(start, start + n)]
 
 
-__all__ = ["StandinConfig", "STANDIN", "standin_sample", "standin_samples", "render_standin"]
+__all__ = ["StandinConfig", "STANDIN", "standin_sample", "standin_samples", "render_standin", "standin_for"]
+
+
+# Stand-in builders per domain (shared code looks them up; a domain without one has no built-in reference).
+STANDIN_BUILDERS = {"chest_ct": standin_samples}
+
+
+def standin_for(domain: str):
+    """The stand-in builder of ``domain``: fn(n, size=, seed=, start=) -> list of sample dicts."""
+    if domain not in STANDIN_BUILDERS:
+        from schemas.errors import SpecError
+
+        raise SpecError(f"no built-in stand-in reference for domain {domain!r}; stand-ins exist for: "
+                        f"{', '.join(sorted(STANDIN_BUILDERS))}; give --real a folder or a dataset version")
+    return STANDIN_BUILDERS[domain]
