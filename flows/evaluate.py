@@ -344,14 +344,23 @@ def _flow_run_name() -> str:
     return f"evaluate {flow_run.parameters.get('ref', '')}"
 
 
+def _direct(t, *args):
+    """Run a task's body in this process without Prefect (library use, tests)."""
+    return t.fn(*args)
+
+
+def _prefect(t, *args):
+    return t(*args)
+
+
 def evaluate_one(ref: str, reference: ImageSet | None, seg, ref_score: dict | None, profile_domain: str | None,
-                 root: str | None, opts: EvalOptions, extractor=None, version: ImageSet | None = None
-                 ) -> dict[str, Any]:
+                 root: str | None, opts: EvalOptions, extractor=None, version: ImageSet | None = None,
+                 call=_direct) -> dict[str, Any]:
     """Every check of one version against an already loaded reference. ``seg``: the segmenter trained on the
     reference (learned check, features); ``ref_score`` its Dice on the reference's test part (None when the
     reference has no labels and ``seg`` learned from the version itself: then it serves for features only)."""
     t0 = time.perf_counter()
-    version = version or load_version_task(ref, root, opts.limit)
+    version = version or call(load_version_task, ref, root, opts.limit)
     profile = ev.profile_for(version.domain)
     if profile_domain and profile_domain != version.domain:
         raise SpecError(f"{ref} is a {version.domain} dataset but the reference is {profile_domain}")
@@ -361,32 +370,32 @@ def evaluate_one(ref: str, reference: ImageSet | None, seg, ref_score: dict | No
                               "options": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(opts).items()},
                               "device": resolve_device(opts.device)}
     images: dict[str, np.ndarray] = {}
-    report["label_fidelity"] = label_fidelity_task(version, profile, opts)
+    report["label_fidelity"] = call(label_fidelity_task, version, profile, opts)
     curves = None
     if reference is not None:
         report["reference"] = {"name": reference.name, "kind": reference.kind, "samples": len(reference),
                                "labelled": reference.labelled, "note": reference.note}
     if seg is not None and ref_score is not None:
-        lc, overlays = learned_check_task(seg, version, profile, ref_score, opts)
+        lc, overlays = call(learned_check_task, seg, version, profile, ref_score, opts)
         report["learned_check"] = lc
         images.update(dict(overlays))
     if reference is not None:
         feats = None
         if extractor is not None:
-            feats = (features_task(extractor, version), features_task(extractor, reference),
+            feats = (call(features_task, extractor, version), call(features_task, extractor, reference),
                      f"feature extractor {opts.features}")
         elif seg is not None:
             fn = seg.features
             whose = "the reference segmenter's" if ref_score is not None else "a segmenter trained on the version's"
-            feats = (features_task(fn, version), features_task(fn, reference),
+            feats = (call(features_task, fn, version), call(features_task, fn, reference),
                      f"{whose} encoder (NOT comparable with published FID/KID values)")
-        report["realism"], curves = realism_task(version, reference, profile, feats)
+        report["realism"], curves = call(realism_task, version, reference, profile, feats)
         if opts.utility and reference.labelled and len(reference) >= 4:
             tr, te = reference.split_indices()
-            report["utility"] = utility_task(reference.labelled_set(tr), reference.labelled_set(te),
+            report["utility"] = call(utility_task, reference.labelled_set(tr), reference.labelled_set(te),
                                              version.labelled_set(), profile, opts.segmenter(), opts)
     if opts.train_ref:
-        train = load_reference_task(opts.train_ref, version.domain, version.images[0].shape[0], root, opts.limit)
+        train = call(load_reference_task, opts.train_ref, version.domain, version.images[0].shape[0], root, opts.limit)
         if reference is None:
             report["memorisation"] = {"skipped": "memorisation needs a held-out reference (--real)"}
         else:
@@ -394,39 +403,47 @@ def evaluate_one(ref: str, reference: ImageSet | None, seg, ref_score: dict | No
             held = ImageSet(reference.name + " (test part)", reference.kind, reference.domain,
                             [reference.images[i] for i in te], [reference.spacings[i] for i in te],
                             [reference.ids[i] for i in te])
-            report["memorisation"], pairs = memorisation_task(version, train, held, profile, seg)
+            report["memorisation"], pairs = call(memorisation_task, version, train, held, profile, seg)
             images.update(dict(pairs))
     else:
         report["memorisation"] = {"skipped": "no training set given (--train-ref): only generators trained on data "
                                              "can copy it"}
     report["seconds"] = round(time.perf_counter() - t0, 2)
-    report["folder"] = write_task(root, version, report, images, curves)
+    report["folder"] = call(write_task, root, version, report, images, curves)
     return report
+
+
+def evaluate_versions(ref: str, real: str | None = None, against: str | None = None, root: str | None = None,
+                      options: dict[str, Any] | EvalOptions | None = None, call=_direct) -> dict[str, Any]:
+    """Evaluate ``ref`` (and ``against``, with the same reference and segmenter) and write the reports. ``call``
+    runs each step: in this process (the default) or as a Prefect task (inside the flow)."""
+    opts = options_from(options)
+    version = call(load_version_task, ref, root, opts.limit)
+    profile = ev.profile_for(version.domain)
+    reference = seg = ref_score = None
+    if real:
+        reference = call(load_reference_task, real, version.domain, version.images[0].shape[0], root, opts.limit)
+    if reference is not None and reference.labelled:
+        tr, te = reference.split_indices()
+        seg = call(train_segmenter_task, reference.labelled_set(tr), profile, opts.segmenter())
+        ref_score = call(score_task, seg, reference.labelled_set(te), profile)
+    elif reference is not None:
+        # An unlabelled reference: the segmenter learns from the version itself (for features only).
+        seg = call(train_segmenter_task, version.labelled_set(), profile, opts.segmenter())
+    extractor = load_feature_extractor(opts.features, resolve_device(opts.device)) if opts.features else None
+    reports = {"evaluated": evaluate_one(ref, reference, seg, ref_score, version.domain, root, opts, extractor,
+                                         version, call=call)}
+    if against:
+        reports["against"] = evaluate_one(against, reference, seg, ref_score, version.domain, root, opts, extractor,
+                                          call=call)
+    return reports
 
 
 @flow(name="evaluate-dataset", flow_run_name=_flow_run_name, validate_parameters=False, log_prints=False)
 def evaluate_dataset(ref: str, real: str | None = None, against: str | None = None, root: str | None = None,
                      options: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Evaluate ``ref`` (and ``against``, with the same reference and segmenter) and write the reports."""
-    opts = options_from(options)
-    version = load_version_task(ref, root, opts.limit)
-    profile = ev.profile_for(version.domain)
-    reference = seg = ref_score = None
-    if real:
-        reference = load_reference_task(real, version.domain, version.images[0].shape[0], root, opts.limit)
-    if reference is not None and reference.labelled:
-        tr, te = reference.split_indices()
-        seg = train_segmenter_task(reference.labelled_set(tr), profile, opts.segmenter())
-        ref_score = score_task(seg, reference.labelled_set(te), profile)
-    elif reference is not None:
-        # An unlabelled reference: the segmenter learns from the version itself (for features only).
-        seg = train_segmenter_task(version.labelled_set(), profile, opts.segmenter())
-    extractor = load_feature_extractor(opts.features, resolve_device(opts.device)) if opts.features else None
-    reports = {"evaluated": evaluate_one(ref, reference, seg, ref_score, version.domain, root, opts, extractor,
-                                         version)}
-    if against:
-        reports["against"] = evaluate_one(against, reference, seg, ref_score, version.domain, root, opts, extractor)
-    return reports
+    """The evaluation as a Prefect flow: every step a task run (see ``evaluate_versions``)."""
+    return evaluate_versions(ref, real, against, root, options, call=_prefect)
 
 
 def options_from(options: dict[str, Any] | EvalOptions | None) -> EvalOptions:
@@ -742,5 +759,5 @@ def side_by_side(a: dict, b: dict) -> list[tuple[str, str, str]]:
     return rows
 
 
-__all__ = ["EvalOptions", "evaluate_dataset", "run_evaluate", "label_fidelity", "learned_check", "realism",
+__all__ = ["EvalOptions", "evaluate_dataset", "evaluate_versions", "run_evaluate", "label_fidelity", "learned_check", "realism",
            "memorisation", "latest_evaluation", "side_by_side", "options_from", "utility_table", "utility_plot"]

@@ -40,10 +40,10 @@ def _spec(name: str, n: int = N):
     return load_spec_text(text), text
 
 
-def publish(root, name: str, samples, n: int = N) -> str:
+def publish(root, name: str, samples, n: int = N, code: str = "test-eval") -> str:
     spec, text = _spec(name, n)
     st = DatasetStore(str(root))
-    b = st.open_build(spec, text, spec_hash(spec), "test-eval")
+    b = st.open_build(spec, text, spec_hash(spec), code)
     for i, r in enumerate(b.shards):
         b.write_shard(i, [samples[j] for j in r])
     pv = b.publish(run_id="test")
