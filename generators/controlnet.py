@@ -26,7 +26,7 @@ import torch
 from generators.conditioning import (ANNOTATORS, CANNY_HIGH, CANNY_LOW, CONDITIONINGS, LINEART_SIGMA,
                                      LINEART_THRESHOLD, PAD_MODE, control_image, pad_label, padded_size, palette_lut)
 from generators.base import Renderer, register_renderer
-from schemas.classes import LOBE_NAMES
+from schemas.domain import all_domains, get_domain, import_hook
 from schemas.errors import GenerationError, SpecError
 from schemas.sample import Layout
 from schemas.seeding import torch_seed
@@ -34,15 +34,6 @@ from schemas.seeding import torch_seed
 # ------------------------------------------------------------------------------------------------ options
 SCHEDULERS = ("ddim", "dpm++", "euler", "euler_a", "unipc", "pndm", "ddpm")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-# HU windows: grey g in [0, 1] -> HU = low + g * (high - low). Every preset starts at or above -1024 HU so every
-# output fits the store's 16-bit PNG of HU + 1024; "lung" keeps the clinical lung-window width (1500 HU).
-HU_WINDOWS = {"lung": (-1024.0, 476.0), "mediastinal": (-160.0, 240.0), "wide": (-1024.0, 1024.0)}
-HU_MIN, HU_MAX = -1024.0, 3071.0
-DEFAULT_PROMPTS = {
-    "chest_ct": "axial chest CT slice, {window} window, {findings}",
-    "surface": "close-up {color} photo of a {material} surface, {findings}",
-}
-PROMPT_FIELDS = {"chest_ct": {"findings", "window"}, "surface": {"findings", "material", "color"}}
 DEFAULT_NEGATIVE = "blurry, low quality, text, watermark, letters, frame, border, artifacts"
 NET_KEYS = ("path", "conditioning", "scale", "annotator")
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl", ".pickle")
@@ -52,6 +43,10 @@ MIN_LATENT_SIDE = 8  # below 8 latent pixels the SD UNet's bottom level is a sin
 MAX_SIZE_NATIVE_FACTOR = 4  # default largest side: 4x the model's native size (SD 1.5: 2048 px, SDXL: 4096 px)
 MAX_SIZE_HARD = 8192
 MAX_AUTO_BATCH = 16
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+# Where torch.compile keeps its compiled kernels between processes (Inductor's FX-graph and autotuning caches, Triton
+# binaries), so a machine pays the full compile once, not once per build or per worker.
+DEFAULT_COMPILE_CACHE = "~/.cache/pairforge/torch-compile"
 # ControlNet and base UNet must agree on these (compared from config.json before any weight is read).
 MATCH_KEYS = ("in_channels", "block_out_channels", "down_block_types", "layers_per_block", "cross_attention_dim",
               "attention_head_dim", "num_attention_heads", "transformer_layers_per_block", "use_linear_projection",
@@ -130,30 +125,43 @@ def _parse_nets(v: Any, default_annotator: str) -> tuple[NetOptions, ...]:
     return tuple(nets)
 
 
-def _check_prompt(name: str, text: Any, domain: str) -> str:
+def controlnet_hooks(domain: str) -> Any:
+    """The domain's ControlNet hooks (``CONTROLNET`` in the module its description names): default prompt and its
+    placeholders, domain options, the image size of a spec, prompt fields of a layout, and RGB -> domain image."""
+    d = get_domain(domain)
+    hooks = import_hook(d, d.controlnet_module, "CONTROLNET")
+    if hooks is None:
+        raise SpecError(f"generator 'controlnet' cannot render domain {domain!r}: its description names no ControlNet "
+                        "hooks (controlnet_module)")
+    return hooks
+
+
+def __getattr__(name: str):
+    """Domain-specific names that moved to the domains' generator modules (e.g. ``describe_ct_finding``)."""
+    if name.startswith("__"):
+        raise AttributeError(name)
+    import importlib
+
+    for d in all_domains():
+        if d.controlnet_module:
+            mod = importlib.import_module(d.controlnet_module)
+            if name in vars(mod):
+                return vars(mod)[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _check_prompt(name: str, text: Any, domain: str, fields_accepted: frozenset[str]) -> str:
     if not isinstance(text, str):
         raise SpecError(f"option {name}: a text is required")
     try:
         fields = {f for _, f, _, _ in string.Formatter().parse(text) if f is not None}
     except ValueError as e:
         raise SpecError(f"option {name}: {e} (write literal braces as {{{{ and }}}})") from None
-    bad = sorted(fields - PROMPT_FIELDS[domain])
+    bad = sorted(fields - fields_accepted)
     if bad:
         raise SpecError(f"option {name}: unknown placeholder(s) {', '.join('{' + b + '}' for b in bad)}; accepted for "
-                        f"{domain}: {', '.join('{' + f + '}' for f in sorted(PROMPT_FIELDS[domain]))}")
+                        f"{domain}: {', '.join('{' + f + '}' for f in sorted(fields_accepted))}")
     return text
-
-
-def _hu_window(v: Any) -> tuple[str, tuple[float, float]]:
-    if isinstance(v, str) and v in HU_WINDOWS:
-        return v, HU_WINDOWS[v]
-    if isinstance(v, (list, tuple)) and len(v) == 2 and all(isinstance(x, (int, float)) and not isinstance(x, bool)
-                                                            for x in v):
-        lo, hi = float(v[0]), float(v[1])
-        if HU_MIN <= lo < hi <= HU_MAX:
-            return "custom", (lo, hi)
-    raise SpecError(f"option hu_window: {v!r} is not accepted; accepted: {', '.join(HU_WINDOWS)} or [low, high] HU "
-                    f"with {HU_MIN:g} <= low < high <= {HU_MAX:g}")
 
 
 def _resolve_device(v: Any) -> torch.device:
@@ -403,11 +411,42 @@ class LoadedModels:
 _MODEL_CACHE: dict[tuple, LoadedModels] = {}
 
 
+@dataclass(frozen=True)
+class SpeedOptions:
+    """How the networks are run (none of it changes what is computed, only rounding and speed)."""
+
+    compile: bool = False
+    compile_mode: str = "default"  # reduce-overhead / max-autotune: CUDA graphs through Inductor's graph trees
+    compile_cache: str | None = None  # persistent Inductor/Triton cache folder (None: torch's own default)
+    compile_backend: str = "inductor"  # "eager": Dynamo tracing only (checks the compiled path without a compiler)
+    channels_last: bool = False
+    fuse_qkv: bool = False  # one matmul for Q, K and V in every self-attention (diffusers' fuse_qkv_projections)
+
+
+def use_compile_cache(folder: str) -> Path:
+    """Point Inductor and Triton at a persistent cache folder (before anything is compiled in this process)."""
+    import os
+
+    path = Path(folder).expanduser()
+    path.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(path))
+    os.environ.setdefault("TRITON_CACHE_DIR", str(path / "triton"))
+    try:
+        import torch._inductor.config as inductor_config
+
+        inductor_config.fx_graph_cache = True
+        inductor_config.autotune_local_cache = True
+    except (ImportError, AttributeError):  # pragma: no cover - older torch
+        pass
+    return path
+
+
 def load_models(folders: ModelFolders, dtype: torch.dtype, device: torch.device, compile_models: bool,
-                batch_invariant: bool) -> LoadedModels:
+                batch_invariant: bool, speed: SpeedOptions | None = None) -> LoadedModels:
     """Load (once per process and key) every model from safetensors, placed and set up for speed."""
+    speed = speed or SpeedOptions(compile=compile_models, channels_last=device.type == "cuda" and compile_models)
     key = (folders.family, str(folders.base), tuple(map(str, folders.controlnets)), str(dtype), str(device),
-           compile_models, batch_invariant)
+           batch_invariant, speed)
     if key in _MODEL_CACHE:
         return _MODEL_CACHE[key]
     from diffusers import AutoencoderKL, ControlNetModel, UNet2DConditionModel
@@ -431,15 +470,27 @@ def load_models(folders: ModelFolders, dtype: torch.dtype, device: torch.device,
         m.to(device).eval().requires_grad_(False)
     for m in (unet, vae, *nets):
         m.set_attn_processor(AttnProcessor2_0())  # PyTorch SDPA (flash / memory-efficient kernels on GPU)
-        if device.type == "cuda":
+        # NHWC pays off in compiled graphs (convolutions without layout copies); in eager CUDA GroupNorm copies it
+        # back to NCHW around every norm, so it is on with compile only (or when asked).
+        if speed.channels_last:
             m.to(memory_format=torch.channels_last)
-    vae.enable_slicing()  # decode one image at a time: bounded memory, and per-sample numbers
+    if speed.fuse_qkv:
+        for m in (unet, *nets):
+            m.fuse_qkv_projections()
+    if batch_invariant or device.type != "cuda":
+        vae.enable_slicing()  # decode one image at a time: bounded memory, and per-sample numbers
     if batch_invariant:
         for m in (unet, *nets, *encoders):
             make_rowwise(m)
-    if compile_models:
+    if speed.compile:
+        if speed.compile_cache:
+            use_compile_cache(speed.compile_cache)
+        # Static shapes (render_batch pads every call to one batch size): one graph, no dynamic-shape kernels.
         for m in (unet, *nets):
-            m.compile()
+            if speed.compile_backend == "inductor":
+                m.compile(mode=speed.compile_mode, dynamic=False)
+            else:
+                m.compile(backend=speed.compile_backend, dynamic=False)
     models = LoadedModels(family=folders.family, vae=vae, unet=unet, text_encoders=tuple(encoders),
                           tokenizers=tuple(tokenizers), controlnets=nets, scheduler_config=scheduler_config)
     _MODEL_CACHE[key] = models
@@ -478,55 +529,24 @@ def make_pipeline(models: LoadedModels, scheduler_name: str):
 
 
 # ------------------------------------------------------------------------------------------- prompts
-def _num(v: Any) -> str:
-    return f"{round(float(v), 1):g}"
-
-
-def describe_ct_finding(f: dict) -> str:
-    """'8 mm spiculated solid nodule in the right upper lobe' from a placed CT finding."""
-    kind = str(f.get("kind", "solid")).replace("_", "-")
-    words = [f"{_num(f['diameter_mm'])} mm" if f.get("diameter_mm") else "", str(f.get("margin") or ""), kind, "nodule"]
-    text = " ".join(w for w in words if w)
-    lobe = f.get("lobe") or f.get("location")
-    if lobe in LOBE_NAMES:
-        text += " in the " + LOBE_NAMES[lobe].split(" (")[0]
-    return text
-
-
-def describe_surface_finding(f: dict) -> str:
-    """'5 mm long scratch at the top left' from a placed surface defect."""
-    kind = str(f.get("kind", "defect")).replace("_", " ")
-    if f.get("length_mm"):
-        size = f"{_num(f['length_mm'])} mm long "
-    elif f.get("diameter_mm"):
-        size = f"{_num(f['diameter_mm'])} mm "
-    else:
-        size = ""
-    loc = f.get("location")
-    where = f" at the {str(loc).replace('_', ' ')}" if isinstance(loc, str) and loc not in ("any", "") else ""
-    return f"{size}{kind}{where}"
-
-
-def build_prompt(template: str, domain: str, layout: Layout, window_name: str, color: str) -> str:
-    if domain == "chest_ct":
-        findings = ", ".join(describe_ct_finding(f) for f in layout.findings) or "no nodule"
-        return template.format(findings=findings, window=window_name)
-    findings = ", ".join(describe_surface_finding(f) for f in layout.findings) or "no defect"
-    material = str(layout.params.get("material") or "metal").replace("_", " ")
-    return template.format(findings=findings, material=material, color="greyscale" if color == "grey" else "colour")
+def build_prompt(template: str, domain: str, layout: Layout, state: dict[str, Any]) -> str:
+    """The template filled with the domain's fields for this layout (findings described, material, window...)."""
+    return template.format(**controlnet_hooks(domain).prompt_fields_for(layout, state))
 
 
 # ------------------------------------------------------------------------------------------ renderer
 @register_renderer
 class ControlNetRenderer(Renderer):
-    """Label map -> control image(s) -> diffusers ControlNet pipeline -> cropped, domain-typed image."""
+    """Label map -> control image(s) -> diffusers ControlNet pipeline -> cropped, domain-typed image. Serves every
+    domain whose description lists it in ``renderers`` and names ControlNet hooks."""
 
     name = "controlnet"
     version = "1"
-    domains = ("chest_ct", "surface")
+    domains = ("*",)
     options_accepted = ("base_model", "controlnets", "prompt", "negative_prompt", "steps", "guidance_scale",
                         "scheduler", "dtype", "device", "batch_size", "compile", "allow_download", "hu_window", "color",
-                        "max_size", "batch_invariant", "hash_weights", "annotator")
+                        "max_size", "batch_invariant", "hash_weights", "annotator", "compile_mode", "compile_cache",
+                        "channels_last", "fuse_qkv", "overlap", "compile_backend")
 
     def __init__(self, domain: str, options: dict[str, Any] | None = None):
         super().__init__(domain, options)
@@ -539,8 +559,11 @@ class ControlNetRenderer(Renderer):
                             "segmentation, scale: 1.0}]")
         annotator = _choice("annotator", o.get("annotator", "controlnet_aux"), ANNOTATORS)
         self.nets = _parse_nets(o["controlnets"], annotator)
-        self.prompt = _check_prompt("prompt", o.get("prompt", DEFAULT_PROMPTS[domain]), domain)
-        self.negative_prompt = _check_prompt("negative_prompt", o.get("negative_prompt", DEFAULT_NEGATIVE), domain)
+        self.hooks = controlnet_hooks(domain)
+        self.prompt = _check_prompt("prompt", o.get("prompt", self.hooks.default_prompt), domain,
+                                    self.hooks.prompt_fields)
+        self.negative_prompt = _check_prompt("negative_prompt", o.get("negative_prompt", DEFAULT_NEGATIVE), domain,
+                                             self.hooks.prompt_fields)
         self.steps = _as_int("steps", o.get("steps", 20), 1, 1000)
         self.guidance_scale = _as_float("guidance_scale", o.get("guidance_scale", 7.5), 0.0, 50.0)
         self.scheduler = _choice("scheduler", o.get("scheduler", "unipc"), SCHEDULERS)
@@ -551,20 +574,34 @@ class ControlNetRenderer(Renderer):
             raise SpecError(f"option batch_size: {bs!r} is not accepted; accepted: auto or an integer from 1 to 1024")
         self.batch_size = bs
         self.compile = _as_bool("compile", o.get("compile", False))
+        mode = _choice("compile_mode", o.get("compile_mode", "default"), COMPILE_MODES)
+        cache = o.get("compile_cache", DEFAULT_COMPILE_CACHE)
+        if cache is not None and (not isinstance(cache, str) or not cache):
+            raise SpecError(f"option compile_cache: {cache!r} is not accepted; accepted: a folder path, or null for "
+                            "torch's own per-user temporary cache")
+        cl = o.get("channels_last", "auto")
+        fq = o.get("fuse_qkv", "auto")
+        backend = _choice("compile_backend", o.get("compile_backend", "inductor"), ("inductor", "eager"))
+        if (mode != "default" or "compile_cache" in o or "compile_backend" in o) and not self.compile:
+            raise SpecError("options compile_mode, compile_cache and compile_backend need compile: true")
+        if mode in ("reduce-overhead", "max-autotune") and self.device.type != "cuda":
+            raise SpecError(f"option compile_mode {mode!r} records CUDA graphs and needs a CUDA device; accepted on "
+                            "the CPU: default, max-autotune-no-cudagraphs")
+        self.speed = SpeedOptions(
+            compile=self.compile, compile_mode=mode, compile_cache=cache if self.compile else None,
+            compile_backend=backend,
+            channels_last=(self.compile and self.device.type == "cuda") if cl == "auto"
+            else _as_bool("channels_last", cl),
+            fuse_qkv=(self.compile and self.device.type == "cuda") if fq == "auto" else _as_bool("fuse_qkv", fq))
+        # Control images and prompts of the next batch, and the crop/convert of the last, run on a CPU thread while
+        # the GPU denoises: on by default on CUDA, where the GPU call leaves the CPU idle.
+        ov = o.get("overlap", "auto")
+        self.overlap = (self.device.type == "cuda") if ov == "auto" else _as_bool("overlap", ov)
         allow_download = _as_bool("allow_download", o.get("allow_download", False))
         hash_weights = _as_bool("hash_weights", o.get("hash_weights", False))
         bi = o.get("batch_invariant", "auto")
         self.batch_invariant = (self.device.type == "cpu") if bi == "auto" else _as_bool("batch_invariant", bi)
-        if domain == "chest_ct":
-            if "color" in o:
-                raise SpecError("option color applies to the surface domain only; CT images are HU")
-            self.window_name, self.hu_window = _hu_window(o.get("hu_window", "lung"))
-            self.color = "grey"
-        else:
-            if "hu_window" in o:
-                raise SpecError("option hu_window applies to chest_ct only; surface images are 8-bit")
-            self.window_name, self.hu_window = "", (0.0, 0.0)
-            self.color = _choice("color", o.get("color", "grey"), ("grey", "rgb"))
+        self.state = self.hooks.configure(o)  # domain options (e.g. an HU window, a colour mode), checked
         try:
             lut, known = palette_lut(domain)
         except (KeyError, ValueError, ImportError) as e:
@@ -581,15 +618,7 @@ class ControlNetRenderer(Renderer):
 
     # ---- checks against the spec (called by the pipeline before anything is generated)
     def check_spec(self, spec: Any) -> None:
-        if self.domain == "surface":
-            h, w = spec.image.hw
-            want = spec.image.color
-            if "color" in self.options and self.options["color"] != want:
-                raise SpecError(f"option color {self.options['color']!r} contradicts image.color {want!r}; "
-                                "drop the option or make them agree")
-            self.color = want
-        else:
-            h = w = spec.image.size
+        h, w = self.hooks.image_size(spec, self.options, self.state)
         self.check_size(h, w)
 
     def check_size(self, height: int, width: int) -> None:
@@ -610,12 +639,13 @@ class ControlNetRenderer(Renderer):
         return [control_image(n.conditioning, padded, self.domain, n.annotator) for n in self.nets], pad
 
     def prompt_for(self, layout: Layout) -> tuple[str, str]:
-        return (build_prompt(self.prompt, self.domain, layout, self.window_name, self.color),
-                build_prompt(self.negative_prompt, self.domain, layout, self.window_name, self.color))
+        return (build_prompt(self.prompt, self.domain, layout, self.state),
+                build_prompt(self.negative_prompt, self.domain, layout, self.state))
 
     def pipeline(self):
         if self._pipe is None:
-            models = load_models(self.folders, self.dtype, self.device, self.compile, self.batch_invariant)
+            models = load_models(self.folders, self.dtype, self.device, self.compile, self.batch_invariant,
+                                 self.speed)
             self._pipe = make_pipeline(models, self.scheduler)
         return self._pipe
 
@@ -644,27 +674,56 @@ class ControlNetRenderer(Renderer):
             self.check_size(*lay.label.shape[:2])
         # Each sample draws its torch seed from its own rng, exactly as it would alone.
         seeds = [torch_seed(rng) for rng in rngs]
-        jobs = []
-        for lay, seed in zip(layouts, seeds):
-            controls, pad = self.control_images(lay.label)
-            jobs.append({"layout": lay, "seed": seed, "controls": controls, "pad": pad,
-                         "prompts": self.prompt_for(lay)})
         pipe = self.pipeline()
         # Group by padded size (one pipeline call needs one size), then chunk by batch size; order is kept.
         groups: dict[tuple[int, int], list[int]] = {}
         for i, lay in enumerate(layouts):
             groups.setdefault(padded_size(*lay.label.shape[:2], self.folders.size_multiple), []).append(i)
-        out: list[tuple[np.ndarray, dict] | None] = [None] * len(layouts)
+        chunks = []
         for (hp, wp), idx in groups.items():
             bs = self.auto_batch_size(hp, wp)
-            for s in range(0, len(idx), bs):
-                chunk = idx[s:s + bs]
-                images = self._generate(pipe, [jobs[i] for i in chunk], hp, wp)
-                for i, img in zip(chunk, images):
-                    out[i] = self._finish(img, jobs[i], (hp, wp), bs)
+            chunks.extend(((hp, wp), bs, idx[s:s + bs]) for s in range(0, len(idx), bs))
+        out: list[tuple[np.ndarray, dict] | None] = [None] * len(layouts)
+
+        def prepare(chunk: list[int]) -> list[dict]:
+            jobs = []
+            for i in chunk:
+                controls, pad = self.control_images(layouts[i].label)
+                jobs.append({"layout": layouts[i], "seed": seeds[i], "controls": controls, "pad": pad,
+                             "prompts": self.prompt_for(layouts[i])})
+            return jobs
+
+        def finish(chunk: list[int], jobs: list[dict], images: np.ndarray, padded: tuple[int, int], bs: int) -> None:
+            for i, job, img in zip(chunk, jobs, images):
+                out[i] = self._finish(img, job, padded, bs)
+
+        if not self.overlap:
+            for padded, bs, chunk in chunks:
+                jobs = prepare(chunk)
+                finish(chunk, jobs, self._generate(pipe, jobs, *padded, bs), padded, bs)
+            return out  # type: ignore[return-value]
+        # One CPU thread prepares batch k+1 and finishes batch k while the GPU denoises (submitted in that order).
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(1, thread_name_prefix="controlnet-cpu") as cpu:
+            nxt = cpu.submit(prepare, chunks[0][2])
+            finishing = []
+            for k, (padded, bs, chunk) in enumerate(chunks):
+                jobs = nxt.result()
+                if k + 1 < len(chunks):
+                    nxt = cpu.submit(prepare, chunks[k + 1][2])
+                images = self._generate(pipe, jobs, *padded, bs)
+                finishing.append(cpu.submit(finish, chunk, jobs, images, padded, bs))
+            for f in finishing:
+                f.result()
         return out  # type: ignore[return-value]
 
-    def _generate(self, pipe, jobs: list[dict], hp: int, wp: int) -> np.ndarray:
+    def _generate(self, pipe, jobs: list[dict], hp: int, wp: int, batch_size: int | None = None) -> np.ndarray:
+        n = len(jobs)
+        if self.compile and batch_size and n < batch_size:
+            # Compiled graphs (and CUDA graphs) are built for one batch shape: pad a short last batch with copies of
+            # its last job instead of compiling again; the copies' images are dropped.
+            jobs = jobs + [jobs[-1]] * (batch_size - n)
         generators = [torch.Generator("cpu").manual_seed(j["seed"]) for j in jobs]  # CPU noise: same on any device
         per_net = [torch.from_numpy(np.stack([j["controls"][k] for j in jobs])).permute(0, 3, 1, 2).float() / 255.0
                    for k in range(len(self.nets))]
@@ -676,7 +735,7 @@ class ControlNetRenderer(Renderer):
                       num_inference_steps=self.steps, guidance_scale=self.guidance_scale,
                       controlnet_conditioning_scale=scales[0] if len(scales) == 1 else scales,
                       generator=generators, output_type="np")
-        images = np.asarray(result.images, dtype=np.float32)
+        images = np.asarray(result.images, dtype=np.float32)[:n]
         if not np.isfinite(images).all():
             raise GenerationError(f"the {str(self.dtype).removeprefix('torch.')} pipeline produced NaN/inf pixels "
                                   "(half-precision overflow?); use dtype bfloat16 or float32")
@@ -686,23 +745,13 @@ class ControlNetRenderer(Renderer):
         lay: Layout = job["layout"]
         h, w = lay.label.shape[:2]
         rgb = np.clip(rgb[:h, :w], 0.0, 1.0)  # crop the pad away: pixel (y, x) is label pixel (y, x)
-        if self.domain == "chest_ct":
-            lo, hi = self.hu_window
-            grey = rgb.mean(axis=2, dtype=np.float32)
-            image = (lo + grey * (hi - lo)).astype(np.float32)
-            output = {"type": "hu", "grey": "mean of R, G, B", "hu_window": [lo, hi], "window_name": self.window_name,
-                      "mapping": f"HU = {lo:g} + g * {hi - lo:g}"}
-        elif self.color == "rgb":
-            image = np.round(rgb * 255.0).astype(np.uint8)
-            output = {"type": "uint8_rgb"}
-        else:
-            image = np.round(rgb.mean(axis=2) * 255.0).astype(np.uint8)
-            output = {"type": "uint8_grey", "grey": "mean of R, G, B"}
+        image, output = self.hooks.to_image(rgb, self.state)
         params = {
             "backend": self.name, "seed": job["seed"], "prompt": job["prompts"][0],
             "negative_prompt": job["prompts"][1], "steps": self.steps, "guidance_scale": self.guidance_scale,
             "scheduler": self.scheduler, "dtype": str(self.dtype).removeprefix("torch."), "device": self.device.type,
             "batch_invariant": self.batch_invariant, "batch_size": batch_size, "compile": self.compile,
+            **({"compile_mode": self.speed.compile_mode} if self.compile else {}),
             "family": self.folders.family, "base_model": self.folders.base_fingerprint,
             "controlnets": [{**fp, "conditioning": n.conditioning, "scale": n.scale, "annotator": n.annotator}
                             for n, fp in zip(self.nets, self.folders.net_fingerprints)],
