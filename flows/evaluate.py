@@ -122,20 +122,23 @@ def learned_check(seg, version: ImageSet, profile: ev.EvalProfile, ref_score: di
 
 def overlay_rgb(image: np.ndarray, label: np.ndarray, pred: np.ndarray, profile: ev.EvalProfile,
                 finding_cls: int) -> np.ndarray:
-    """Display window; label outlines green (findings yellow), prediction outlines red (findings magenta)."""
+    """Two panels in the display window: label outlines (green, findings yellow) | prediction outlines (red,
+    findings magenta)."""
     import cv2
 
     c, w = profile.display_window
     g = np.clip((image - (c - w / 2)) / w * 255, 0, 255).astype(np.uint8)
-    rgb = cv2.cvtColor(g, cv2.COLOR_GRAY2RGB)
     tgt = ev.group_labels(label, profile.seg_groups)
+    panels = []
     for cls_map, col_other, col_find in ((tgt, (0, 200, 0), (255, 230, 0)), (pred, (230, 0, 0), (255, 0, 255))):
+        rgb = cv2.cvtColor(g, cv2.COLOR_GRAY2RGB)
         for k in np.unique(cls_map):
             if k == 0:
                 continue
             cs, _ = cv2.findContours((cls_map == k).astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
             cv2.drawContours(rgb, cs, -1, col_find if k == finding_cls else col_other, 1)
-    return rgb
+        panels.append(rgb)
+    return np.hstack([panels[0], np.full((g.shape[0], 4, 3), 255, np.uint8), panels[1]])
 
 
 def _masks_for_realism(s: ImageSet, profile: ev.EvalProfile, by_label: bool):
@@ -673,7 +676,7 @@ def card_section(report: dict, plots: list[str], images: list[str]) -> str:
         k = next((k for k in lc if k.startswith("finding_dice_ge_")), None)
         if k:
             lines.append(f"| findings ≥ 6 mm (per finding) | {_f(lc[k])} | {_f((lc.get('reference_test') or {}).get(k))} |")
-        lines += ["", "Worst samples (label outlines green/yellow, prediction red/magenta): "
+        lines += ["", "Worst samples (left: label outlines green, findings yellow; right: prediction red, findings magenta): "
                   + ", ".join(f"[{n}]({n})" for n in images if n.startswith("worst_"))]
     rl = report.get("realism")
     if rl:
