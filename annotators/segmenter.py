@@ -9,7 +9,6 @@ each image's own grid (nearest). All randomness comes from the seed given.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass
 from typing import Any, Sequence
 
