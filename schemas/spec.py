@@ -205,6 +205,15 @@ def _parse_yaml(text: str, source: str) -> Any:
     if len(text) > MAX_SPEC_CHARS:
         raise SpecError(f"{source}: the spec is {len(text):,} characters long; a spec is at most "
                         f"{MAX_SPEC_CHARS:,}")
+    depth = deepest = 0
+    for ch in text:  # flow brackets, counted before YAML's recursive parser sees thousands of them
+        if ch in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif ch in "]}":
+            depth -= 1
+    if deepest > 2 * MAX_SPEC_DEPTH:
+        raise SpecError(f"{source}: the spec is nested more than {MAX_SPEC_DEPTH} levels deep")
     if "\x00" in text:
         raise SpecError(f"{source}: the spec contains a NUL character; write it as plain text")
     try:
