@@ -419,6 +419,60 @@ def train(spec: Path = typer.Argument(..., help="training spec (.yaml/.json)"),
     out.print(f"model: {summary['model']}")
 
 
+# --------------------------------------------------------------------------------------------------- evaluate
+@app.command()
+@handle_errors
+def evaluate(ref: str = typer.Argument(..., help="NAME@vN to evaluate"),
+             real: Optional[str] = typer.Option(None, "--real", help="reference: a folder (NIfTI/DICOM/PNG), NAME@vM, "
+                                                "or standin[:N] (the domain's differently-configured stand-in)"),
+             against: Optional[str] = typer.Option(None, "--against", help="NAME@vM to evaluate the same way and "
+                                                   "print side by side"),
+             train_ref: Optional[str] = typer.Option(None, "--train-ref", help="the generator's training data "
+                                                     "(memorisation check)"),
+             features: Optional[str] = typer.Option(None, "--features", help="feature extractor on disk: "
+                                                    "weights.safetensors with weights.safetensors.json"),
+             steps: int = typer.Option(400, "--steps", help="segmenter training steps"),
+             limit: Optional[int] = typer.Option(None, "--limit", help="at most this many samples per set"),
+             utility: bool = typer.Option(True, "--utility/--no-utility", help="TSTR and augmentation study"),
+             ks: str = typer.Option("10,50,200", "--ks", help="real training sizes of the augmentation study"),
+             seeds: int = typer.Option(3, "--seeds", help="seeds per arm"),
+             n_synthetic: int = typer.Option(200, "--n-synthetic", help="synthetic images added per arm"),
+             device: str = typer.Option("auto", "--device", help="auto | cpu | cuda"),
+             root: Optional[str] = RootOpt, verbose: bool = VerboseOpt) -> None:
+    """Evaluate a version: label fidelity, realism, utility, memorisation; writes evaluation.json and a card."""
+    _quiet_prefect(verbose)
+    try:
+        k_list = tuple(int(x) for x in ks.split(",") if x.strip())
+    except ValueError:
+        raise SpecError(f"--ks {ks!r}: write comma-separated numbers, e.g. 10,50,200") from None
+    options = {"steps": steps, "limit": limit, "utility": utility, "ks": k_list, "seeds": tuple(range(seeds)),
+               "n_synthetic": n_synthetic, "device": device, "features": features, "train_ref": train_ref}
+    from flows.evaluate import options_from
+    from store import DatasetStore
+
+    options_from(options)
+    st = DatasetStore(root)
+    for r in (ref, against):
+        if r:
+            st.resolve(r)
+    with settings.prefect_api(verbose):
+        from flows.evaluate import evaluate_dataset, side_by_side
+
+        reports = evaluate_dataset(ref, real=real, against=against, root=root, options=options)
+    a = reports["evaluated"]
+    lf = a["label_fidelity"]
+    out.print(f"{a['version']}: label fidelity {'passed' if lf['passed'] else 'FAILED'} "
+              f"({lf['failing']} of {lf['findings']} findings fail)")
+    if "against" in reports:
+        b = reports["against"]
+        t = Table("metric", a["version"], b["version"])
+        for row in side_by_side(a, b):
+            t.add_row(*row)
+        out.print(t)
+        out.print(f"written: {b['folder']}")
+    out.print(f"written: {a['folder']}")
+
+
 def main() -> None:
     # Click reports usage errors (missing argument, unknown option) with exit code 2 by itself.
     try:

@@ -154,14 +154,87 @@ def validate_spec(data: Any) -> BaseSpec:
         raise SpecError(f"invalid spec: {e}") from None
 
 
-def load_spec_text(text: str, source: str = "<spec>") -> BaseSpec:
+# Limits on a spec document, checked before anything is validated or allocated: a spec is a few dozen values, so
+# these only stop hostile input (YAML alias bombs, thousands of nested brackets, numbers of thousands of digits).
+MAX_SPEC_DEPTH = 32
+MAX_SPEC_VALUES = 100_000
+MAX_SPEC_CHARS = 1_000_000
+
+
+class _SpecLoader(yaml.SafeLoader):
+    """YAML's safe loader that refuses a key given twice in one mapping (YAML would keep the last one silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: set = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            try:
+                dup = key in seen
+                seen.add(key)
+            except TypeError:  # an unhashable key: the base constructor names it
+                break
+            if dup:
+                raise yaml.constructor.ConstructorError(None, None, f"the key {key!r} is given twice",
+                                                        key_node.start_mark)
+        return super().construct_mapping(node, deep=deep)
+
+
+def _check_size(data: Any, source: str) -> None:
+    """Refuse documents nested deeper than MAX_SPEC_DEPTH or holding more than MAX_SPEC_VALUES values once aliases
+    are expanded (iterative: no recursion on hostile input)."""
+    stack = [(data, 1)]
+    count = 0
+    while stack:
+        value, depth = stack.pop()
+        count += 1
+        if count > MAX_SPEC_VALUES:
+            raise SpecError(f"{source}: the spec expands to more than {MAX_SPEC_VALUES:,} values (YAML aliases?); "
+                            "a spec is a few dozen fields")
+        if depth > MAX_SPEC_DEPTH:
+            raise SpecError(f"{source}: the spec is nested more than {MAX_SPEC_DEPTH} levels deep")
+        if isinstance(value, dict):
+            stack.extend((v, depth + 1) for v in value.values())
+            stack.extend((k, depth + 1) for k in value)
+        elif isinstance(value, (list, tuple)):
+            stack.extend((v, depth + 1) for v in value)
+
+
+def _parse_yaml(text: str, source: str) -> Any:
+    if len(text) > MAX_SPEC_CHARS:
+        raise SpecError(f"{source}: the spec is {len(text):,} characters long; a spec is at most "
+                        f"{MAX_SPEC_CHARS:,}")
+    depth = deepest = 0
+    for ch in text:  # flow brackets, counted before YAML's recursive parser sees thousands of them
+        if ch in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif ch in "]}":
+            depth -= 1
+    if deepest > 2 * MAX_SPEC_DEPTH:
+        raise SpecError(f"{source}: the spec is nested more than {MAX_SPEC_DEPTH} levels deep")
+    if "\x00" in text:
+        raise SpecError(f"{source}: the spec contains a NUL character; write it as plain text")
     try:
-        data = yaml.safe_load(text)  # JSON is YAML
+        data = yaml.load(text, Loader=_SpecLoader)  # JSON is YAML
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(e, "problem", None) or "not valid YAML"
         raise SpecError(f"{source}: invalid YAML{where}: {problem}") from None
+    except RecursionError:
+        raise SpecError(f"{source}: the spec is nested more than {MAX_SPEC_DEPTH} levels deep") from None
+    except ValueError as e:  # int() refuses numbers of thousands of digits
+        if "digits" in str(e):
+            raise SpecError(f"{source}: a number in the spec has thousands of digits; no field accepts that") from None
+        raise SpecError(f"{source}: a value in the spec cannot be read: {e}") from None
+    _check_size(data, source)
+    return data
+
+
+def load_spec_text(text: str, source: str = "<spec>") -> BaseSpec:
+    data = _parse_yaml(text, source)
     if data is None:
         raise SpecError(f"{source}: the spec is empty")
     try:
