@@ -61,7 +61,7 @@ def check_provenance(folder: Path, ds: VersionDataset) -> None:
 
 
 def test_every_format_is_registered():
-    assert {"mvtec", "nnunet", "coco", "monai", "hf", "croissant"} <= set(formats())
+    assert {"mvtec", "nnunet", "coco", "monai", "hf", "croissant", "yolo"} <= set(formats())
 
 
 @pytest.mark.parametrize("name", ["tiny-ct", "plates"])
@@ -243,3 +243,45 @@ def test_croissant_metadata_validates_and_iterates_record_by_record(root, name, 
         if s["image"].dtype == np.uint8:  # 8-bit images survive mlcroissant's RGB conversion exactly
             assert np.array_equal(np.asarray(rec["images/content"]), s["image"])
     check_provenance(folder, ds)
+
+
+def test_yolo_polygons_parse_and_fill_back_to_the_defect_masks(root, tmp_path):
+    import cv2
+    import yaml
+
+    folder = Path(export_version(root, "plates@v1", "yolo", tmp_path)["path"])
+    data = yaml.safe_load((folder / "data.yaml").read_text())
+    ds = version(root, "plates")
+    samples = by_id(ds)
+    names = data["names"]
+    assert data["nc"] == len(names) and set(names.values()) == {f["kind"] for s in samples.values()
+                                                                 for f in s["requested"]}
+    n_img = n_obj = 0
+    for split in ("train", "val", "test"):
+        for img_path in sorted((folder / data[split]).glob("*.png")) if split in data else []:
+            s = samples[img_path.stem]
+            assert s["split"] == split and img_path.read_bytes() == ds.file_bytes(s["pos"], "image")
+            h, w = s["instance"].shape
+            lines = (folder / "labels" / split / f"{img_path.stem}.txt").read_text().splitlines()
+            drawn = np.zeros((h, w), np.uint8)
+            kinds = set()
+            for line in lines:
+                parts = line.split()
+                xy = np.array(parts[1:], float).reshape(-1, 2)
+                assert len(xy) >= 3 and (0 <= xy).all() and (xy <= 1).all()
+                kinds.add(names[int(parts[0])])
+                cv2.fillPoly(drawn, [np.round(xy * [w, h]).astype(np.int32)], 1)
+                n_obj += 1
+            assert kinds == {f["kind"] for f in s["requested"]}
+            truth = s["instance"] > 0
+            if truth.any():
+                iou = (truth & (drawn > 0)).sum() / (truth | (drawn > 0)).sum()
+                assert iou >= 0.98, (img_path.stem, iou)  # the polygons trace every boundary pixel
+            else:
+                assert not lines
+            n_img += 1
+    assert n_img == sum(1 for i in range(len(ds)) if ds[i]["qc_passed"]) and n_obj > 0
+    check_provenance(folder, ds)
+    with pytest.raises(SpecError, match="8-bit"):
+        export_version(root, "tiny-ct@v1", "yolo", tmp_path / "ct")
+    assert not (tmp_path / "ct").exists()
