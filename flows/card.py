@@ -374,6 +374,9 @@ def card(version_dir: str, manifest: Any) -> list[str]:
     extra = import_hook(domain, domain.hooks_module, "card_plots") if domain is not None else None
     for key, fname, data in (extra(rows, requested, measured) if extra is not None else []):
         put(f"extra:{key}", fname, data)
+    from flows.browser import write_browser  # index.html + sample.html: the static version browser
+
+    written += write_browser(fs, base, manifest, domain)
     readme = render_readme(manifest, rows, requested, measured, plots, size_stats, regions, per_check, per_split)
     fs.pipe_file(f"{base}/README.md", readme.encode())
     written.append("README.md")

@@ -248,9 +248,19 @@ def ls_(root: Optional[str] = RootOpt, verbose: bool = VerboseOpt) -> None:
 @handle_errors
 def show(ref: str = typer.Argument(..., help="NAME, NAME@vN or NAME@latest"), root: Optional[str] = RootOpt,
          as_json: bool = typer.Option(False, "--json", help="print the whole manifest as JSON"),
+         open_: bool = typer.Option(False, "--open", help="open the version's static browser (index.html)"),
          verbose: bool = VerboseOpt) -> None:
     """Show a published version (the latest when none is given)."""
     st = _store(root)
+    if open_:
+        from flows.browser import browser_url
+
+        url = browser_url(st, ref)
+        import webbrowser
+
+        webbrowser.open(url)
+        out.print(f"opened {url}")
+        return
     if as_json:
         name, version = st.resolve(ref)
         typer.echo(st.manifest(name, version).model_dump_json(indent=2))

@@ -1,0 +1,216 @@
+"""A static browser for a published version: ``index.html`` (thumbnail grid with overlays, filters by finding kind,
+size range, region or lobe and split) and ``sample.html#<id>`` (image, label, overlay, measurements, QC and the
+drawn parameters), written beside the card at publish time. Static files only (no CDN, no server): the data is a
+script (``browser/data.js``), so the pages work opened from a folder (file://), a web server or an object store.
+
+Filters are also read from the address (``index.html#kind=scratch&split=test&min=2&max=5&region=RLL``), so a link
+can carry a view. Every byte is a function of the version (no clocks), like the rest of the card.
+"""
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+import numpy as np
+
+THUMB_PX = 128
+SIZE_KEYS = ("equivalent_diameter_mm", "diameter_mm", "length_mm")  # the first a finding has is its size
+REGION_KEYS = ("lobe", "region", "location")  # the first a finding has is its region
+COLUMNS = ["sample_id", "split", "image_path", "label_path", "instance_path", "pixel_spacing_mm", "requested",
+           "measured", "qc", "seed", "generator", "image_codec", "image_encoding"]
+
+
+def _size(f: dict) -> float | None:
+    for k in SIZE_KEYS:
+        if isinstance(f.get(k), (int, float)):
+            return float(f[k])
+    a = f.get("area_mm2")
+    return math.sqrt(4 * float(a) / math.pi) if isinstance(a, (int, float)) else None
+
+
+def _region(f: dict) -> str | None:
+    for k in REGION_KEYS:
+        if f.get(k) not in (None, "", "any"):
+            return str(f[k])
+    return None
+
+
+def _colours(class_table, n: int = 256) -> np.ndarray:
+    lut = np.zeros((max(n, 256), 3), np.uint8)
+    rng = np.random.default_rng(7)
+    lut[1:] = rng.integers(60, 255, (lut.shape[0] - 1, 3))
+    for k, c in (getattr(class_table, "colors", None) or {}).items():
+        lut[int(k)] = c
+    return lut
+
+
+def write_browser(fs, base: str, manifest: Any, domain) -> list[str]:
+    """Write index.html, sample.html and browser/* under ``base`` (an fsspec filesystem path); returns them."""
+    import cv2
+    import pyarrow.parquet as pq
+
+    from annotators.overlay import instance_outline, outline
+    from flows.card import _view
+    from schemas.arrow import finding_dict
+    from store.codec import decode_png, encode_png
+
+    with fs.open(f"{base}/samples.parquet", "rb") as f:
+        rows = pq.read_table(f, columns=COLUMNS).to_pylist()
+    class_table = domain.classes if domain is not None else None
+    outline_ids = list(domain.outline_classes) if domain is not None and domain.outline_classes else None
+    lut = _colours(class_table)
+    written: list[str] = []
+    fs.makedirs(f"{base}/browser/img", exist_ok=True)
+
+    def put(rel: str, data: bytes) -> None:
+        fs.pipe_file(f"{base}/{rel}", data)
+        written.append(rel)
+
+    samples = []
+    for r in rows:
+        sid = r["sample_id"]
+        img = decode_png(fs.cat_file(f"{base}/{r['image_path']}"))
+        lab = decode_png(fs.cat_file(f"{base}/{r['label_path']}"))
+        ins = decode_png(fs.cat_file(f"{base}/{r['instance_path']}"))
+        view = _view(img, r, domain)
+        rgb = outline(view, lab, class_table, classes=outline_ids) if class_table is not None else view
+        over = instance_outline(rgb, ins, thickness=1)
+        scale = THUMB_PX / max(view.shape[:2])
+        size = (max(1, round(view.shape[1] * scale)), max(1, round(view.shape[0] * scale)))
+        tv = cv2.resize(view, size, interpolation=cv2.INTER_AREA)
+        tl = cv2.resize(lab, size, interpolation=cv2.INTER_NEAREST)
+        ti = cv2.resize(ins, size, interpolation=cv2.INTER_NEAREST)
+        trgb = outline(tv, tl, class_table, classes=outline_ids) if class_table is not None else tv
+        put(f"browser/img/{sid}_thumb.png", encode_png(instance_outline(trgb, ti, thickness=1)))
+        put(f"browser/img/{sid}_view.png", encode_png(view))
+        put(f"browser/img/{sid}_overlay.png", encode_png(over))
+        put(f"browser/img/{sid}_label.png", encode_png(lut[lab]))
+        req = [finding_dict(f) for f in r["requested"] or []]
+        mea = [finding_dict(f) for f in r["measured"] or []]
+        sizes = [s for s in (_size(f) for f in mea) if s is not None]
+        qc = r["qc"] or {}
+        if isinstance(qc, str):
+            qc = {}
+        samples.append({
+            "id": sid, "split": r["split"], "kinds": sorted({f.get("kind") for f in req if f.get("kind")}),
+            "sizes": [round(s, 3) for s in sizes], "regions": sorted({g for g in map(_region, mea) if g}),
+            "spacing_mm": r["pixel_spacing_mm"], "qc_passed": bool(qc.get("passed", True)),
+            "qc": [{k: c.get(k) for k in ("name", "passed", "value", "threshold", "detail")}
+                   for c in (qc.get("checks") or [])],
+            "requested": req, "measured": mea, "seed": r.get("seed"), "generator": r.get("generator"),
+            "codec": r.get("image_encoding"),
+        })
+    m = manifest
+    get = (lambda k: getattr(m, k, None) if not isinstance(m, dict) else m.get(k))
+    data = {"name": get("name"), "version": get("version"), "domain": get("domain"),
+            "class_table": dict(get("class_table") or {}), "samples": samples,
+            "synthetic": "Synthetic data generated by pairforge; no patient, part or person was imaged."}
+    put("browser/data.js", ("window.PF = " + json.dumps(data, sort_keys=True, default=str) + ";\n").encode())
+    put("browser/app.js", APP_JS.encode())
+    put("index.html", INDEX_HTML.encode())
+    put("sample.html", SAMPLE_HTML.encode())
+    return written
+
+
+def browser_url(store, ref: str) -> str:
+    """The address of a published version's ``index.html`` (file:// for a local root); a SpecError when the version
+    was published without the browser."""
+    from schemas.errors import SpecError
+
+    name, version = store.resolve(ref)
+    root = store.root
+    path = root.join(name, f"v{version}", "index.html")
+    if not root.exists(path):
+        raise SpecError(f"{name}@v{version} has no index.html (published before the browser existed); "
+                        "rebuild it to get one")
+    if root.local:
+        import pathlib
+
+        return pathlib.Path(path).resolve().as_uri()
+    return root.fs.unstrip_protocol(path)
+
+
+STYLE = """<style>
+body{font:14px system-ui,sans-serif;margin:12px;background:#fafafa;color:#222}
+.grid{display:flex;flex-wrap:wrap;gap:8px}.tile{background:#fff;border:1px solid #ddd;padding:4px;width:136px;
+text-decoration:none;color:#222;font-size:11px}.tile img{width:128px;height:128px;object-fit:contain;display:block}
+.bar{display:flex;gap:12px;flex-wrap:wrap;align-items:center;margin:8px 0}.fail{border-color:#d33}
+table{border-collapse:collapse;margin:6px 0}td,th{border:1px solid #ccc;padding:2px 6px;font-size:12px;text-align:left}
+.imgs img{width:320px;image-rendering:pixelated;margin-right:6px;border:1px solid #ccc}pre{font-size:11px;white-space:pre-wrap}
+</style>"""
+
+INDEX_HTML = """<!doctype html><html><head><meta charset="utf-8"><title>pairforge version browser</title>
+""" + STYLE + """</head><body>
+<h2 id="title">pairforge version</h2><p id="note"></p>
+<div class="bar">
+<label>kind <select id="kind"><option value="">any</option><option value="-">none (negatives)</option></select></label>
+<label>size mm <input id="min" type="number" step="0.1" style="width:5em" placeholder="min"> -
+<input id="max" type="number" step="0.1" style="width:5em" placeholder="max"></label>
+<label>region <select id="region"><option value="">any</option></select></label>
+<label>split <select id="split"><option value="">any</option></select></label>
+<span>shown: <b id="count">0</b> of <span id="total">0</span></span></div>
+<div class="grid" id="grid"></div>
+<script src="browser/data.js"></script><script src="browser/app.js"></script>
+<script>PFB.index();</script></body></html>
+"""
+
+SAMPLE_HTML = """<!doctype html><html><head><meta charset="utf-8"><title>pairforge sample</title>
+""" + STYLE + """</head><body><p><a href="index.html">&larr; all samples</a></p>
+<h2 id="title">sample</h2><div class="imgs" id="imgs"></div><div id="info"></div>
+<script src="browser/data.js"></script><script src="browser/app.js"></script>
+<script>PFB.sample();</script></body></html>
+"""
+
+APP_JS = r"""
+var PFB = (function () {
+  var D = window.PF, $ = function (id) { return document.getElementById(id); };
+  function esc(s) { return String(s).replace(/[&<>"]/g, function (c) { return {"&":"&amp;","<":"&lt;",">":"&gt;","\"":"&quot;"}[c]; }); }
+  function params() { var p = {}; location.hash.replace(/^#/, "").split("&").forEach(function (kv) {
+    if (!kv) return; var i = kv.indexOf("="); p[decodeURIComponent(kv.slice(0, i))] = decodeURIComponent(kv.slice(i + 1)); }); return p; }
+  function opts(sel, values) { values.forEach(function (v) { var o = document.createElement("option"); o.value = v; o.textContent = v; sel.appendChild(o); }); }
+  function uniq(f) { var s = {}; D.samples.forEach(function (x) { f(x).forEach(function (v) { s[v] = 1; }); }); return Object.keys(s).sort(); }
+  function keep(x, f) {
+    if (f.kind === "-" && x.kinds.length) return false;
+    if (f.kind && f.kind !== "-" && x.kinds.indexOf(f.kind) < 0) return false;
+    if (f.split && x.split !== f.split) return false;
+    if (f.region && x.regions.indexOf(f.region) < 0) return false;
+    var lo = f.min === "" || f.min === undefined ? -Infinity : +f.min, hi = f.max === "" || f.max === undefined ? Infinity : +f.max;
+    if (lo !== -Infinity || hi !== Infinity) { if (!x.sizes.some(function (s) { return s >= lo && s <= hi; })) return false; }
+    return true; }
+  function render() {
+    var f = {kind: $("kind").value, split: $("split").value, region: $("region").value, min: $("min").value, max: $("max").value};
+    var shown = D.samples.filter(function (x) { return keep(x, f); });
+    $("grid").innerHTML = shown.map(function (x) {
+      return '<a class="tile' + (x.qc_passed ? '' : ' fail') + '" href="sample.html#' + esc(x.id) + '"><img loading="lazy" src="browser/img/' +
+        esc(x.id) + '_thumb.png" alt=""><div>' + esc(x.id) + ' &middot; ' + esc(x.split) + '</div><div>' +
+        esc(x.kinds.join(", ") || "no findings") + '</div></a>'; }).join("");
+    $("count").textContent = shown.length;
+    var h = []; Object.keys(f).forEach(function (k) { if (f[k]) h.push(k + "=" + encodeURIComponent(f[k])); });
+    history.replaceState(null, "", h.length ? "#" + h.join("&") : location.pathname); }
+  function index() {
+    $("title").textContent = D.name + " v" + D.version + " (" + D.domain + ")"; $("note").textContent = D.synthetic;
+    $("total").textContent = D.samples.length;
+    opts($("kind"), uniq(function (x) { return x.kinds; })); opts($("region"), uniq(function (x) { return x.regions; }));
+    opts($("split"), uniq(function (x) { return [x.split]; }));
+    var p = params(); ["kind", "split", "region", "min", "max"].forEach(function (k) { if (p[k] !== undefined) $(k).value = p[k]; });
+    ["kind", "split", "region", "min", "max"].forEach(function (k) { $(k).addEventListener("input", render); $(k).addEventListener("change", render); });
+    render(); }
+  function table(rows) { if (!rows.length) return "<p>none</p>"; var keys = [];
+    rows.forEach(function (r) { Object.keys(r).forEach(function (k) { if (keys.indexOf(k) < 0) keys.push(k); }); });
+    return "<table><tr>" + keys.map(function (k) { return "<th>" + esc(k) + "</th>"; }).join("") + "</tr>" + rows.map(function (r) {
+      return "<tr>" + keys.map(function (k) { var v = r[k]; return "<td>" + esc(v === undefined || v === null ? "" : typeof v === "object" ? JSON.stringify(v) : v) + "</td>"; }).join("") + "</tr>"; }).join("") + "</table>"; }
+  function sample() {
+    var id = decodeURIComponent(location.hash.replace(/^#/, "")), x = null;
+    D.samples.forEach(function (s) { if (s.id === id) x = s; });
+    if (!x) { $("title").textContent = "no sample " + id; return; }
+    $("title").textContent = D.name + " v" + D.version + " / sample " + x.id + " (" + x.split + ")";
+    $("imgs").innerHTML = ["view", "label", "overlay"].map(function (k) {
+      return '<figure style="display:inline-block;margin:0"><img id="img-' + k + '" src="browser/img/' + esc(x.id) + "_" + k + '.png"><figcaption>' + k + "</figcaption></figure>"; }).join("");
+    $("info").innerHTML = "<p>spacing " + esc(x.spacing_mm) + " mm &middot; " + esc(x.codec || "") + " &middot; QC " + (x.qc_passed ? "passed" : "FAILED") + "</p>" +
+      "<h3>Measurements</h3><div id=\"measured\">" + table(x.measured) + "</div>" +
+      "<h3>QC</h3>" + table(x.qc) + "<h3>Drawn parameters</h3>" + table(x.requested) +
+      "<pre>seed " + esc(JSON.stringify(x.seed)) + "\n" + esc(JSON.stringify(x.generator)) + "</pre>"; }
+  return {index: index, sample: sample, keep: keep};
+})();
+"""

@@ -1,0 +1,113 @@
+"""The static version browser in a real headless Chromium (Debian's ``chromium`` package): the index loads from a
+folder (file://, no server, no network), filters change the shown count to what the version's data says, a sample
+page opens with its image, label, overlay, measurements, QC and drawn parameters; and a screenshot is taken."""
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from flows.card import card
+from flows.pipeline import make_samples
+from schemas.spec import spec_hash, validate_spec
+from store import DatasetStore
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="no chromium on PATH (apt-get install -y chromium)")
+
+SPEC = {"domain": "surface", "name": "plates", "samples": 12, "material": "cast_metal", "field_of_view_mm": 30,
+        "image": {"size": 128, "color": "rgb"}, "shard_size": 6, "splits": {"train": 0.6, "val": 0.1, "test": 0.3},
+        "defects": {"negatives": 0.25, "mixture": ["scratch 3-8 mm", "2 pits 1-1.5 mm", "stain 2-4 mm"]}}
+
+
+@pytest.fixture(scope="module")
+def version_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("browser") / "datasets"
+    spec = validate_spec(SPEC)
+    samples = make_samples(spec, range(spec.samples))
+    b = DatasetStore(root).open_build(spec, json.dumps(SPEC), spec_hash(spec), "test")
+    for i, shard in enumerate(b.shards):
+        b.write_shard(i, [s for s in samples if s.index in shard])
+    b.publish("test-run", card=card)
+    return root / "plates" / "v1"
+
+
+def chromium(*args: str) -> str:
+    res = subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+                          "--virtual-time-budget=4000", *args], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+    return res.stdout
+
+
+def shown(version_dir: Path, filters: str = "") -> int:
+    dom = chromium("--dump-dom", f"{(version_dir / 'index.html').as_uri()}#{filters}")
+    m = re.search(r'id="count">(\d+)<', dom)
+    assert m, dom[:2000]
+    return int(m.group(1))
+
+
+def data(version_dir: Path) -> dict:
+    text = (version_dir / "browser" / "data.js").read_text()
+    return json.loads(text[text.index("=") + 1:].rstrip().rstrip(";"))
+
+
+def test_index_loads_and_filters_change_the_shown_count(version_dir):
+    d = data(version_dir)
+    s = d["samples"]
+    assert shown(version_dir) == len(s) == 12
+    n_scratch = sum("scratch" in x["kinds"] for x in s)
+    n_neg = sum(not x["kinds"] for x in s)
+    n_test = sum(x["split"] == "test" for x in s)
+    n_size = sum(any(2 <= v <= 5 for v in x["sizes"]) for x in s)
+    assert 0 < n_scratch < len(s) and 0 < n_neg < len(s)
+    assert shown(version_dir, "kind=scratch") == n_scratch
+    assert shown(version_dir, "kind=-") == n_neg
+    assert shown(version_dir, "split=test") == n_test
+    assert shown(version_dir, "min=2&max=5") == n_size
+    assert shown(version_dir, "kind=scratch&split=test") == sum("scratch" in x["kinds"] and x["split"] == "test"
+                                                                  for x in s)
+    html = (version_dir / "index.html").read_text() + (version_dir / "browser" / "app.js").read_text()
+    assert "http://" not in html and "https://" not in html  # nothing fetched from the network
+
+
+def test_a_sample_page_shows_image_label_overlay_measurements_qc_and_parameters(version_dir):
+    s = next(x for x in data(version_dir)["samples"] if x["measured"])
+    dom = chromium("--dump-dom", f"{(version_dir / 'sample.html').as_uri()}#{s['id']}")
+    assert f"sample {s['id']}" in dom
+    for k in ("view", "label", "overlay"):
+        assert f'id="img-{k}" src="browser/img/{s["id"]}_{k}.png"' in dom
+        assert (version_dir / "browser" / "img" / f"{s['id']}_{k}.png").is_file()
+    for h in ("Measurements", "QC", "Drawn parameters"):
+        assert f"<h3>{h}</h3>" in dom
+    assert str(s["measured"][0]["area_mm2"]) in dom and s["requested"][0]["kind"] in dom
+
+
+def test_screenshot_of_the_index_shows_the_thumbnails(version_dir, tmp_path):
+    import cv2
+
+    shot = tmp_path / "browser.png"
+    chromium("--window-size=900,560", f"--screenshot={shot}", (version_dir / "index.html").as_uri())
+    img = cv2.imread(str(shot))
+    assert img.shape[:2] == (560, 900)
+    # thumbnails are grey metal with yellow outlines: many distinct pixels, some yellow ones
+    assert len(np.unique(img.reshape(-1, 3), axis=0)) > 500
+    yellow = (img[..., 2] > 200) & (img[..., 1] > 200) & (img[..., 0] < 80)
+    assert yellow.sum() > 20
+
+
+def test_show_open_names_the_browser_of_a_version(version_dir, monkeypatch):
+    import webbrowser
+
+    from flows.cli import app
+
+    opened = []
+    monkeypatch.setattr(webbrowser, "open", lambda url: opened.append(url))
+    res = CliRunner().invoke(app, ["show", "plates@v1", "--open", "--root", str(version_dir.parent.parent)])
+    assert res.exit_code == 0, res.output
+    assert opened == [(version_dir / "index.html").resolve().as_uri()]
