@@ -55,7 +55,15 @@ def manifest_without_codec(data: str | bytes) -> str:
     for k in ("codecs", "samples_parquet_sha256", "content_digest"):
         m.pop(k, None)
     m.get("files", {}).pop("samples.parquet", None)
+    for rel in [r for r in m.get("files", {}) if is_browser_file(r)]:
+        m["files"].pop(rel)
     return json.dumps(m, sort_keys=True)
+
+
+# The static browser (index.html, sample.html, browser/*) came after the recording: it is left out of the comparison
+# (its own bytes are a function of the version too; tests/test_browser.py checks it).
+def is_browser_file(rel: str) -> bool:
+    return rel in ("index.html", "sample.html") or rel.startswith("browser/")
 
 
 DERIVED = {"samples.parquet": rows_without_codec, "manifest.json": manifest_without_codec}
@@ -86,6 +94,8 @@ def build_hashes(samples: int) -> dict[str, dict[str, str]]:
             for f in sorted(vdir.rglob("*")):
                 if f.is_file():
                     rel = str(f.relative_to(vdir))
+                    if is_browser_file(rel):
+                        continue
                     data = f.read_bytes()
                     if rel == "manifest.json":
                         data = _manifest_view(data).encode()
