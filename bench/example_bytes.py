@@ -45,7 +45,15 @@ def rows_without_codec(data: bytes) -> str:
     t = pq.read_table(io.BytesIO(data))
     if "image_codec" in t.column_names:
         t = t.drop(["image_codec"])
-    return json.dumps(t.to_pylist(), sort_keys=True, default=str)
+    rows = t.to_pylist()
+    for row in rows:  # read from the published label since (docs/store.md): lobe, in-region share, finding_count
+        for m in row.get("measured") or []:
+            m.pop("lobe", None)
+            m.pop("in_region_fraction", None)
+        for c in (row.get("qc") or {}).get("checks") or []:
+            if c.get("name", "").startswith(("in_lobe_", "finding_count")):
+                c.update(value=None, threshold=None)
+    return json.dumps(rows, sort_keys=True, default=str)
 
 
 def manifest_without_codec(data: str | bytes) -> str:
