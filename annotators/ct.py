@@ -13,6 +13,7 @@ import numpy as np
 
 from annotators import Annotation, check, register_annotator
 from schemas.classes import CT_IDS, LOBES
+from schemas.findings import SIDE_LOBES
 from schemas.sample import Layout, SampleRequest
 
 C = CT_IDS
@@ -100,7 +101,8 @@ def measure_findings(label: np.ndarray, instance: np.ndarray, lobes: np.ndarray 
         counts = np.bincount(lobe_pixels, minlength=max(LUNG_IDS) + 1)
         lobe_id = int(np.argmax(counts))
         want = f.get("requested_location", "any")
-        want_ids = LUNG_IDS if want == "any" else [LOBES[want]]
+        want_ids = LUNG_IDS if want == "any" else [LOBES[n] for n in SIDE_LOBES[want]] if want in SIDE_LOBES \
+            else [LOBES[want]]
         in_region = float(counts[want_ids].sum() / area)
         mean_axis = (long_px + short_px) / 2 * sp
         out.append({
@@ -163,6 +165,10 @@ def contrast_to_noise(image: np.ndarray, instance: np.ndarray, label: np.ndarray
 
 @register_annotator("chest_ct")
 def annotate_chest_ct(image: np.ndarray, layout: Layout, request: SampleRequest, qc: Any) -> Annotation:
+    if "source" in layout.params:  # findings inserted into a real scan
+        from annotators.ct_insertion import annotate_insertion
+
+        return annotate_insertion(image, layout, request, qc)
     lobes = layout.extras.get("lobes")
     sp = layout.spacing_mm
     measured = measure_findings(layout.label, layout.instance, lobes, sp, layout.findings)

@@ -85,6 +85,7 @@ SAMPLE_SCHEMA = pa.schema(
         pa.field("generator", GENERATOR),
         pa.field("watermark_payload", pa.string()),  # 16 hex digits, null when the spec turns the mark off
         pa.field("provenance", PROVENANCE),
+        pa.field("group", pa.string()),  # source id of samples made from a user's scan/photo; null otherwise
     ],
     metadata={b"pairforge.schema": SCHEMA_VERSION.encode()},
 )

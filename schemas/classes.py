@@ -49,6 +49,10 @@ CT_CLASSES = ClassTable(
         22: "liver",
         23: "spinal_canal",
         24: "upper_abdomen",
+        # Real scans (source:): a lung known only by its side, and body tissue the user's labels leave unnamed.
+        25: "lung_right",
+        26: "lung_left",
+        27: "tissue_unlabelled",
     },
     colors={
         0: (0, 0, 0), 1: (90, 90, 90), 2: (255, 200, 160), 3: (240, 220, 120), 4: (200, 80, 80),
@@ -56,6 +60,7 @@ CT_CLASSES = ClassTable(
         10: (60, 200, 255), 11: (180, 120, 90), 12: (70, 130, 255), 13: (60, 220, 140), 14: (150, 90, 255),
         15: (255, 170, 60), 16: (255, 90, 200), 17: (200, 30, 30), 18: (120, 230, 255), 19: (0, 150, 200),
         20: (255, 255, 0), 21: (0, 255, 255), 22: (150, 70, 40), 23: (120, 120, 255), 24: (170, 110, 80),
+        25: (80, 140, 230), 26: (240, 150, 80), 27: (110, 110, 110),
     },
 )
 
@@ -66,7 +71,7 @@ LOBE_NAMES: dict[str, str] = {
     "RUL": "right upper lobe", "RML": "right middle lobe", "RLL": "right lower lobe",
     "LUL": "left upper lobe (lingula included)", "LLL": "left lower lobe",
 }
-LUNG_CLASS_IDS = frozenset(LOBES.values()) | {17, 18, 19, 20, 21}
+LUNG_CLASS_IDS = frozenset(LOBES.values()) | {17, 18, 19, 20, 21, 25, 26}
 NODULE_CLASS_IDS = frozenset({20, 21})
 
 

@@ -7,6 +7,7 @@ import numpy as np
 
 from schemas.sample import SampleRequest
 from schemas.seeding import STREAM_REQUEST, sample_rng
+from schemas.source import unit_for_sample
 from schemas.spec import BaseSpec, ChestCTSpec, spec_hash
 
 SPLITS = ("train", "val", "test")
@@ -47,9 +48,15 @@ def plan_chest_ct(spec: ChestCTSpec, index: int, rng: np.random.Generator) -> Sa
                 "kind": f.kind, "diameter_mm": round(uniform(rng, f.diameter_mm), 3), "location": f.location,
                 "margin": f.margin, "juxtapleural": f.juxtapleural, "mixture_entry": k,
             })
+            if f.juxtavascular:
+                findings[-1]["juxtavascular"] = True
+    params = {"slice_level": round(level, 4), "negative": bool(negative)}
+    if spec.source is not None:  # real scans: which one (contiguous blocks), and its id as the sample's group
+        u = unit_for_sample(index, spec.samples, len(spec.source.units))
+        params = {"negative": bool(negative), "source_unit": u, "group": spec.source.units[u].source_id}
     return SampleRequest(index=index, sample_id=sample_id(index), split=split, domain="chest_ct",
                          spacing_mm=spacing, size=(spec.image.size, spec.image.size), findings=findings,
-                         params={"slice_level": round(level, 4), "negative": bool(negative)})
+                         params=params)
 
 
 # domain -> planner(spec, index, rng). Other domains register here.

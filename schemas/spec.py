@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from schemas.errors import SpecError
 from schemas.findings import LOBE_LEVELS, MAX_DIAMETER_MM, NoduleFinding
+from schemas.source import CTSource
 from schemas.units import MmRange, UnitRange
 from schemas.wording import expand_mixture
 
@@ -124,6 +125,8 @@ class ChestCTSpec(BaseSpec):
     slice_level: UnitRange("slice_level") = Field(
         (0.15, 0.95), description="axial level, 0 = lung apex, 1 = lung base: value or [min, max]")
     findings: CTFindings = Field(default_factory=CTFindings)
+    source: CTSource | None = Field(None, description="the user's CT scans to insert findings into (instead of the "
+                                                      "phantom); see docs/insertion.md")
 
     @field_validator("slice_level")
     @classmethod
@@ -134,6 +137,18 @@ class ChestCTSpec(BaseSpec):
 
     @model_validator(mode="after")
     def _fits(self) -> "ChestCTSpec":
+        if self.source is not None:  # real scans: their own geometry; locations must be ones the source can honour
+            for i, f in enumerate(self.findings.mixture):
+                if not self.source.allows(f.location):
+                    raise ValueError(
+                        f"findings.mixture[{i}]: location {f.location} needs lobes, and source {self.source.path!r} "
+                        "has no lobe map; accepted: right, left or any, or source.lobes: approximate (a geometric "
+                        "rule, recorded as approximate), or lobe classes in source.mask_classes with lobes: masks")
+            return self
+        for i, f in enumerate(self.findings.mixture):
+            if f.juxtavascular:
+                raise ValueError(f"findings.mixture[{i}]: juxtavascular placement is for real scans (source:); the "
+                                 "phantom places nodules off vessels")
         # A finding must fit in a lung at the smallest field of view the spec allows.
         fov_mm = self.image.size * self.image.spacing_mm[0]
         limit = 0.18 * fov_mm

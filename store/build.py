@@ -170,6 +170,7 @@ def encode_sample(name: str, version: int, sample: Sample, code_version: str,
         "watermark_payload": payload_hex,
         "provenance": {k: prov[k] for k in ("dataset", "version", "spec_hash", "code_version", "pairforge_version",
                                             "generator", "watermark_scheme", "synthetic")},
+        "group": getattr(sample, "group", None),
     }
     return files, row
 
