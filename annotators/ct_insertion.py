@@ -2,8 +2,8 @@
 (annotators/ct.py) plus the share of each finding's surrounding ring in its requested region, vessel overlap,
 and the noise match of the inserted region against the parenchyma around it.
 
-Noise match, as lesion-insertion studies validate it: inside the finding (its label eroded by one pixel; the solid
-core of a part-solid one) the values minus their least-squares plane are the noise; the same mask moved to up to
+Noise match, as lesion-insertion studies validate it: inside the finding (its label at least 2 px from its edge;
+the solid core of a part-solid one) the values minus their least-squares plane are the noise; the same mask moved to up to
 eight nearby spots of clean parenchyma (lung, off vessels and findings) gives the reference. Compared: the noise
 standard deviation and the NPS-weighted mean radial frequency (each region zero-padded into a 64 x 64 window, so
 both sides see the same mask spectrum).
@@ -96,11 +96,12 @@ def noise_measure(image: np.ndarray, inner: np.ndarray, clean: np.ndarray, spaci
 
 
 def inner_region(label: np.ndarray, instance: np.ndarray, f: dict) -> np.ndarray:
-    """Where the finding is wholly itself: its mask (solid core for part-solid) eroded by one pixel."""
+    """Where the finding is wholly itself: pixels of its mask (solid core for part-solid) at least 2 px from its
+    edge (so partial-volume edges and thin spicules are not counted as noise)."""
     m = instance == f["instance"]
     if f["kind"] == "part_solid":
         m &= label == C["nodule_solid"]
-    return cv2.erode(m.astype(np.uint8), np.ones((3, 3), np.uint8)) > 0
+    return cv2.distanceTransform(np.pad(m.astype(np.uint8), 1), cv2.DIST_L2, 5)[1:-1, 1:-1] >= 2.5
 
 
 def ring_fraction(region: np.ndarray, instance: np.ndarray, f: dict, spacing: float) -> float:

@@ -256,7 +256,17 @@ def insert_intensities(hu: np.ndarray, clean: np.ndarray, placed: list[dict], sp
             solid_alpha[y0 - wy0:y0 - wy0 + n, x0 - wx0:x0 - wx0 + n] = ac
         if solid_alpha.any():
             mean = mean * (1 - solid_alpha) + solid_alpha * values["solid_hu"]
-            synth = synthesize_noise(bg.shape, noise, rng)
+            synth = synthesize_noise((64, 64), noise, rng)
+            inner = solid_alpha > 0.98
+            target = local_noise_var(out, clean, inner, (wy0, wx0), sp, R) if inner.sum() >= 6 else None
+            if target is not None:
+                # Amplitude at the lesion's own scale: the synthetic noise's plane-detrended variance over the
+                # lesion-shaped region equals the parenchyma's over the same shape nearby.
+                got = _shape_var(synth, inner)
+                if got > 0:
+                    synth *= math.sqrt(target / got)
+                p["local_noise_std_hu"] = round(math.sqrt(target), 3)
+            synth = _fit(synth, bg.shape)
             th = np.clip(solid_alpha, 0, 1) * (np.pi / 2)
             out[win] = mean + np.cos(th) * res + np.sin(th) * synth
         else:
@@ -264,6 +274,50 @@ def insert_intensities(hu: np.ndarray, clean: np.ndarray, placed: list[dict], sp
         params.append(p)
     np.clip(out, -1024, 3071, out=out)
     return out, params
+
+
+def _plane_var(values: np.ndarray, ys: np.ndarray, xs: np.ndarray) -> float:
+    A = np.stack([np.ones_like(xs, dtype=np.float64), xs, ys], 1)
+    coef, *_ = np.linalg.lstsq(A, values.astype(np.float64), rcond=None)
+    return float(((values - A @ coef) ** 2).mean())
+
+
+def _shape_var(field_: np.ndarray, inner: np.ndarray) -> float:
+    """Mean plane-detrended variance of ``field_`` over copies of the ``inner`` shape tiled across it."""
+    ys, xs = np.nonzero(inner)
+    ys, xs = ys - ys.min(), xs - xs.min()
+    hh, ww = ys.max() + 1, xs.max() + 1
+    out = [_plane_var(field_[ys + y, xs + x], ys, xs) for y in range(0, field_.shape[0] - hh + 1, max(2, hh // 2))
+           for x in range(0, field_.shape[1] - ww + 1, max(2, ww // 2))]
+    return float(np.mean(out)) if out else 0.0
+
+
+def local_noise_var(img: np.ndarray, clean: np.ndarray, inner: np.ndarray, origin: tuple[int, int], sp: float,
+                    radius_px: float) -> float | None:
+    """Plane-detrended variance of the parenchyma over the lesion's interior shape moved to clean spots around it
+    (up to 8 directions, 2.2-4x the radius away); None when no spot is clean."""
+    ys, xs = np.nonzero(inner)
+    ys, xs = ys + origin[0], xs + origin[1]
+    h, w = img.shape
+    vals = []
+    for dist in (2.2, 3.0, 4.0):
+        d = dist * (radius_px + 0.75) + 2.0 / sp
+        for k in range(8):
+            a = k * math.pi / 4
+            yy, xx = ys + int(round(d * math.sin(a))), xs + int(round(d * math.cos(a)))
+            if yy.min() < 0 or xx.min() < 0 or yy.max() >= h or xx.max() >= w or not clean[yy, xx].all():
+                continue
+            vals.append(_plane_var(img[yy, xx], yy, xx))
+        if len(vals) >= 3:
+            break
+    return float(np.mean(vals)) if vals else None
+
+
+def _fit(field_: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    if field_.shape[0] >= shape[0] and field_.shape[1] >= shape[1]:
+        return field_[: shape[0], : shape[1]]
+    reps = (-(-shape[0] // field_.shape[0]), -(-shape[1] // field_.shape[1]))
+    return np.tile(field_, reps)[: shape[0], : shape[1]]
 
 
 # ------------------------------------------------------------------------------------------------ the layout

@@ -63,7 +63,7 @@ def _read_nifti(path: str) -> tuple[np.ndarray, float, float | None, dict]:
         img = nib.load(path)
         img = nib.as_closest_canonical(img)  # RAS+
         data = np.asarray(img.dataobj, dtype=np.float32)
-        zooms = [float(z) for z in img.header.get_zooms()[:3]]
+        zooms = [round(float(z), 6) for z in img.header.get_zooms()[:3]]
     except Exception as e:  # nibabel raises many types for broken files
         raise _refuse(path, f"cannot be read as NIfTI ({type(e).__name__}); accepted: .nii or .nii.gz volumes") from None
     if data.ndim == 2:
@@ -347,8 +347,8 @@ def radial_profile(nps: np.ndarray, spacing: float, bins: int = 12) -> tuple[np.
 
 def estimate_noise(hu: np.ndarray, clean: np.ndarray, spacing: float) -> NoiseModel:
     """Std and NPS of the parenchyma from square ROIs wholly inside ``clean`` (lung off vessels), each detrended by
-    its plane; the ROI size is the largest of 24/16/12/8 px giving at least 6 ROIs."""
-    for n in (24, 16, 12, 8):
+    its plane; the ROI size is the largest of 32/24/16/12/8 px giving at least 6 ROIs."""
+    for n in (32, 24, 16, 12, 8):
         ii = cv2.integral(clean.astype(np.uint8))
         step = max(2, n // 2)
         rois = []
@@ -365,7 +365,8 @@ def estimate_noise(hu: np.ndarray, clean: np.ndarray, spacing: float) -> NoiseMo
     acc = np.zeros((n, n))
     var = 0.0
     for y, x in rois:
-        d = detrend_plane(hu[y:y + n, x:x + n].ravel(), ys, xs).reshape(n, n)
+        d = hu[y:y + n, x:x + n].astype(np.float64)
+        d = d - d.mean()
         var += float((d ** 2).mean())
         acc += np.abs(np.fft.fft2(d)) ** 2
     nps = acc / len(rois) * spacing * spacing / (n * n)
