@@ -177,6 +177,34 @@ class PhotoSpec(BaseModel):
     foreground: Literal["otsu", "none"] = Field("otsu", description="foreground when no mask is given")
 
 
+class SurfaceSource(BaseModel):
+    """``source:`` for surfaces: a folder of the user's part photos and, optionally, masks of where defects may go
+    (non-zero = allowed, named like the photos). The same route as CT scans: samples go to photos in contiguous
+    blocks, each sample's ``group`` is its photo's id (``src-`` + the start of its sha256), and the spec hash covers
+    the photos' bytes."""
+
+    model_config = ConfigDict(extra="forbid")
+    path: str = Field(description="folder of PNG/JPEG photos of good parts")
+    masks: str | None = Field(None, description="folder of masks (non-zero = where defects may go)")
+    content_sha256: str | None = Field(None, description="filled in by pairforge: sha256 over every photo and mask")
+
+    @model_validator(mode="after")
+    def _hash(self) -> "SurfaceSource":
+        from schemas.source import file_sha256
+
+        h = __import__("hashlib").sha256()
+        for f in list_photos(self.path):
+            h.update(file_sha256(str(f)).encode())
+        if self.masks is not None:
+            mdir = Path(self.masks).expanduser()
+            if not mdir.is_dir():
+                raise ValueError(f"source.masks {self.masks!r} is not a readable folder")
+            for f in sorted(p for p in mdir.iterdir() if p.is_file()):
+                h.update(file_sha256(str(f)).encode())
+        self.content_sha256 = h.hexdigest()
+        return self
+
+
 class SurfaceDefects(BaseModel):
     model_config = ConfigDict(extra="forbid")
     negatives: float = Field(0.2, ge=0, le=1, description="share of defect-free samples (empty mask)")
@@ -214,6 +242,8 @@ class SurfaceSpec(BaseSpec):
     field_of_view_mm: MmRange("field_of_view_mm") = Field((50.0, 50.0), description="mm across the image width")
     image: SurfaceImageSpec = Field(default_factory=SurfaceImageSpec)
     photos: PhotoSpec | None = None
+    source: SurfaceSource | None = Field(None, description="the user's part photos (and masks of where defects may "
+                                                           "go); sets material 'image'")
     defects: SurfaceDefects = Field(default_factory=SurfaceDefects)
     qc: SurfaceQCSpec = Field(default_factory=SurfaceQCSpec)
 
@@ -222,6 +252,15 @@ class SurfaceSpec(BaseSpec):
     def _material_from_shorthand(cls, data: Any):
         if not isinstance(data, dict):
             return data
+        src = data.get("source")
+        if isinstance(src, dict):  # source: is the photos route, read the same way as CT sources
+            if data.get("photos") is not None:
+                raise ValueError("give the photos once: source: or photos:, not both")
+            if data.get("material") not in (None, "image"):
+                raise ValueError(f"source: photos make the material 'image', not {data['material']!r}")
+            data = {**data, "material": "image",
+                    "photos": {"folder": src.get("path"), "masks_folder": src.get("masks"),
+                               "foreground": "otsu" if src.get("masks") is None else "none"}}
         mats = set()
         defects = data.get("defects")
         if isinstance(defects, dict) and isinstance(defects.get("mixture"), list):
@@ -431,6 +470,17 @@ def region_box(location: str | dict | PointMM, box: tuple[int, int, int, int], s
 # ----------------------------------------------------------------------------------------------------------------
 # Planner
 
+_SHA_CACHE: dict[tuple[str, float, int], str] = {}
+
+
+def _cached_sha(path: str, fn) -> str:
+    st = Path(path).stat()
+    key = (path, st.st_mtime, st.st_size)
+    if key not in _SHA_CACHE:
+        _SHA_CACHE[key] = fn(path)
+    return _SHA_CACHE[key]
+
+
 def plan_surface(spec: SurfaceSpec, index: int, rng: np.random.Generator) -> SampleRequest:
     split = draw_split(spec, rng)
     fov = round(uniform(rng, spec.field_of_view_mm), 4)
@@ -439,7 +489,14 @@ def plan_surface(spec: SurfaceSpec, index: int, rng: np.random.Generator) -> Sam
     params: dict[str, Any] = {"material": spec.material, "field_of_view_mm": fov, "color": spec.image.color}
     if spec.material == "image":
         photos = list_photos(spec.photos.folder)
-        params["photo"] = str(photos[int(rng.integers(len(photos)))])
+        if spec.source is not None:  # contiguous blocks per photo; the photo's id is the group
+            from schemas.source import file_sha256, unit_for_sample
+
+            photo = photos[unit_for_sample(index, spec.samples, len(photos))]
+            params["photo"] = str(photo)
+            params["group"] = f"src-{_cached_sha(str(photo), file_sha256)[:12]}"
+        else:
+            params["photo"] = str(photos[int(rng.integers(len(photos)))])
     findings: list[dict] = []
     negative = bool(rng.random() < spec.defects.negatives or not spec.defects.mixture)
     if not negative:
