@@ -2,8 +2,8 @@
 (annotators/ct.py) plus the share of each finding's surrounding ring in its requested region, vessel overlap,
 and the noise match of the inserted region against the parenchyma around it.
 
-Noise match, as lesion-insertion studies validate it: inside the finding (its label at least 2 px from its edge;
-the solid core of a part-solid one) the values minus their least-squares plane are the noise; the same mask moved to up to
+Noise match, as lesion-insertion studies validate it: inside the finding (its label at least max(2.5, 0.5 + 3 sigma)
+px from its edge, sigma the scanner blur; the solid core of a part-solid one) the values minus their least-squares plane are the noise; the same mask moved to up to
 eight nearby spots of clean parenchyma (lung, off vessels and findings) gives the reference. Compared: the noise
 standard deviation and the NPS-weighted mean radial frequency (each region zero-padded into a 64 x 64 window, so
 both sides see the same mask spectrum).
@@ -95,13 +95,14 @@ def noise_measure(image: np.ndarray, inner: np.ndarray, clean: np.ndarray, spaci
             "mean_freq_in": mean_frequency(nps_in, spacing), "mean_freq_ref": mean_frequency(nps_ref, spacing)}
 
 
-def inner_region(label: np.ndarray, instance: np.ndarray, f: dict) -> np.ndarray:
-    """Where the finding is wholly itself: pixels of its mask (solid core for part-solid) at least 2 px from its
-    edge (so partial-volume edges and thin spicules are not counted as noise)."""
+def inner_region(label: np.ndarray, instance: np.ndarray, f: dict, psf_sigma_px: float = 0.35) -> np.ndarray:
+    """Where the finding is wholly itself: pixels of its mask (solid core for part-solid) at least
+    max(2.5, 0.5 + 3 sigma) px from its edge, sigma the scanner blur (so partial-volume edges and thin spicules are
+    not counted as noise)."""
     m = instance == f["instance"]
     if f["kind"] == "part_solid":
         m &= label == C["nodule_solid"]
-    return cv2.distanceTransform(np.pad(m.astype(np.uint8), 1), cv2.DIST_L2, 5)[1:-1, 1:-1] >= 2.5
+    return cv2.distanceTransform(np.pad(m.astype(np.uint8), 1), cv2.DIST_L2, 5)[1:-1, 1:-1] >= max(2.5, 0.5 + 3 * psf_sigma_px)
 
 
 def ring_fraction(region: np.ndarray, instance: np.ndarray, f: dict, spacing: float) -> float:
@@ -138,7 +139,8 @@ def annotate_insertion(image: np.ndarray, layout: Layout, request: SampleRequest
         m["vessel_overlap_px"] = int((vessels & mask).sum())
         cnr = contrast_to_noise(image, layout.instance, lab_cnr, f, sp)
         m["cnr"] = round(cnr, 3)
-        nm = noise_measure(image, inner_region(layout.label, layout.instance, f), clean, sp,
+        psf = float(layout.params.get("psf_sigma_px", 0.35))
+        nm = noise_measure(image, inner_region(layout.label, layout.instance, f, psf), clean, sp,
                            f["shape"]["radius_px"] + 0.75)
         if nm is not None:
             m["noise_std_hu"] = round(math.sqrt(nm["var_in"]), 3)

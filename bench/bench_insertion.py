@@ -101,9 +101,11 @@ def run(trials: int) -> dict:
         clean = ctx["clean"] & (instance == 0)
         for mode in MODES:
             img, _ = insert_intensities(s["hu"], ctx["clean"], placed, s["sp"], ctx["noise"],
-                                        np.random.default_rng([8, t]), mode)
+                                        np.random.default_rng([8, t]), mode,
+                                        ctx["psf_sigma_px"])
             if mode == "matched":
-                lay = Layout(label=label, instance=instance, spacing_mm=s["sp"], findings=placed, params={},
+                lay = Layout(label=label, instance=instance, spacing_mm=s["sp"], findings=placed,
+                             params={"psf_sigma_px": ctx["psf_sigma_px"]},
                              extras={"region": ctx["region"], "vessels": ctx["vessels"], "clean": ctx["clean"]})
                 req = SampleRequest(index=t, sample_id=str(t), split="train", domain="chest_ct", spacing_mm=s["sp"],
                                     size=s["hu"].shape, findings=[f])
@@ -117,7 +119,7 @@ def run(trials: int) -> dict:
                                                                                   f["diameter_mm"], 4),
                     "tolerance_mm": round(tol, 4), "in_region": m["in_region_fraction"],
                     "ring_in_region": m["ring_in_region_fraction"], "vessel_overlap_px": m["vessel_overlap_px"]})
-            nm = noise_measure(img, inner_region(label, instance, placed[0]), clean, s["sp"],
+            nm = noise_measure(img, inner_region(label, instance, placed[0], ctx["psf_sigma_px"]), clean, s["sp"],
                                placed[0]["shape"]["radius_px"] + 0.75)
             if nm is not None:
                 noise[mode].append((nm, s["sp"]))

@@ -34,7 +34,7 @@ def ct_rows(scale: int = 3) -> list[np.ndarray]:
         fs = [{"kind": k, "diameter_mm": d, "location": "any", "margin": m, "juxtapleural": False} for k, d, m in group]
         label, inst = ctx["label"].copy(), np.zeros(hu.shape, np.uint16)
         placed = place_findings(ctx["region"], ctx["vessels"], fs, sp, rng, label, inst)
-        img, _ = insert_intensities(hu, ctx["clean"], placed, sp, ctx["noise"], rng)
+        img, _ = insert_intensities(hu, ctx["clean"], placed, sp, ctx["noise"], rng, "matched", ctx["psf_sigma_px"])
         before, after = lung_window(hu), lung_window(img)
         up = lambda a: cv2.resize(a, None, fx=scale, fy=scale, interpolation=cv2.INTER_CUBIC)  # noqa: E731
         b, a = cv2.cvtColor(up(before), cv2.COLOR_GRAY2BGR), cv2.cvtColor(up(after), cv2.COLOR_GRAY2BGR)

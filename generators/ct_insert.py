@@ -25,7 +25,8 @@ import numpy as np
 
 from generators.chest_ct import nodule_shape, rasterise_nodule
 from generators.ct_render import HU_RANGES
-from generators.ct_sources import (NoiseModel, Scan, approximate_lobes, estimate_noise, load_scan, lung_sides,
+from generators.ct_sources import (NoiseModel, Scan, approximate_lobes, estimate_edge_blur, estimate_noise, load_scan,
+                                   lung_sides,
                                    synthesize_noise, vessel_mask)
 from schemas.classes import CT_IDS, LOBES
 from schemas.errors import PlacementError
@@ -169,7 +170,7 @@ def _core_patch(patch: np.ndarray, shape_p: dict, off: tuple[float, float]) -> n
 
 # ------------------------------------------------------------------------------------------------ intensities
 def partial_volume(shape_p: dict, radius_px: float, patch_shape: tuple[int, int], off: tuple[float, float],
-                   spicules: bool = True) -> np.ndarray:
+                   spicules: bool = True, psf_sigma_px: float = PSF_SIGMA_PX) -> np.ndarray:
     """Per-pixel area fraction of the nodule's continuous shape (4x supersampled), blurred by the scanner PSF."""
     ss = SUPERSAMPLE
     p = {**shape_p, "spicules": shape_p["spicules"] if spicules else [], "subpixel": [0.0, 0.0]}
@@ -181,7 +182,14 @@ def partial_volume(shape_p: dict, radius_px: float, patch_shape: tuple[int, int]
     M = np.float32([[1, 0, tx], [0, 1, ty]])
     canvas = cv2.warpAffine(hi.astype(np.float32), M, (pw * ss, ph * ss), flags=cv2.INTER_LINEAR)
     alpha = canvas.reshape(ph, ss, pw, ss).mean((1, 3))
-    return cv2.GaussianBlur(alpha, (0, 0), PSF_SIGMA_PX)
+    return cv2.GaussianBlur(alpha, (0, 0), psf_sigma_px)
+
+
+def _paste(dst: np.ndarray, src: np.ndarray, y: int, x: int) -> None:
+    """dst[y:, x:] = src, clipped to dst (a widened patch may reach past the image edge)."""
+    ys, xs = max(0, -y), max(0, -x)
+    y1, x1 = min(dst.shape[0], y + src.shape[0]), min(dst.shape[1], x + src.shape[1])
+    dst[max(0, y):y1, max(0, x):x1] = src[ys:ys + y1 - max(0, y), xs:xs + x1 - max(0, x)]
 
 
 def local_mean(bg: np.ndarray, clean: np.ndarray, sp: float) -> np.ndarray:
@@ -204,13 +212,14 @@ def draw_lesion_hu(kind: str, rng: np.random.Generator) -> dict[str, float]:
 
 
 def insert_intensities(hu: np.ndarray, clean: np.ndarray, placed: list[dict], sp: float, noise: NoiseModel,
-                       rng: np.random.Generator, mode: str = "matched") -> tuple[np.ndarray, list[dict]]:
+                       rng: np.random.Generator, mode: str = "matched",
+                       psf_sigma_px: float = PSF_SIGMA_PX) -> tuple[np.ndarray, list[dict]]:
     """The slice with every placed nodule's HU blended in (see the module docstring). Returns (image, params)."""
     if mode not in MODES:
         raise ValueError(f"insertion mode {mode!r}; accepted: {', '.join(MODES)}")
     out = hu.astype(np.float32).copy()
     params = []
-    pad = int(math.ceil(3 * max(1.0, 2.0 / sp))) + 2
+    pad = int(math.ceil(3 * max(1.0, 2.0 / sp, psf_sigma_px))) + 2
     for f in placed:
         sp_ = f["shape"]
         x0, y0 = f["patch_origin_px"]
@@ -218,8 +227,12 @@ def insert_intensities(hu: np.ndarray, clean: np.ndarray, placed: list[dict], sp
         # The patch the shape was rasterised in (same size rule as rasterise_nodule).
         amps = np.asarray(sp_["harmonics"])
         reach = R * (1 + amps.sum() + max([s[1] for s in sp_["spicules"]], default=0)) + 2
-        n = int(math.ceil(reach)) * 2 + 1
-        c = n // 2
+        n0 = int(math.ceil(reach)) * 2 + 1
+        # The label patch's frame, widened so the blurred edge is not cut off.
+        grow = int(math.ceil(3 * psf_sigma_px))
+        n = n0 + 2 * grow
+        x0, y0 = x0 - grow, y0 - grow
+        c = n0 // 2 + grow
         off = (c + sp_["subpixel"][0], c + sp_["subpixel"][1])
         # Work in a padded window around the patch.
         wy0, wx0 = max(0, y0 - pad), max(0, x0 - pad)
@@ -227,8 +240,7 @@ def insert_intensities(hu: np.ndarray, clean: np.ndarray, placed: list[dict], sp
         win = (slice(wy0, wy1), slice(wx0, wx1))
         bg = out[win].copy()
         alpha = np.zeros(bg.shape, np.float32)
-        a = partial_volume(sp_, R, (n, n), off)
-        alpha[y0 - wy0:y0 - wy0 + n, x0 - wx0:x0 - wx0 + n] = a
+        _paste(alpha, partial_volume(sp_, R, (n, n), off, psf_sigma_px=psf_sigma_px), y0 - wy0, x0 - wx0)
         values = draw_lesion_hu(f["kind"], rng)
         low = local_mean(bg, clean[win], sp)
         res = bg - low
@@ -252,12 +264,16 @@ def insert_intensities(hu: np.ndarray, clean: np.ndarray, placed: list[dict], sp
         if f["kind"] == "solid":
             solid_alpha = alpha
         elif f["kind"] == "part_solid":
-            ac = partial_volume(sp_, R * sp_["solid_fraction"], (n, n), off, spicules=False)
-            solid_alpha[y0 - wy0:y0 - wy0 + n, x0 - wx0:x0 - wx0 + n] = ac
+            ac = partial_volume(sp_, R * sp_["solid_fraction"], (n, n), off, spicules=False, psf_sigma_px=psf_sigma_px)
+            _paste(solid_alpha, ac, y0 - wy0, x0 - wx0)
         if solid_alpha.any():
             mean = mean * (1 - solid_alpha) + solid_alpha * values["solid_hu"]
             synth = synthesize_noise((64, 64), noise, rng)
-            inner = solid_alpha > 0.98
+            # The lesion's interior as the noise is measured there (annotators/ct_insertion.inner_region).
+            core = np.pad((solid_alpha >= 0.5).astype(np.uint8), 1)
+            inner = cv2.distanceTransform(core, cv2.DIST_L2, 5)[1:-1, 1:-1] >= max(2.5, 0.5 + 3 * psf_sigma_px)
+            if inner.sum() < 6:
+                inner = solid_alpha > 0.98
             target = local_noise_var(out, clean, inner, (wy0, wx0), sp, R) if inner.sum() >= 6 else None
             if target is not None:
                 # Amplitude at the lesion's own scale: the synthetic noise's plane-detrended variance over the
@@ -361,12 +377,14 @@ def source_layout(spec: Any, request: SampleRequest, rng: np.random.Generator) -
     instance = np.zeros(hu.shape, np.uint16)
     placed = place_findings(region, vessels, request.findings, sp, rng, label, instance)
     noise = estimate_noise(hu, clean & (instance == 0), sp)
-    params = {"source": {"id": scan.source_id, "sha256": scan.sha256, "slice": k, "level": level,
+    psf = estimate_edge_blur(hu, lung)
+    params = {"psf_sigma_px": round(psf, 4), "source": {"id": scan.source_id, "sha256": scan.sha256, "slice": k, "level": level,
                          "geometry": scan.geometry, **info},
               "noise": noise.record()}
     return Layout(label=label, instance=instance, spacing_mm=sp, findings=placed, params=params,
                   extras={"source_hu": hu, "region": region, "vessels": vessels, "clean": clean,
-                          "noise_nps": noise.nps, "noise_std": np.float32(noise.std_hu)})
+                          "noise_nps": noise.nps, "noise_std": np.float32(noise.std_hu),
+                          "psf_sigma_px": np.float32(psf)})
 
 
 def render_insertion(layout: Layout, rng: np.random.Generator, mode: str = "matched") -> tuple[np.ndarray, dict]:
@@ -378,7 +396,7 @@ def render_insertion(layout: Layout, rng: np.random.Generator, mode: str = "matc
     noise = NoiseModel(std_hu=float(layout.extras["noise_std"]), nps=nps, roi_px=nps.shape[0], n_rois=0,
                        spacing_mm=sp, mean_frequency=mean_frequency(nps, sp))
     img, params = insert_intensities(layout.extras["source_hu"], layout.extras["clean"], layout.findings, sp, noise,
-                                     rng, mode)
+                                     rng, mode, float(layout.extras["psf_sigma_px"]))
     return img, {"insertion": params, "method": "image-domain insertion, local-mean replacement, NPS-matched noise"}
 
 
@@ -390,4 +408,4 @@ def scan_context(hu: np.ndarray, sp: float, labels: np.ndarray | None = None, lo
     vessels = vessel_mask(hu, lung, sp)
     clean = lung & ~vessels
     return {"label": label, "region": region, "vessels": vessels, "clean": clean,
-            "noise": estimate_noise(hu, clean, sp), "info": info}
+            "noise": estimate_noise(hu, clean, sp), "psf_sigma_px": estimate_edge_blur(hu, lung), "info": info}

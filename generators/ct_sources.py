@@ -299,6 +299,27 @@ def vessel_mask(hu: np.ndarray, lung: np.ndarray, spacing: float) -> np.ndarray:
     return cv2.dilate(v, np.ones((3, 3), np.uint8)) > 0
 
 
+def estimate_edge_blur(hu: np.ndarray, lung: np.ndarray, default_px: float = 0.35) -> float:
+    """The scanner's blur (Gaussian sigma, px) from the lung's edges against soft tissue: a step of height D blurred
+    by sigma has a peak gradient D / (sigma sqrt(2 pi)); the pixel's own box (sigma^2 = 1/12) is taken out, since
+    insertion models it separately. ``default_px`` when the slice shows fewer than 30 such edge pixels."""
+    lm = lung.astype(np.uint8)
+    edge = (cv2.dilate(lm, np.ones((3, 3), np.uint8)) > 0) & ~lung
+    edge &= cv2.dilate((hu > -200).astype(np.uint8), np.ones((5, 5), np.uint8)) > 0
+    core = cv2.erode(lm, np.ones((7, 7), np.uint8)) > 0
+    outside = (cv2.dilate(lm, np.ones((9, 9), np.uint8)) > 0) & ~(cv2.dilate(lm, np.ones((5, 5), np.uint8)) > 0)
+    outside &= hu > -300
+    if edge.sum() < 30 or not core.any() or not outside.any():
+        return default_px
+    gy, gx = np.gradient(hu.astype(np.float32))
+    peak = float(np.median(cv2.dilate(np.hypot(gx, gy), np.ones((5, 5), np.uint8))[edge]))
+    step = float(np.median(hu[outside]) - np.median(hu[core]))
+    if peak <= 0 or step <= 0:
+        return default_px
+    sigma = step / (math.sqrt(2 * math.pi) * peak)
+    return float(min(2.5, max(default_px, math.sqrt(max(0.0, sigma ** 2 - 1 / 12)))))
+
+
 # ------------------------------------------------------------------------------------------------ noise
 @dataclass
 class NoiseModel:

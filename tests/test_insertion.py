@@ -126,30 +126,38 @@ def _insert_many(n: int, mode: str, seed: int = 0):
     out = []
     for t in range(n):
         rng = np.random.default_rng([seed, t])
-        f = {"kind": "solid", "diameter_mm": float(rng.uniform(4.5, 7)), "location": "any", "margin": "smooth",
+        f = {"kind": "solid", "diameter_mm": float(rng.uniform(5.5, 8)), "location": "any", "margin": "smooth",
              "juxtapleural": False}
         label, inst = ctx["label"].copy(), np.zeros(hu.shape, np.uint16)
         try:
             placed = place_findings(ctx["region"], ctx["vessels"], [f], sp, rng, label, inst)
         except PlacementError:
             continue
-        img, _ = insert_intensities(hu, ctx["clean"], placed, sp, ctx["noise"], np.random.default_rng([9, t]), mode)
-        nm = noise_measure(img, inner_region(label, inst, placed[0]), ctx["clean"] & (inst == 0), sp,
+        img, _ = insert_intensities(hu, ctx["clean"], placed, sp, ctx["noise"], np.random.default_rng([9, t]), mode,
+                                    ctx["psf_sigma_px"])
+        nm = noise_measure(img, inner_region(label, inst, placed[0], ctx["psf_sigma_px"]), ctx["clean"] & (inst == 0), sp,
                            placed[0]["shape"]["radius_px"] + 0.75)
         if nm:
             out.append(nm)
     std = math.sqrt(np.mean([n["var_in"] for n in out]) / np.mean([n["var_ref"] for n in out]))
-    freq = mean_frequency(sum(n["nps_in"] for n in out), sp) / mean_frequency(sum(n["nps_ref"] for n in out), sp)
-    return len(out), std, freq
+    nps_in, nps_ref = sum(n["nps_in"] for n in out), sum(n["nps_ref"] for n in out)
+    freq = mean_frequency(nps_in, sp) / mean_frequency(nps_ref, sp)
+    # Power per radial frequency band (4 bands up to the corner frequency), inserted / surrounding.
+    f = np.hypot(*np.meshgrid(np.fft.fftfreq(64, sp), np.fft.fftfreq(64, sp)))
+    bands = np.minimum((f / f.max() * 4).astype(int), 3)
+    band_ratio = [float(nps_in[bands == b].sum() / nps_ref[bands == b].sum()) for b in range(4)]
+    return len(out), std, freq, band_ratio
 
 
 def test_matched_insertion_has_the_parenchymas_noise_std_and_nps_and_a_plain_disc_has_neither():
-    n, std, freq = _insert_many(80, "matched")
+    n, std, freq, bands = _insert_many(80, "matched")
     assert n >= 30
     assert abs(std - 1) <= 0.15 and abs(freq - 1) <= 0.1, (std, freq)  # the bench pools ~300 for the +-10 %
-    _, std_d, freq_d = _insert_many(80, "disc")
-    assert std_d < 0.2 and abs(freq_d - 1) > 0.1, (std_d, freq_d)
-    _, std_w, freq_w = _insert_many(80, "disc_white")
+    assert all(0.6 < b < 1.6 for b in bands), bands  # the spectrum's shape, band by band
+    _, std_d, _, bands_d = _insert_many(80, "disc")
+    # A smooth disc has almost no noise, so no band of its spectrum comes near the parenchyma's.
+    assert std_d < 0.2 and max(bands_d) < 0.05, (std_d, bands_d)
+    _, std_w, freq_w, _ = _insert_many(80, "disc_white")
     assert abs(freq_w - 1) > 0.2, freq_w  # white noise of the right std still has the wrong spectrum
 
 
@@ -172,7 +180,8 @@ def test_inserted_nodules_have_the_requested_size_inside_the_requested_lobe_off_
             placed = place_findings(ctx["region"], ctx["vessels"], [f], PHANTOM_SPACING, rng, label, inst)
         except PlacementError:
             continue
-        img, _ = insert_intensities(hu[1], ctx["clean"], placed, PHANTOM_SPACING, ctx["noise"], rng)
+        img, _ = insert_intensities(hu[1], ctx["clean"], placed, PHANTOM_SPACING, ctx["noise"], rng, "matched",
+                                    ctx["psf_sigma_px"])
         lay = Layout(label=label, instance=inst, spacing_mm=PHANTOM_SPACING, findings=placed, params={},
                      extras={k: ctx[k] for k in ("region", "vessels", "clean")})
         req = SampleRequest(index=t, sample_id="x", split="train", domain="chest_ct", spacing_mm=PHANTOM_SPACING,
@@ -278,3 +287,35 @@ def test_a_200_sample_build_from_a_folder_of_sources_is_killed_resumed_identical
     assert item["image"].ndim == 2 and item["label"].shape == item["image"].shape
     readme = (root_a / "realsrc" / "v1" / "README.md").read_text()
     assert "## Sources" in readme and "3 sources" in readme
+
+
+# --------------------------------------------------------------------------------------------- surfaces
+def test_surface_source_photos_get_defects_only_where_their_masks_allow_and_a_group_per_photo(tmp_path):
+    import cv2
+    import skimage.data as sd
+
+    from flows.pipeline import make_samples
+    from schemas.spec import spec_hash, validate_spec
+
+    (tmp_path / "photos").mkdir()
+    (tmp_path / "masks").mkdir()
+    for name in ("brick", "gravel", "grass"):
+        cv2.imwrite(str(tmp_path / "photos" / f"{name}.png"), getattr(sd, name)())
+        m = np.zeros((512, 512), np.uint8)
+        m[120:380, 150:420] = 255
+        cv2.imwrite(str(tmp_path / "masks" / f"{name}.png"), m)
+    data = {"name": "parts", "domain": "surface", "samples": 6, "seed": 4, "image": {"size": 512},
+            "field_of_view_mm": 50, "source": {"path": str(tmp_path / "photos"), "masks": str(tmp_path / "masks")},
+            "defects": {"negatives": 0, "mixture": ["3 mm stain", "8 mm scratch", "1 mm pit"]}}
+    spec = validate_spec(data)
+    assert spec.material == "image"
+    samples = make_samples(spec, range(6))
+    assert len({s.group for s in samples}) == 3 and all(s.group.startswith("src-") for s in samples)
+    for s in samples:
+        ys, xs = np.nonzero(s.instance)
+        assert ys.size and ys.min() >= 120 and ys.max() < 380 and xs.min() >= 150 and xs.max() < 420
+        assert s.qc["passed"]
+    # The spec hash covers the photos' bytes: a changed photo is a different dataset.
+    before = spec_hash(spec)
+    cv2.imwrite(str(tmp_path / "photos" / "brick.png"), 255 - sd.brick())
+    assert spec_hash(validate_spec(data)) != before
