@@ -65,8 +65,8 @@ def photo_row(width: int) -> np.ndarray | None:
         cv2.imwrite(str(d / f"{name}.png"), getattr(sd, name)())
     spec = validate_spec({"name": "g", "domain": "surface", "samples": 3, "seed": 2, "material": "image",
                           "photos": {"folder": str(d), "foreground": "none"},
-                          "image": {"size": 512}, "field_of_view_mm": 50,
-                          "defects": {"negatives": 0, "mixture": ["3 mm stain", "8 mm scratch", "2 mm pit"]}})
+                          "image": {"size": 512}, "field_of_view_mm": 25,
+                          "defects": {"negatives": 0, "mixture": ["4 mm stain", "10 mm scratch", "2 mm pit"]}})
     tiles = []
     for s in make_samples(spec, range(3)):
         img = s.image if s.image.ndim == 3 else cv2.cvtColor(s.image, cv2.COLOR_GRAY2BGR)

@@ -275,14 +275,15 @@ def insert_intensities(hu: np.ndarray, clean: np.ndarray, placed: list[dict], sp
             if inner.sum() < 6:
                 inner = solid_alpha > 0.98
             target = local_noise_var(out, clean, inner, (wy0, wx0), sp, R) if inner.sum() >= 6 else None
+            synth = _fit(synth, bg.shape)
             if target is not None:
-                # Amplitude at the lesion's own scale: the synthetic noise's plane-detrended variance over the
-                # lesion-shaped region equals the parenchyma's over the same shape nearby.
-                got = _shape_var(synth, inner)
+                # Amplitude at the lesion's own scale: this realisation's plane-detrended variance over the
+                # lesion's interior equals the parenchyma's over the same shape nearby.
+                iy, ix = np.nonzero(inner)
+                got = _plane_var(synth[iy, ix], iy, ix)
                 if got > 0:
                     synth *= math.sqrt(target / got)
                 p["local_noise_std_hu"] = round(math.sqrt(target), 3)
-            synth = _fit(synth, bg.shape)
             th = np.clip(solid_alpha, 0, 1) * (np.pi / 2)
             out[win] = mean + np.cos(th) * res + np.sin(th) * synth
         else:
@@ -296,16 +297,6 @@ def _plane_var(values: np.ndarray, ys: np.ndarray, xs: np.ndarray) -> float:
     A = np.stack([np.ones_like(xs, dtype=np.float64), xs, ys], 1)
     coef, *_ = np.linalg.lstsq(A, values.astype(np.float64), rcond=None)
     return float(((values - A @ coef) ** 2).mean())
-
-
-def _shape_var(field_: np.ndarray, inner: np.ndarray) -> float:
-    """Mean plane-detrended variance of ``field_`` over copies of the ``inner`` shape tiled across it."""
-    ys, xs = np.nonzero(inner)
-    ys, xs = ys - ys.min(), xs - xs.min()
-    hh, ww = ys.max() + 1, xs.max() + 1
-    out = [_plane_var(field_[ys + y, xs + x], ys, xs) for y in range(0, field_.shape[0] - hh + 1, max(2, hh // 2))
-           for x in range(0, field_.shape[1] - ww + 1, max(2, ww // 2))]
-    return float(np.mean(out)) if out else 0.0
 
 
 def local_noise_var(img: np.ndarray, clean: np.ndarray, inner: np.ndarray, origin: tuple[int, int], sp: float,

@@ -319,3 +319,38 @@ def test_surface_source_photos_get_defects_only_where_their_masks_allow_and_a_gr
     before = spec_hash(spec)
     cv2.imwrite(str(tmp_path / "photos" / "brick.png"), 255 - sd.brick())
     assert spec_hash(validate_spec(data)) != before
+
+
+def test_volume_insertion_sizes_by_volume_equivalent_diameter_inside_the_lobe_off_vessels(phantom):
+    from scipy import ndimage
+
+    from generators.ct_insert3d import equivalent_diameter_mm, insert_nodule_3d
+    from generators.ct_sources import estimate_noise, vessel_mask
+    from schemas.classes import LOBES
+
+    hu, lab = phantom_volume(seed=21, n_slices=8, levels=(0.6, 0.8))
+    lobes = np.where(np.isin(lab, list(LOBES.values())), lab, 0)
+    vessels = np.stack([vessel_mask(hu[k], lobes[k] > 0, PHANTOM_SPACING) for k in range(len(hu))])
+    vessels |= np.isin(lab, [17, 18, 19])
+    noise = estimate_noise(hu[4], (lobes[4] > 0) & ~vessels[4], PHANTOM_SPACING)
+    done = 0
+    for t in range(8):
+        rng = np.random.default_rng(t)
+        f = {"kind": ("solid", "ground_glass")[t % 2], "diameter_mm": float(rng.uniform(4, 10)),
+             "margin": "lobulated", "location": "RLL"}
+        region = lobes == LOBES["RLL"]
+        label, inst = lab.copy(), np.zeros(hu.shape, np.uint16)
+        try:
+            vol, placed = insert_nodule_3d(hu, region, vessels, f, PHANTOM_SPACING, PHANTOM_SLICE_MM, noise, 0.5,
+                                           rng, label, inst)
+        except PlacementError:
+            continue
+        m = inst == 1
+        assert abs(equivalent_diameter_mm(m, PHANTOM_SPACING, PHANTOM_SLICE_MM) - f["diameter_mm"]) <= 0.9
+        shell = ndimage.distance_transform_edt(~m, sampling=(PHANTOM_SLICE_MM, PHANTOM_SPACING, PHANTOM_SPACING))
+        assert region[(shell > 0) & (shell <= 2.0)].mean() >= 0.99 and not (vessels & m).any()
+        assert m.any(axis=(1, 2)).sum() >= 2  # it spans slices
+        # Through-plane partial volume (2.5 mm slices) lowers the edge voxels; the core reaches the lesion's HU.
+        assert np.median(vol[m]) > np.median(hu[m]) + (300 if f["kind"] == "solid" else 80)
+        done += 1
+    assert done >= 4
