@@ -4,7 +4,7 @@ and the noise match of the inserted region against the parenchyma around it.
 
 Noise match, as lesion-insertion studies validate it: inside the finding (its label at least max(2.5, 0.5 + 3 sigma)
 px from its edge, sigma the scanner blur; the solid core of a part-solid one) the values minus their least-squares plane are the noise; the same mask moved to up to
-eight nearby spots of clean parenchyma (lung, off vessels and findings) gives the reference. Compared: the noise
+eight nearby spots of clean parenchyma (lung, >= 3 px from vessels and findings) gives the reference. Compared: the noise
 standard deviation and the NPS-weighted mean radial frequency (each region zero-padded into a 64 x 64 window, so
 both sides see the same mask spectrum).
 """
@@ -67,6 +67,9 @@ def noise_measure(image: np.ndarray, inner: np.ndarray, clean: np.ndarray, spaci
         return None
     res_in = _plane_residual(image, inner)
     h, w = image.shape
+    # Reference parenchyma at least 3 px from vessels, as the lesion's own interior is (placement keeps the lesion
+    # off vessels and the interior starts >= 2.5 px inside it): vessel edges are structure, not noise.
+    clean = cv2.erode(clean.astype(np.uint8), np.ones((5, 5), np.uint8)) > 0
     refs = []
     for dist in (2.2, 3.0, 4.0):
         d = dist * reach_px + RING_MM / spacing

@@ -10,7 +10,7 @@ a solid component is
 
 with ``n`` noise synthesised with the slice's measured NPS and std, so the noise power is the same at every alpha
 (cos^2 + sin^2 = 1) and the lesion carries texture of the scanner's own spectrum. Ground glass (partly filled
-air spaces) adds to the local mean and keeps the background whole: ``out = bg + alpha (L_gg - low)``, vessels
+air spaces) adds one contrast and keeps the background whole: ``out = bg + alpha (L_gg - median low)``, vessels
 running through it included, as in real ground-glass nodules. Sizes use the phantom's calibration
 (``generators.chest_ct.nodule_shape``). ``mode`` "disc" (a plain smooth disc) and "disc_white" (a disc with
 white noise of the right std) are the baselines the bench compares against.
@@ -260,7 +260,10 @@ def insert_intensities(hu: np.ndarray, clean: np.ndarray, placed: list[dict], sp
         mean = low.copy()
         solid_alpha = np.zeros_like(alpha)
         if "ground_glass_hu" in values:
-            mean = mean + alpha * (values["ground_glass_hu"] - low)
+            # One contrast for the whole lesion (against the local mean under it), so the background's texture
+            # at every scale stays, as in partly filled air spaces.
+            base = float(np.median(low[alpha > 0.5])) if (alpha > 0.5).any() else float(np.median(low))
+            mean = mean + alpha * (values["ground_glass_hu"] - base)
         if f["kind"] == "solid":
             solid_alpha = alpha
         elif f["kind"] == "part_solid":
@@ -302,10 +305,11 @@ def _plane_var(values: np.ndarray, ys: np.ndarray, xs: np.ndarray) -> float:
 def local_noise_var(img: np.ndarray, clean: np.ndarray, inner: np.ndarray, origin: tuple[int, int], sp: float,
                     radius_px: float) -> float | None:
     """Plane-detrended variance of the parenchyma over the lesion's interior shape moved to clean spots around it
-    (up to 8 directions, 2.2-4x the radius away); None when no spot is clean."""
+    (>= 3 px from vessels; up to 8 directions, 2.2-4x the radius away); None when no spot is clean."""
     ys, xs = np.nonzero(inner)
     ys, xs = ys + origin[0], xs + origin[1]
     h, w = img.shape
+    clean = cv2.erode(clean.astype(np.uint8), np.ones((5, 5), np.uint8)) > 0  # >= 3 px from vessels
     vals = []
     for dist in (2.2, 3.0, 4.0):
         d = dist * (radius_px + 0.75) + 2.0 / sp

@@ -135,7 +135,8 @@ def insert_nodule_3d(hu: np.ndarray, region: np.ndarray, vessels: np.ndarray, fi
         low = local_mean(bg, clean, sp)
         res = bg - low
         if finding["kind"] == "ground_glass":
-            out[z][win] = bg + al * (values["ground_glass_hu"] - low)
+            base = float(np.median(low[al > 0.5])) if (al > 0.5).any() else float(np.median(low))
+            out[z][win] = bg + al * (values["ground_glass_hu"] - base)
             continue
         L = values["solid_hu"]
         mean = low * (1 - al) + al * L
