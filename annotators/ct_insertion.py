@@ -18,7 +18,7 @@ import numpy as np
 
 from annotators import Annotation, check
 from annotators.ct import contrast_to_noise, measure_findings
-from schemas.classes import CT_IDS, LOBES
+from schemas.chest_ct import CT_IDS, LOBES
 from schemas.findings import SIDE_LOBES
 from schemas.sample import Layout, SampleRequest
 

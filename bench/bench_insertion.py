@@ -30,7 +30,7 @@ from bench.scan_fixtures import (LOBE_MASK_CLASSES, PHANTOM_SLICE_MM, PHANTOM_SP
                                  lobe_mask, phantom_volume, write_dicom_series, write_nifti)
 from generators.ct_insert import MODES, insert_intensities, place_findings, scan_context  # noqa: E402
 from generators.ct_sources import load_scan  # noqa: E402
-from schemas.classes import LOBES  # noqa: E402
+from schemas.chest_ct import LOBES  # noqa: E402
 from schemas.errors import PlacementError  # noqa: E402
 from schemas.sample import Layout, SampleRequest  # noqa: E402
 from schemas.source import CTSource  # noqa: E402

@@ -28,7 +28,7 @@ from generators.ct_render import HU_RANGES
 from generators.ct_sources import (NoiseModel, Scan, approximate_lobes, estimate_edge_blur, estimate_noise, load_scan,
                                    lung_sides,
                                    synthesize_noise, vessel_mask)
-from schemas.classes import CT_IDS, LOBES
+from schemas.chest_ct import CT_IDS, LOBES
 from schemas.errors import PlacementError
 from schemas.findings import SIDE_LOBES
 from schemas.sample import Layout, SampleRequest

@@ -17,7 +17,7 @@ import cv2
 import numpy as np
 from scipy import ndimage
 
-from schemas.classes import CT_IDS, LOBES
+from schemas.chest_ct import CT_IDS, LOBES
 from schemas.errors import SpecError
 from schemas.source import CTSource, SourceUnit
 

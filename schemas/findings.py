@@ -5,7 +5,6 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from schemas.classes import LOBES
 from schemas.units import MmRange
 
 NoduleKind = Literal["solid", "part_solid", "ground_glass"]
@@ -40,7 +39,8 @@ class NoduleFinding(BaseModel):
     weight: float = Field(1.0, gt=0, description="relative weight in the findings mixture")
     margin: Margin = "smooth"
     juxtapleural: bool = Field(False, description="allow the finding to touch the pleura or a fissure")
-    juxtavascular: bool = Field(False, description="place the finding against a vessel (real scans, source:)")
+    juxtavascular: bool = Field(False, exclude_if=lambda v: not v,  # omitted when off: spec hashes stay as they were
+                                description="place the finding against a vessel (real scans, source:)")
 
     @model_validator(mode="after")
     def _sizes_possible(self) -> "NoduleFinding":
@@ -65,5 +65,3 @@ class NoduleFinding(BaseModel):
         n = f"{self.count}x " if self.count > 1 else ""
         return f"{n}{size} {self.margin} {kind} nodule, {where}"
 
-
-assert set(MAX_DIAMETER_MM) - {"any", "right", "left"} == set(LOBES)
