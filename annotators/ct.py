@@ -165,10 +165,6 @@ def contrast_to_noise(image: np.ndarray, instance: np.ndarray, label: np.ndarray
 
 @register_annotator(DOMAIN)
 def annotate_chest_ct(image: np.ndarray, layout: Layout, request: SampleRequest, qc: Any) -> Annotation:
-    if "source" in layout.params:  # findings inserted into a real scan
-        from annotators.ct_insertion import annotate_insertion
-
-        return annotate_insertion(image, layout, request, qc)
     lobes = layout.extras.get("lobes")
     sp = layout.spacing_mm
     measured = measure_findings(layout.label, layout.instance, lobes, sp, layout.findings)

@@ -16,8 +16,8 @@ from typing import Any
 import cv2
 import numpy as np
 
-from annotators import Annotation, check
-from annotators.ct import contrast_to_noise, measure_findings
+from annotators import Annotation, check, register_annotator
+from annotators.ct import annotate_chest_ct, contrast_to_noise, measure_findings
 from schemas.chest_ct import CT_IDS, LOBES
 from schemas.findings import SIDE_LOBES
 from schemas.sample import Layout, SampleRequest
@@ -165,3 +165,11 @@ def annotate_insertion(image: np.ndarray, layout: Layout, request: SampleRequest
     bboxes = [{"instance": m["instance"], "x0": m["bbox_px"][0], "y0": m["bbox_px"][1], "x1": m["bbox_px"][2],
                "y1": m["bbox_px"][3]} for m in measured if "bbox_px" in m]
     return Annotation(measured=measured, checks=checks, bboxes=bboxes)
+
+
+@register_annotator("chest_ct")
+def annotate_chest_ct_or_insertion(image: np.ndarray, layout: Layout, request: SampleRequest, qc: Any) -> Annotation:
+    """The chest-CT annotator: phantom samples as annotators/ct.py measures them, real-scan samples as above."""
+    if "source" in layout.params:
+        return annotate_insertion(image, layout, request, qc)
+    return annotate_chest_ct(image, layout, request, qc)

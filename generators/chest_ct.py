@@ -473,10 +473,6 @@ LEVEL_TRIES = 4
 def chest_ct_layout(spec, request: SampleRequest, rng: np.random.Generator) -> Layout:
     """Anatomy at the planned level, then the findings; when they do not fit, a bounded, recorded resample of the
     level inside the range where the requested lobes are largest (and still inside the spec's slice range)."""
-    if getattr(spec, "source", None) is not None:  # the user's scans instead of the phantom
-        from generators.ct_insert import source_layout
-
-        return source_layout(spec, request, rng)
     h, w = request.size
     sp = request.spacing_mm
     level = choose_level(request, tuple(spec.slice_level), rng)

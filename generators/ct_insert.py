@@ -23,8 +23,9 @@ from typing import Any
 import cv2
 import numpy as np
 
-from generators.chest_ct import nodule_shape, rasterise_nodule
-from generators.ct_render import HU_RANGES
+from generators.base import register_layout, register_renderer
+from generators.chest_ct import chest_ct_layout, nodule_shape, rasterise_nodule
+from generators.ct_render import HU_RANGES, ProceduralCT
 from generators.ct_sources import (NoiseModel, Scan, approximate_lobes, estimate_edge_blur, estimate_noise, load_scan,
                                    lung_sides,
                                    synthesize_noise, vessel_mask)
@@ -404,3 +405,29 @@ def scan_context(hu: np.ndarray, sp: float, labels: np.ndarray | None = None, lo
     clean = lung & ~vessels
     return {"label": label, "region": region, "vessels": vessels, "clean": clean,
             "noise": estimate_noise(hu, clean, sp), "psf_sigma_px": estimate_edge_blur(hu, lung), "info": info}
+
+
+# ------------------------------------------------------------------------------------------------ registration
+@register_layout("chest_ct")
+def chest_ct_or_source_layout(spec: Any, request: SampleRequest, rng: np.random.Generator) -> Layout:
+    """The chest-CT layout: the user's scan when the spec names a ``source``, else the phantom."""
+    if getattr(spec, "source", None) is not None:
+        return source_layout(spec, request, rng)
+    return chest_ct_layout(spec, request, rng)
+
+
+@register_renderer
+class ProceduralCTWithSources(ProceduralCT):
+    """The procedural CT renderer, which also blends findings into real scans (layouts with ``source_hu``)."""
+
+    def check_spec(self, spec: Any) -> None:
+        super().check_spec(spec)
+        if getattr(spec, "source", None) is not None:
+            from generators.ct_sources import check_sources
+
+            check_sources(spec.source)
+
+    def render(self, layout: Layout, rng: np.random.Generator) -> tuple[np.ndarray, dict[str, Any]]:
+        if "source_hu" in layout.extras:
+            return render_insertion(layout, rng)
+        return super().render(layout, rng)

@@ -120,16 +120,6 @@ class ProceduralCT(Renderer):
     domains = ("chest_ct",)
     options_accepted = ()
 
-    def check_spec(self, spec: Any) -> None:
-        if getattr(spec, "source", None) is not None:
-            from generators.ct_sources import check_sources
-
-            check_sources(spec.source)
-
     def render(self, layout: Layout, rng: np.random.Generator) -> tuple[np.ndarray, dict[str, Any]]:
-        if "source_hu" in layout.extras:  # a real scan: blend the placed findings in
-            from generators.ct_insert import render_insertion
-
-            return render_insertion(layout, rng)
         p = draw_render_params(rng, layout.spacing_mm)
         return render_ct(layout.label, layout.extras.get("lobes"), layout.spacing_mm, p), p
