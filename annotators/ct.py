@@ -163,7 +163,7 @@ def contrast_to_noise(image: np.ndarray, instance: np.ndarray, label: np.ndarray
     return float(abs(float(np.median(inside)) - med) / (sigma + 1e-6))
 
 
-@register_annotator(DOMAIN)
+# Registered for the domain by annotators.ct_insertion (phantom or real-scan samples).
 def annotate_chest_ct(image: np.ndarray, layout: Layout, request: SampleRequest, qc: Any) -> Annotation:
     lobes = layout.extras.get("lobes")
     sp = layout.spacing_mm

@@ -469,7 +469,7 @@ LOBE_CORE_LEVELS: dict[str, tuple[float, float]] = {
 LEVEL_TRIES = 4
 
 
-@register_layout(DOMAIN)
+# Registered for the domain by generators.ct_insert (phantom or the user's scan).
 def chest_ct_layout(spec, request: SampleRequest, rng: np.random.Generator) -> Layout:
     """Anatomy at the planned level, then the findings; when they do not fit, a bounded, recorded resample of the
     level inside the range where the requested lobes are largest (and still inside the spec's slice range)."""
