@@ -17,7 +17,7 @@ SIZE_FIELDS = (("diameter_mm", "equivalent_diameter_mm"), ("length_mm", "length_
 REGION_FIELDS = ("lobe", "region", "location")
 GRID_SAMPLES = 8
 CARD_COLUMNS = ["sample_id", "split", "image_path", "label_path", "instance_path", "image_encoding", "image_codec",
-                "requested", "measured", "qc"]
+                "requested", "measured", "qc", "group"]
 THUMB_PX = 160
 
 
@@ -301,6 +301,11 @@ def render_readme(m: Any, rows: list[dict], requested: list[list[dict]], measure
         lines += _table(["region", "findings"], [[k, v] for k, v in regions.items()]) + [""]
     if "regions" in plots:
         lines += [f"![findings per region]({plots['regions']})", ""]
+    groups = Counter(r.get("group") for r in rows if r.get("group"))
+    if groups:  # samples made from the user's own scans or photos
+        lines += ["## Sources", "", f"{len(groups)} sources used; samples per source (a source's id is the start of "
+                  "the sha256 of its files; `group` in `samples.parquet`):", ""]
+        lines += _table(["source", "samples"], [[k, v] for k, v in sorted(groups.items())]) + [""]
     lines += ["## Quality control", ""]
     qc_failed = sum(1 for r in rows if not (r.get("qc") or {}).get("passed"))
     first = first_attempt_pass_rate(rows)

@@ -61,6 +61,8 @@ def plan_with(domain: Any, spec: BaseSpec, index: int, rng: np.random.Generator)
         for _ in range(entry.count):
             findings.append(domain.plan_finding(spec, entry, k, rng))
     params = dict(params, negative=negative)
+    if domain.plan_source is not None:
+        params.update(domain.plan_source(spec, index))
     return SampleRequest(index=index, sample_id=sample_id(index), split=split, domain=domain.name,
                          spacing_mm=spacing, size=(int(size[0]), int(size[1])), findings=findings, params=params)
 

@@ -175,6 +175,7 @@ def encode_sample(name: str, version: int, sample: Sample, code_version: str,
         "provenance": {k: prov[k] for k in ("dataset", "version", "spec_hash", "code_version", "pairforge_version",
                                             "generator", "watermark_scheme", "synthetic")},
         "image_codec": image_codec.record(),
+        "group": getattr(sample, "group", None),
     }
     return files, row
 
