@@ -59,7 +59,36 @@ PLANNERS: dict[str, Callable[[BaseSpec, int, np.random.Generator], SampleRequest
 def plan_sample(spec: BaseSpec, index: int, digest: str | None = None) -> SampleRequest:
     digest = digest or spec_hash(spec)
     rng = sample_rng(digest, index, STREAM_REQUEST)
-    return PLANNERS[spec.domain](spec, index, rng)
+    request = PLANNERS[spec.domain](spec, index, rng)
+    # The split comes from the whole plan (exact counts, stratified, grouped); the planners still draw their own,
+    # unused, so that every other value of the request stream (and every image) stays what it was.
+    request.split = split_table(spec, digest)[index]
+    return request
+
+
+_SPLIT_TABLES: dict[tuple[str, int], list[str]] = {}
+
+
+def split_table(spec: BaseSpec, digest: str | None = None) -> list[str]:
+    """The split of every sample of ``spec`` (see schemas.splits.assign_splits): strata are the (kind, location, size
+    band) of each sample's largest planned finding; a request's ``params["group"]`` (e.g. its source scan) keeps
+    samples together. Planned once per process and spec."""
+    from schemas.splits import assign_splits, finding_stratum
+
+    digest = digest or spec_hash(spec)
+    key = (digest, int(spec.samples))
+    table = _SPLIT_TABLES.get(key)
+    if table is None:
+        planner = PLANNERS[spec.domain]
+        requests = [planner(spec, i, sample_rng(digest, i, STREAM_REQUEST)) for i in range(spec.samples)]
+        fractions = {name: float(getattr(spec.splits, name)) for name in SPLITS}
+        table = assign_splits(list(range(spec.samples)), fractions,
+                              strata=[finding_stratum(r.findings) for r in requests],
+                              groups=[r.params.get("group") for r in requests], seed=digest)
+        if len(_SPLIT_TABLES) >= 8:
+            _SPLIT_TABLES.clear()
+        _SPLIT_TABLES[key] = table
+    return table
 
 
 def plan_shards(n_samples: int, shard_size: int) -> list[range]:

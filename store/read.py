@@ -49,7 +49,7 @@ def resolve_version(root: Root, ref: str) -> tuple[str, int]:
     if not versions:
         names = list_dataset_names(root)
         there = ", ".join(names) if names else "none"
-        raise StoreError(f"no dataset {name!r} at {root.url}; datasets there: {there}")
+        raise StoreError(f"no dataset {name!r} at {root.url}; datasets there: {there} ({root.origin})")
     if version is None:
         return name, versions[-1]
     if version not in versions:
@@ -170,8 +170,9 @@ class VersionDataset(Sequence):
 
     def torch(self) -> Iterator[dict[str, Any]]:
         """Sample dicts with torch tensors: image float32 (C, H, W), label int64 (H, W), instance int64 (H, W)."""
-        import torch
+        from schemas.extras import import_extra
 
+        torch = import_extra("torch", "VersionDataset.torch()", "monai")
         for d in self:
             img = d["image"].astype(np.float32)
             img = img[None] if img.ndim == 2 else np.moveaxis(img, -1, 0)
@@ -193,8 +194,9 @@ class VersionDataset(Sequence):
 
     def monai(self, transform=None):
         """A ``monai.data.Dataset`` over this version (items loaded lazily, transforms applied by MONAI)."""
-        from monai.data import Dataset
+        from schemas.extras import import_extra
 
+        Dataset = import_extra("monai.data", "VersionDataset.monai()", "monai").Dataset
         return Dataset(data=_MonaiView(self), transform=transform)
 
 
