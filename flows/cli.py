@@ -28,7 +28,7 @@ err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 EXIT_OK, EXIT_FAILURE, EXIT_BAD_INPUT = 0, 1, 2
 
-RootOpt = typer.Option(None, "--root", help="dataset root: a folder or fsspec URL (default $PAIRFORGE_ROOT or ./datasets)")
+RootOpt = typer.Option(None, "--root", help="dataset root: a folder or fsspec URL (default: see `pairforge root`)")
 VerboseOpt = typer.Option(False, "--verbose", "-v", help="details, Prefect logs and tracebacks")
 
 
@@ -114,8 +114,12 @@ def build(spec: str = typer.Argument(..., help="spec file (.yaml/.json)"),
     if rc.up_to_date is not None and not force_new:
         _say_up_to_date(mode, rc, _store(root).root.uri(model.name, f"v{rc.up_to_date}"))
         return
-    if mode in ("bar", "lines") and rc.latest is not None:
-        out.print(rc.summary() if rc.up_to_date is None else f"{rc.summary()}; --force-new: building a new version")
+    if rc.latest is not None:
+        if mode == "json":
+            typer.echo(json.dumps({"event": "changed", "name": rc.name, "since": rc.latest, "changes": rc.changes,
+                                   "forced": rc.up_to_date is not None}))
+        elif mode != "quiet":
+            out.print(rc.summary() if rc.up_to_date is None else f"{rc.summary()}; --force-new: building a new version")
 
     # The local API server starts in its own process while this one imports the flow (Prefect and all) and a
     # process pool starts its workers and their imports: ~1.5 s of CPU each that the server start leaves idle.
@@ -175,13 +179,15 @@ def preview(source: str = typer.Argument(..., help="spec file or shorthand text"
             out_dir: Path = typer.Option(..., "--out", "-o", help="folder for the preview images"),
             n: int = typer.Option(4, "-n", help="number of samples"),
             seed: Optional[int] = typer.Option(None, "--seed", help="override the spec's seed"),
+            overwrite: bool = typer.Option(False, "--overwrite", help="replace files of an earlier preview in --out"),
             verbose: bool = VerboseOpt) -> None:
-    """Render a few samples with label outlines, without orchestration or publishing."""
+    """Render a few samples with label outlines, without orchestration or publishing (an earlier preview's files in
+    --out are kept unless --overwrite)."""
     from flows.preview import run_preview
 
     if n < 1:
         raise SpecError(f"-n must be at least 1, not {n}")
-    paths = run_preview(source, out_dir, n, seed)
+    paths = run_preview(source, out_dir, n, seed, overwrite=overwrite)
     for p in paths:
         out.print(str(p))
 
@@ -216,6 +222,26 @@ def _store(root: Optional[str]):
     return DatasetStore(root)
 
 
+@app.command("root")
+@handle_errors
+def root_(set_to: Optional[str] = typer.Option(None, "--set", help="make PATH (or an fsspec URL) your default root, "
+                                                                    "in the user config"),
+          verbose: bool = VerboseOpt) -> None:
+    """Show which dataset root commands use here, and where that choice comes from.
+
+    Order: --root, then $PAIRFORGE_ROOT, then root = "..." in the nearest pairforge.toml in this folder or above,
+    then the user config (~/.config/pairforge/config.toml), then ~/.local/share/pairforge/datasets."""
+    from store.config import HOW_TO_CHANGE, choose_root, describe, set_user_root
+
+    if set_to is not None:
+        path = set_user_root(set_to)
+        out.print(f"wrote {path}")
+    choice = choose_root(None)
+    out.print(describe(choice))
+    if set_to is None:
+        out.print(HOW_TO_CHANGE)
+
+
 @app.command("ls")
 @handle_errors
 def ls_(root: Optional[str] = RootOpt, verbose: bool = VerboseOpt) -> None:
@@ -240,9 +266,16 @@ def ls_(root: Optional[str] = RootOpt, verbose: bool = VerboseOpt) -> None:
 @handle_errors
 def show(ref: str = typer.Argument(..., help="NAME, NAME@vN or NAME@latest"), root: Optional[str] = RootOpt,
          as_json: bool = typer.Option(False, "--json", help="print the whole manifest as JSON"),
+         card: bool = typer.Option(False, "--card", help="print the dataset card (README.md) of the version"),
          verbose: bool = VerboseOpt) -> None:
-    """Show a published version (the latest when none is given)."""
+    """Show a published version (the latest when none is given): counts, findings by kind, where its card is."""
     st = _store(root)
+    if card:
+        name, version = st.resolve(ref)
+        uri = st.root.uri(name, f"v{version}", "README.md")
+        typer.echo(st.root.read_bytes(st.root.join(name, f"v{version}", "README.md")).decode("utf-8"))
+        err.print(f"(card: {uri}; its plots are in the card/ folder beside it)")
+        return
     if as_json:
         name, version = st.resolve(ref)
         typer.echo(st.manifest(name, version).model_dump_json(indent=2))

@@ -88,7 +88,7 @@ class LineProgress:
     """One plain line per finished shard (at most one every ``min_interval`` s, the last always) and a line every
     ``heartbeat`` s while no shard finishes, flushed at once: readable in a CI log or through ``tee``."""
 
-    def __init__(self, stream: TextIO | None = None, min_interval: float = 2.0, heartbeat: float = 5.0):
+    def __init__(self, stream: TextIO | None = None, min_interval: float = 2.0, heartbeat: float = 3.0):
         self.stream = stream or sys.stdout
         self.min_interval, self.heartbeat = min_interval, heartbeat
         self.tally = Tally()

@@ -18,6 +18,8 @@ from typing import Callable, Iterator
 PREFECT_DEFAULTS = {
     # No network here and no reason to phone home from a data pipeline.
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    # The client's usage data too, and with it the "Prefect collects anonymous usage data" notice of a first run.
+    "DO_NOT_TRACK": "1",
     # The ephemeral SQLite server takes ~15 s to start on a slow 2-core machine; Prefect's default is tighter.
     "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
     # The CLI prints its own summary; Prefect's per-task INFO lines would drown it.

@@ -121,7 +121,8 @@ def export_mvtec(source: Any, dest: str | os.PathLike, class_name: str, *, root:
     dest = Path(dest)
     final = dest / class_name
     if final.exists() and not overwrite:
-        raise SpecError(f"{str(final)!r} already exists; choose another class name or pass overwrite=True")
+        raise SpecError(f"{str(final)!r} already exists; choose another class name, or replace it with "
+                         "--overwrite (overwrite=True in Python)")
     if isinstance(source, (str, os.PathLike)):
         records = _records_from_version(Path(source))
         src_desc = str(source)
@@ -158,6 +159,9 @@ def export_mvtec(source: Any, dest: str | os.PathLike, class_name: str, *, root:
         summary = {"class_dir": str(final), "counts": dict(sorted(counts.items())), "skipped_failed": skipped,
                    "source": src_desc, "layout": "MVTec AD", "mask_values": [0, 255]}
         (tmp / "pairforge_export.json").write_text(json.dumps(summary, indent=1, sort_keys=True))
+        umask = os.umask(0o022)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp made it 0700; the class folder gets a normal folder's mode
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
