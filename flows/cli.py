@@ -94,9 +94,15 @@ def build(spec: str = typer.Argument(..., help="spec file (.yaml/.json)"),
     Exit codes: 0 published or up to date, 1 failure, 2 bad input, 130 / 143 interrupted by SIGINT / SIGTERM
     (the last line says whether the version was published before the signal)."""
     from flows import interrupt
+
+    with interrupt.handling():
+        _build(spec, root, runner, workers, dask_address, force_new, quiet, as_json, verbose)
+
+
+def _build(spec: str, root: Optional[str], runner: str, workers: Optional[int], dask_address: Optional[str],
+           force_new: bool, quiet: bool, as_json: bool, verbose: bool) -> None:
     from flows.progress import choose_mode, reporter
 
-    interrupt.install()
     _quiet_prefect(verbose)
     from flows.inputs import check_root_writable, code_version, resolve_spec
     from flows.pipeline import backend_for

@@ -15,13 +15,14 @@ the staged shards. The exit code is 130/143 in both cases: the command was inter
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 import sys
 import threading
 import time
-from typing import Any
+from typing import Any, Iterator
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -37,6 +38,23 @@ class _State:
 
 
 _state = _State()
+
+
+@contextlib.contextmanager
+def handling(label: str = "build") -> Iterator[None]:
+    """The first SIGINT/SIGTERM stops the build while this context is open (main thread only); the previous
+    handlers come back afterwards (the CLI may run inside another program, e.g. a test runner)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {s: signal.getsignal(s) for s in SIGNALS}
+    install(label)
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+        _state.owner_pid, _state.staging, _state.services = None, None, []
 
 
 def install(label: str = "build") -> None:
@@ -204,8 +222,16 @@ def _write_line(text: str) -> None:
             stream.flush()
         except (OSError, ValueError):
             pass
+    prefix = ""
     try:
-        os.write(2, (text + "\n").encode())
+        if os.isatty(1):  # a progress bar holds the line and hides the cursor: end its line, show the cursor
+            os.write(1, b"\x1b[?25h\n")
+        elif os.isatty(2):
+            prefix = "\n"
+    except OSError:
+        pass
+    try:
+        os.write(2, (prefix + text + "\n").encode())
     except OSError:
         pass
 
