@@ -81,7 +81,8 @@ class Build:
 
     @property
     def text(self) -> str:
-        return self.buf.decode(errors="replace").replace("\r", "")
+        """What was printed, terminal control sequences (the progress bar's redraws) removed."""
+        return re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", self.buf.decode(errors="replace")).replace("\r", "\n")
 
     def wait_for(self, cond, what: str, limit: float = 240.0) -> None:
         deadline = time.monotonic() + limit
@@ -216,6 +217,8 @@ def test_ctrl_c_in_a_terminal_while_shards_run(tmp_path):
     seconds = b.interrupt("ctrl-c")
     _check_stopped(b, seconds)
     assert not b.published()
+    assert b.buf.rstrip().endswith(b"rerun the same command to resume")  # on a line of its own
+    assert b"\x1b[?25h" in b.buf.split(b"interrupted (")[0][-200:]  # the bar's hidden cursor is shown again
 
 
 def test_sigint_half_way_through_publishing_publishes_nothing_and_the_rerun_publishes(tmp_path):
