@@ -253,9 +253,12 @@ def root_(set_to: Optional[str] = typer.Option(None, "--set", help="make PATH (o
 def ls_(root: Optional[str] = RootOpt, verbose: bool = VerboseOpt) -> None:
     """List datasets and their published versions."""
     st = _store(root)
+    if st.root.local and not os.path.exists(st.root.path):
+        out.print(f"no datasets under {st.url} (the folder does not exist yet); {st.root.origin}")
+        return
     names = st.list_datasets()
     if not names:
-        out.print(f"no datasets under {st.url}")
+        out.print(f"no datasets under {st.url}; {st.root.origin}")
         return
     t = Table("dataset", "versions", "latest", "samples", "created (UTC)")
     for name in names:

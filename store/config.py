@@ -107,6 +107,17 @@ def _toml_string(s: str) -> str:
     return '"' + s.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
+def source_words(source: str) -> str:
+    """Where a root came from, as words: 'given with --root', 'set by $PAIRFORGE_ROOT', 'set in FILE', 'the default'."""
+    if source == "--root":
+        return "given with --root"
+    if source == ENV:
+        return "set by $PAIRFORGE_ROOT"
+    if source == "default":
+        return "the default root"
+    return f"set in {source.removeprefix('user config ')}"
+
+
 def describe(choice: RootChoice) -> str:
     where = {"--root": "given with --root", ENV: "from $PAIRFORGE_ROOT", "default": "the default"}.get(
         choice.source, f"from {choice.source}")

@@ -65,9 +65,9 @@ class Root:
     @property
     def origin(self) -> str:
         """"dataset root X (from ...); change it with ..." for error messages."""
-        from store.config import HOW_TO_CHANGE, RootChoice, describe
+        from store.config import HOW_TO_CHANGE, source_words
 
-        return f"{describe(RootChoice(self.url, self.source))}; {HOW_TO_CHANGE}"
+        return f"{source_words(self.source)}; {HOW_TO_CHANGE}"
 
     def join(self, *parts: str) -> str:
         return "/".join([self.path.rstrip("/")] + [p.strip("/") for p in parts if p])

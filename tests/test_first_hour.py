@@ -89,7 +89,7 @@ def test_environment_beats_project_file_and_user_config_is_the_fallback(publishe
     r = cli("show", "first-ct@v1", cwd=elsewhere, env={**env, "PAIRFORGE_ROOT": str(tmp_path / "empty")})
     assert r.returncode == 2
     line = r.stderr.strip()
-    assert "from $PAIRFORGE_ROOT" in line and "pairforge root" in line and len(line.splitlines()) == 1, line
+    assert "set by $PAIRFORGE_ROOT" in line and "pairforge root" in line and len(line.splitlines()) == 1, line
 
 
 def test_default_root_does_not_depend_on_the_current_folder(tmp_path):
