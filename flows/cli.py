@@ -111,6 +111,10 @@ def _build(spec: str, root: Optional[str], runner: str, workers: Optional[int], 
     from schemas.spec import spec_hash
 
     mode = choose_mode(quiet, as_json)
+    if mode == "json":
+        from flows import interrupt
+
+        interrupt.json_events()
     # Every input check runs before Prefect starts, so bad input costs no server start and publishes nothing.
     model, _ = resolve_spec(Path(spec))
     backend_for(model)  # unknown generator or option -> SpecError

@@ -35,6 +35,7 @@ class _State:
     staging: Any = None
     flow_run_id: str | None = None
     stopping: bool = False
+    json_events: bool = False  # --json: the outcome also as a JSON line on stdout
 
 
 _state = _State()
@@ -63,6 +64,7 @@ def install(label: str = "build") -> None:
     _state.label = label
     _state.phase = "starting the local Prefect API"
     _state.services, _state.staging, _state.flow_run_id, _state.stopping = [], None, None, False
+    _state.json_events = False
     reinstall()
 
 
@@ -76,6 +78,10 @@ def reinstall() -> None:
 
 def installed() -> bool:
     return _state.owner_pid == os.getpid()
+
+
+def json_events(on: bool = True) -> None:
+    _state.json_events = on
 
 
 def set_phase(phase: str) -> None:
@@ -135,7 +141,21 @@ def stop(signum: int) -> None:
         _terminate(p)
     _kill(_descendants(), signal.SIGKILL)  # anything a service left behind
     _remove_partial_files()
-    _write_line(outcome(signum))
+    line = outcome(signum)
+    if _state.json_events:
+        import json
+
+        st = _state.staging
+        event = {"event": "interrupted", "signal": signal.Signals(signum).name, "exit_code": 128 + signum,
+                 "published": bool(st is not None and _published(st)), "message": line}
+        if st is not None:
+            event.update(name=st.name, version=st.version)
+        try:
+            sys.stdout.flush()
+            os.write(1, (json.dumps(event) + "\n").encode())
+        except (OSError, ValueError):
+            pass
+    _write_line(line)
 
 
 def outcome(signum: int) -> str:

@@ -39,7 +39,7 @@ EXIT_LIMIT_S = 10.0
 class Build:
     """A ``pairforge build`` in a process group of its own, its output read from a pipe or a pseudo-terminal."""
 
-    def __init__(self, tmp: Path, hold: str = "", tty: bool = False):
+    def __init__(self, tmp: Path, hold: str = "", tty: bool = False, args: tuple[str, ...] = ()):
         self.tmp, self.tty = tmp, tty
         self.tag = uuid.uuid4().hex
         self.root = tmp / "root"
@@ -49,7 +49,8 @@ class Build:
                "PREFECT_HOME": str(tmp / "prefect-home")}
         env.pop("PREFECT_API_URL", None)  # the embedded API, started by the build
         env["PAIRFORGE_TEST_HOLD"] = hold
-        cmd = [sys.executable, "-m", "flows.cli", "build", str(spec), "--root", str(self.root), "--workers", "2"]
+        cmd = [sys.executable, "-m", "flows.cli", "build", str(spec), "--root", str(self.root), "--workers", "2",
+               *args]
         self.buf = b""
         if tty:
             self.master, slave = pty.openpty()
@@ -189,13 +190,16 @@ def _rerun(tmp: Path) -> str:
 
 
 def test_sigint_to_the_group_while_the_api_starts_stops_and_publishes_nothing(tmp_path):
-    b = Build(tmp_path, hold="api=6")
+    b = Build(tmp_path, hold="api=6", args=("--json",))
     b.wait_for(lambda: any("uvicorn" in c for c in b.children_cmdlines()), "the API server process")
     time.sleep(0.3)
     seconds = b.interrupt("group")
     last = _check_stopped(b, seconds)
     assert "while starting the local Prefect API" in last
     assert not b.published()
+    events = [json.loads(ln) for ln in b.text.splitlines() if ln.startswith("{")]
+    assert events[-1] == {"event": "interrupted", "signal": "SIGINT", "exit_code": 130, "published": False,
+                          "message": last}
 
 
 def test_sigint_while_shards_run_keeps_finished_shards_and_the_rerun_resumes(tmp_path):
