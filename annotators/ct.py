@@ -11,8 +11,8 @@ from typing import Any
 import cv2
 import numpy as np
 
-from annotators import Annotation, check, register_annotator
-from schemas.classes import CT_IDS, LOBES
+from annotators import Annotation, bounding_box, check, register_annotator
+from schemas.chest_ct import CT_IDS, DOMAIN, LOBES
 from schemas.sample import Layout, SampleRequest
 
 C = CT_IDS
@@ -116,7 +116,7 @@ def measure_findings(label: np.ndarray, instance: np.ndarray, lobes: np.ndarray 
             "lobe": LOBE_BY_ID.get(lobe_id, "none"),
             "in_region_fraction": round(in_region, 5),
             "lung_rads_size_category": lung_rads_size_category(f["kind"], mean_axis, solid_mean),
-            "bbox_px": [int(xs.min()) + x0, int(ys.min()) + y0, int(xs.max()) + x0 + 1, int(ys.max()) + y0 + 1],
+            "bbox_px": bounding_box(ys + y0, xs + x0),
         })
     return out
 
@@ -161,7 +161,7 @@ def contrast_to_noise(image: np.ndarray, instance: np.ndarray, label: np.ndarray
     return float(abs(float(np.median(inside)) - med) / (sigma + 1e-6))
 
 
-@register_annotator("chest_ct")
+@register_annotator(DOMAIN)
 def annotate_chest_ct(image: np.ndarray, layout: Layout, request: SampleRequest, qc: Any) -> Annotation:
     lobes = layout.extras.get("lobes")
     sp = layout.spacing_mm
@@ -192,3 +192,14 @@ def annotate_chest_ct(image: np.ndarray, layout: Layout, request: SampleRequest,
     bboxes = [{"instance": m["instance"], "x0": m["bbox_px"][0], "y0": m["bbox_px"][1], "x1": m["bbox_px"][2],
                "y1": m["bbox_px"][3]} for m in measured if "bbox_px" in m]
     return Annotation(measured=measured, checks=checks, bboxes=bboxes)
+
+
+def preview_overlay(image: np.ndarray, label: np.ndarray, instance: np.ndarray, table: Any) -> np.ndarray:
+    """`pairforge preview`'s overlay: lung window, lobe outlines (vessels closed over), findings in yellow."""
+    from annotators.overlay import WINDOWS, closed_regions, instance_outline, outline, window
+
+    lobe_view = closed_regions(label, LUNG_IDS + [C["pulmonary_vessel"], C["airway_lumen"], C["airway_wall"],
+                                                  C["nodule_solid"], C["nodule_ground_glass"]])
+    lobe_view[~np.isin(lobe_view, LUNG_IDS)] = 0
+    view = outline(window(image, *WINDOWS["lung"]), lobe_view, table)
+    return instance_outline(view, instance)

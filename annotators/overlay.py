@@ -1,4 +1,4 @@
-"""Views for people: CT windows and label outlines drawn over images (8-bit RGB)."""
+"""Views for people: intensity windows and label outlines drawn over images (8-bit RGB)."""
 from __future__ import annotations
 
 import cv2
@@ -12,6 +12,18 @@ WINDOWS = {"lung": (-600.0, 1500.0), "mediastinal": (40.0, 400.0), "bone": (400.
 def window(hu: np.ndarray, center: float, width: float) -> np.ndarray:
     lo = center - width / 2
     return np.clip((hu - lo) * (255.0 / width), 0, 255).astype(np.uint8)
+
+
+def display(image: np.ndarray, display_window: tuple[float, float] | None = None) -> np.ndarray:
+    """An 8-bit view of a domain's image: 8-bit images as they are; float images through the domain's
+    (centre, width) window, or stretched min..max when it has none."""
+    a = np.asarray(image)
+    if a.dtype == np.uint8:
+        return a
+    if display_window is not None:
+        return window(a.astype(np.float32), *display_window)
+    lo, hi = float(np.min(a)), float(np.max(a))
+    return window(a.astype(np.float32), (lo + hi) / 2, max(hi - lo, 1e-6))
 
 
 def outline(img8: np.ndarray, label: np.ndarray, table: ClassTable, classes: list[int] | None = None,

@@ -29,7 +29,7 @@ from scipy.sparse.csgraph import connected_components, dijkstra
 from scipy.spatial import cKDTree
 from skimage.morphology import skeletonize
 
-from annotators import Annotation, check, register_annotator
+from annotators import Annotation, box_record, check, register_annotator
 from schemas.sample import Layout, SampleRequest
 from schemas.surface import OUTSIDE_PART, part_box, region_box
 
@@ -237,8 +237,7 @@ def annotate_surface(image: np.ndarray, layout: Layout, request: SampleRequest, 
         ring_ok = (inst == 0) & on_part[csl]
         rec["contrast"] = round(defect_contrast(image[csl], m, ring_ok, ring_px), 4)
         measured.append(rec)
-        bboxes.append({"instance": k, "kind": kind, "x0": int(gx.min()), "y0": int(gy.min()),
-                       "x1": int(gx.max()) + 1, "y1": int(gy.max()) + 1})
+        bboxes.append(box_record(k, gy, gx, kind=kind))
         errs = {q: abs(rec[q] - f[q]) for q in ("length_mm", "width_mm", "diameter_mm") if q in f and q in rec}
         worst = max(errs.values()) if errs else 0.0
         detail = ", ".join(f"{q} {rec[q]:.3f} vs {f[q]:.3f}" for q in errs)
@@ -252,3 +251,11 @@ def annotate_surface(image: np.ndarray, layout: Layout, request: SampleRequest, 
         n_def = int(((layout.label > 0) & (layout.label != OUTSIDE_PART)).sum())
         checks.append(check("empty_mask", n_def == 0, n_def, "0 defect pixels", "defect-free sample"))
     return Annotation(measured=measured, checks=checks, bboxes=bboxes)
+
+
+def preview_overlay(image: np.ndarray, label: np.ndarray, instance: np.ndarray, table: Any) -> np.ndarray:
+    """`pairforge preview`'s overlay: the image with each defect outlined in red."""
+    from annotators.overlay import instance_outline
+
+    rgb = image if image.ndim == 3 else cv2.cvtColor(image, cv2.COLOR_GRAY2RGB)
+    return instance_outline(rgb, instance, color=(255, 40, 40))

@@ -2,7 +2,7 @@
 
 Models are the full-size SD-1.5 UNet + ControlNet + VAE + CLIP-L text encoder *architectures* with random weights
 (built from the configs below, saved as safetensors to a temp folder: no download). The tokenizer is the tiny
-byte-level CLIP vocabulary of tests/tiny_models.py (the text encoder's cost does not depend on the vocabulary).
+byte-level CLIP vocabulary of generators/tiny_models.py (the text encoder's cost does not depend on the vocabulary).
 
   (a) baseline: StableDiffusionControlNetPipeline.from_pretrained(...), default settings (float32, its default
       scheduler), called once per image;
@@ -61,7 +61,7 @@ def build_sd15_folders(root: Path, device: torch.device) -> tuple[Path, Path]:
     from diffusers import AutoencoderKL, ControlNetModel, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-    from tests.tiny_models import write_tiny_clip_tokenizer
+    from generators.tiny_models import write_tiny_clip_tokenizer
 
     vocab = write_tiny_clip_tokenizer(root / "_tok")
     with torch.device(device):  # initialise on the GPU: seconds instead of minutes for 1.3 B parameters
@@ -83,7 +83,7 @@ def build_sd15_folders(root: Path, device: torch.device) -> tuple[Path, Path]:
 
 
 def build_tiny_folders(root: Path) -> tuple[Path, Path]:
-    from tests.tiny_models import build_tiny_base, build_tiny_controlnet
+    from generators.tiny_models import build_tiny_base, build_tiny_controlnet
 
     base = build_tiny_base(root / "tiny_base")
     return base, build_tiny_controlnet(root / "tiny_controlnet", base)
@@ -260,7 +260,7 @@ def main() -> int:
     a_ips, b_ips = n_a / a_s, n_b / b_s
     out = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "models": "tiny random (tests/tiny_models.py)" if args.tiny else "SD-1.5 UNet + ControlNet architectures, "
+        "models": "tiny random (generators/tiny_models.py)" if args.tiny else "SD-1.5 UNet + ControlNet architectures, "
                   "random weights", "size": size, "steps": steps, "scheduler": scheduler,
         "a_baseline": {"images": n_a, "seconds": round(a_s, 3), "images_per_s": round(a_ips, 4), "dtype": "float32",
                        "batch": 1},

@@ -149,14 +149,24 @@ def _store(root: str | None):
     return DatasetStore(root)
 
 
+# What a worker process imports before its first shard task: Prefect, this flow's task, the pipeline, the store.
+SHARD_MODULES = ("annotators", "generators", "store", "flows.build")
+
+
+def make_runner(runner: str = "local", workers: int | None = None, dask_address: str | None = None):
+    """A task runner for shard tasks (``flows.runners.make_task_runner``; process-pool workers preload
+    ``SHARD_MODULES``)."""
+    from flows.runners import make_task_runner
+
+    return make_task_runner(runner, workers, dask_address, preload=SHARD_MODULES)
+
+
 def _default_task_runner():
     """The runner a plain call or a served run uses: the local default, or PAIRFORGE_RUNNER/_WORKERS/_DASK_ADDRESS
     (set by ``pairforge serve`` for the runs it starts in fresh processes)."""
-    from flows.runners import make_task_runner
-
     workers = os.environ.get("PAIRFORGE_WORKERS")
-    return make_task_runner(os.environ.get("PAIRFORGE_RUNNER", "local"), int(workers) if workers else None,
-                            os.environ.get("PAIRFORGE_DASK_ADDRESS") or None)
+    return make_runner(os.environ.get("PAIRFORGE_RUNNER", "local"), int(workers) if workers else None,
+                       os.environ.get("PAIRFORGE_DASK_ADDRESS") or None)
 
 
 @flow(name="build-dataset", flow_run_name=_flow_run_name, validate_parameters=False, log_prints=False,
@@ -237,9 +247,7 @@ def run_build(spec: Any, root: str | None = None, runner: str = "local", workers
               dask_address: str | None = None, task_runner: Any = None, force_new: bool = False) -> dict[str, Any]:
     """Run ``build_dataset`` with the chosen task runner (see flows.runners), or with ``task_runner`` as given
     (e.g. a process pool whose workers were started while the API server started)."""
-    from flows.runners import make_task_runner
-
-    tr = task_runner if task_runner is not None else make_task_runner(runner, workers, dask_address)
+    tr = task_runner if task_runner is not None else make_runner(runner, workers, dask_address)
     try:
         return build_dataset.with_options(task_runner=tr)(spec, root=root, force_new=force_new)
     finally:

@@ -16,17 +16,17 @@ import numpy as np
 SIZE_FIELDS = (("diameter_mm", "equivalent_diameter_mm"), ("length_mm", "length_mm"), ("diameter_mm", "diameter_mm"))
 REGION_FIELDS = ("lobe", "region", "location")
 GRID_SAMPLES = 8
-CARD_COLUMNS = ["sample_id", "split", "image_path", "label_path", "instance_path", "image_encoding", "requested",
-                "measured", "qc"]
+CARD_COLUMNS = ["sample_id", "split", "image_path", "label_path", "instance_path", "image_encoding", "image_codec",
+                "requested", "measured", "qc"]
 THUMB_PX = 160
 
 
-def _class_table(domain: str | None):
-    """The domain's ClassTable (for outline colours), or None for an unknown domain."""
-    from schemas.classes import class_table
+def _domain(name: str | None):
+    """The registered Domain (class table, display window, outlined classes, card hooks), or None if unknown."""
+    from schemas.domain import get_domain
 
     try:
-        return class_table(domain or "")
+        return get_domain(name or "")
     except KeyError:
         return None
 
@@ -215,29 +215,19 @@ def plot_qc(per_check: dict[str, float], attempts: list[int]) -> bytes | None:
     return _png(fig)
 
 
-def _view(image: np.ndarray, encoding: str) -> np.ndarray:
-    """8-bit view for people: CT in a lung window, 8-bit images as they are."""
-    from store.codec import stored_to_image
+def _view(stored: np.ndarray, row: dict, domain) -> np.ndarray:
+    """8-bit view for people: the image decoded by the codec its row records, shown through the domain's display
+    window (e.g. a lung window for HU); 8-bit images as they are."""
+    from annotators.overlay import display
+    from store.codecs import codec_for_row
 
-    img = stored_to_image(image, encoding)
-    if img.dtype == np.uint8:
-        return img
-    from annotators.overlay import WINDOWS, window
-
-    return window(img, *WINDOWS["lung"])
+    img = codec_for_row(row).decode(stored)
+    return display(img, domain.display_window if domain is not None else None)
 
 
-def _region_class_ids(class_table) -> list[int] | None:
-    """Classes worth outlining in a thumbnail: the lung lobes on CT (vessels would drown the picture), else all."""
-    if class_table is not None and class_table.domain == "chest_ct":
-        from schemas.classes import LOBES
-
-        return sorted(LOBES.values())
-    return None
-
-
-def plot_grid(fs, base: str, rows: list[dict], class_table) -> bytes | None:
-    """A grid of samples (spread over the version) with label outlines and findings outlined in yellow."""
+def plot_grid(fs, base: str, rows: list[dict], domain) -> bytes | None:
+    """A grid of samples (spread over the version) with label outlines (the classes the domain names in
+    ``outline_classes``, or all) and findings outlined in yellow."""
     import cv2
 
     from annotators.overlay import instance_outline, outline
@@ -247,14 +237,15 @@ def plot_grid(fs, base: str, rows: list[dict], class_table) -> bytes | None:
         return None
     with_findings = [r for r in rows if r.get("measured")]
     pool = with_findings if len(with_findings) >= GRID_SAMPLES else rows
-    outline_ids = _region_class_ids(class_table)
+    class_table = domain.classes if domain is not None else None
+    outline_ids = list(domain.outline_classes) if domain is not None and domain.outline_classes else None
     pick = [pool[int(i)] for i in np.linspace(0, len(pool) - 1, min(GRID_SAMPLES, len(pool))).round()]
     tiles = []
     for r in pick:
         img = decode_png(fs.cat_file(f"{base}/{r['image_path']}"))
         lab = decode_png(fs.cat_file(f"{base}/{r['label_path']}"))
         ins = decode_png(fs.cat_file(f"{base}/{r['instance_path']}"))
-        view = _view(img, r["image_encoding"])
+        view = _view(img, r, domain)
         # Outline at thumbnail size (labels resized nearest-neighbour) so the outlines stay crisp.
         scale = THUMB_PX / max(view.shape[:2])
         size = (round(view.shape[1] * scale), round(view.shape[0] * scale))
@@ -357,6 +348,9 @@ def render_readme(m: Any, rows: list[dict], requested: list[list[dict]], measure
         lines += _table(["check", "pass rate"], [[k, f"{100 * v:.1f} %"] for k, v in per_check.items()]) + [""]
     if "qc" in plots:
         lines += [f"![QC pass rates]({plots['qc']})", ""]
+    extra = [(k.split(":", 1)[1], v) for k, v in plots.items() if k.startswith("extra:")]
+    if extra:
+        lines += ["## More plots", ""] + [f"![{k}]({v})" for k, v in extra] + [""]
     if "grid" in plots:
         lines += ["## Samples", "", "Label outlines in the class colours; findings outlined in yellow.", "",
                   f"![sample grid]({plots['grid']})", ""]
@@ -387,7 +381,7 @@ def card(version_dir: str, manifest: Any) -> list[str]:
         table = pq.read_table(f, columns=CARD_COLUMNS)
     rows = table.to_pylist()
     requested, measured = _findings(rows, "requested"), _findings(rows, "measured")
-    class_table = _class_table(_mget(manifest, "domain"))
+    domain = _domain(_mget(manifest, "domain"))
     plots: dict[str, str] = {}
     written: list[str] = []
 
@@ -405,7 +399,14 @@ def card(version_dir: str, manifest: Any) -> list[str]:
     put("regions", "findings_per_region.png", plot_regions(regions))
     per_check, per_split = qc_rates(rows)
     put("qc", "qc_pass_rates.png", plot_qc(per_check, [int((r.get("qc") or {}).get("attempts") or 1) for r in rows]))
-    put("grid", "sample_grid.png", plot_grid(fs, base, rows, class_table))
+    put("grid", "sample_grid.png", plot_grid(fs, base, rows, domain))
+    # A domain's own plots: ``card_plots(rows, requested, measured) -> [(key, file name, PNG bytes or None)]``
+    # from its hooks module, shown under "More plots".
+    from schemas.domain import import_hook
+
+    extra = import_hook(domain, domain.hooks_module, "card_plots") if domain is not None else None
+    for key, fname, data in (extra(rows, requested, measured) if extra is not None else []):
+        put(f"extra:{key}", fname, data)
     readme = render_readme(manifest, rows, requested, measured, plots, size_stats, regions, per_check, per_split)
     fs.pipe_file(f"{base}/README.md", readme.encode())
     written.append("README.md")

@@ -1,4 +1,4 @@
-"""The ``pairforge`` command line: build, preview, inspect, pull, verify, schedule.
+"""The ``pairforge`` command line: build, preview, inspect, pull, verify, export, schedule.
 
 Exit codes: 0 success, 2 bad input (one line naming the problem), 1 failure (``--verbose`` for the traceback).
 """
@@ -136,9 +136,9 @@ def _build(spec: str, root: Optional[str], runner: str, workers: Optional[int], 
     prepared: dict[str, Any] = {}
 
     def prepare() -> None:
-        from flows.runners import make_task_runner
+        from flows.build import make_runner
 
-        tr = make_task_runner(runner, workers, dask_address)
+        tr = make_runner(runner, workers, dask_address)
         prepared["runner"] = tr.prestart() if hasattr(tr, "prestart") else tr
 
     with settings.prefect_api(verbose, while_starting=prepare) as api:
@@ -358,22 +358,60 @@ def serve(specs: List[str] = typer.Argument(..., help="spec files; each becomes 
         serve_deployments([d for d, _, _ in deps])
 
 
-# --------------------------------------------------------------------------------------------------- export-mvtec
+# --------------------------------------------------------------------------------------------------- export
+def _parse_options(pairs: List[str]) -> dict[str, str]:
+    opts: dict[str, str] = {}
+    for p in pairs:
+        key, eq, value = p.partition("=")
+        if not eq or not key.strip():
+            raise SpecError(f"--option {p!r} is not KEY=VALUE, e.g. --option class_name=plate")
+        opts[key.strip()] = value
+    return opts
+
+
+def _print_export(res: dict[str, Any], ref: str) -> None:
+    counts = ", ".join(f"{k} {v}" for k, v in sorted((res.get("counts") or {}).items()))
+    out.print(f"exported {res.get('source', ref)} as {res.get('format')} to {res.get('path')}"
+              + (f" ({counts})" if counts else ""))
+
+
+@app.command("export")
+@handle_errors
+def export_cmd(fmt: str = typer.Argument(..., metavar="FORMAT", help="export format, e.g. mvtec"),
+               ref: str = typer.Argument(..., help="NAME@vN"),
+               dest: Path = typer.Argument(..., help="destination folder"),
+               split: List[str] = typer.Option([], "--split", help="only these splits (repeat or comma-separate)"),
+               classes: List[str] = typer.Option([], "--classes",
+                                                 help="only samples whose findings are of these kinds"),
+               overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing export"),
+               option: List[str] = typer.Option([], "--option", help="format option KEY=VALUE (repeatable)"),
+               root: Optional[str] = RootOpt, verbose: bool = VerboseOpt) -> None:
+    """Export a published version to another tool's layout, reading every file through its sha256 check."""
+    from store.export import export_version, get_format
+
+    get_format(fmt)  # an unknown format is refused before the store is touched
+    res = export_version(root, ref, fmt, dest, split=split or None, classes=classes or None, overwrite=overwrite,
+                         **_parse_options(option))
+    _print_export(res, ref)
+
+
 @app.command("export-mvtec")
 @handle_errors
-def export_mvtec_cmd(ref: str = typer.Argument(..., help="NAME@vN of a surface dataset"),
+def export_mvtec_cmd(ref: str = typer.Argument(..., help="NAME@vN"),
                      dest: Path = typer.Argument(..., help="destination folder"),
                      class_name: str = typer.Option(..., "--class-name", help="MVTec class folder name"),
                      include_failed: bool = typer.Option(False, "--include-failed",
                                                          help="also export samples that failed QC"),
                      overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing class folder"),
                      root: Optional[str] = RootOpt, verbose: bool = VerboseOpt) -> None:
-    """Export a surface dataset version in the MVTec AD folder layout."""
-    from store.mvtec import export_mvtec
+    """Deprecated alias of `pairforge export mvtec NAME@vN DEST --option class_name=C`."""
+    from store.export import export_version
 
-    res = export_mvtec(ref, dest, class_name, root=root, include_failed=include_failed, overwrite=overwrite)
-    counts = ", ".join(f"{k} {v}" for k, v in sorted((res.get("counts") or {}).items()))
-    out.print(f"exported {ref} to {res.get('class_dir', dest)}" + (f" ({counts})" if counts else ""))
+    typer.echo(f"note: export-mvtec is deprecated; use: pairforge export mvtec {ref} {dest} "
+               f"--option class_name={class_name}", err=True)
+    res = export_version(root, ref, "mvtec", dest, overwrite=overwrite, class_name=class_name,
+                         include_failed=include_failed)
+    _print_export(res, ref)
 
 
 def main() -> None:

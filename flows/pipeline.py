@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from annotators import annotate
+from annotators import annotate, instance_boxes
 from generators import Backend, get_backend
 from schemas.errors import GenerationError, PlacementError, SpecError
 from schemas.plan import plan_sample
@@ -24,16 +24,6 @@ def backend_for(spec: BaseSpec) -> Backend:
     return backend
 
 
-def _bounding_boxes(instance: np.ndarray) -> list[dict[str, Any]]:
-    out = []
-    ids = np.unique(instance)
-    for k in ids[ids > 0]:
-        ys, xs = np.nonzero(instance == k)
-        out.append({"instance": int(k), "x0": int(xs.min()), "y0": int(ys.min()),
-                    "x1": int(xs.max()) + 1, "y1": int(ys.max()) + 1})
-    return out
-
-
 def _finish(spec: BaseSpec, request: SampleRequest, layout: Layout, image: np.ndarray, render_params: dict,
             digest: str, attempt: int, history: list[dict], backend: Backend) -> tuple[Sample, bool]:
     ann = annotate(spec.domain, image, layout, request, spec.qc)
@@ -47,7 +37,7 @@ def _finish(spec: BaseSpec, request: SampleRequest, layout: Layout, image: np.nd
         qc={"passed": ann.passed, "attempts": attempt + 1, "checks": ann.checks, "history": list(history)},
         seed={"spec_hash": digest, "index": request.index, "attempt": attempt, "seed": spec.seed},
         generator={"name": backend.name, "version": backend.version},
-        bboxes=ann.bboxes if (ann.bboxes or not layout.findings) else _bounding_boxes(layout.instance),
+        bboxes=ann.bboxes if (ann.bboxes or not layout.findings) else instance_boxes(layout.instance),
     )
     return sample, ann.passed
 

@@ -2,35 +2,32 @@
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 from typing import Any
 
-import cv2
 import numpy as np
 
-from annotators.overlay import closed_regions, instance_outline, outline, window
+from annotators.overlay import display, instance_outline
 from flows.pipeline import make_samples
-from schemas.classes import CT_CLASSES
+from schemas.domain import all_domains, default_domain, get_domain, import_hook
 from schemas.errors import SpecError
-from schemas.shorthand import parse_finding
 from schemas.spec import BaseSpec, load_spec, normalised_spec, spec_hash, validate_spec
-
-_SURFACE_WORDS = re.compile(r"\b(scratch|scratches|crack|cracks|dent|dents|pit|pits|stain|stains|hole|holes|particle|"
-                            r"particles|contamination|chip|chipped|missing material)\b", re.I)
+from store import codec as png
+from store.codecs import codec_for_domain
 
 
 def parse_text(text: str) -> dict[str, Any]:
-    """Normalise one shorthand finding (chest-CT nodule or surface defect) to a JSON-ready dict.
+    """Normalise one shorthand finding to a JSON-ready dict ``{"domain", "finding", ...}``.
 
-    Text naming a surface defect (scratch, crack, dent, pit, stain, hole, particle, chip) is read as one,
-    with the material it names; anything else as a pulmonary nodule."""
-    if text and _SURFACE_WORDS.search(text):
-        from schemas.surface_shorthand import parse_defect_text
-
-        defect, material = parse_defect_text(text)
-        return {"domain": "surface", "finding": defect.model_dump(mode="json"), "material": material}
-    return {"domain": "chest_ct", "finding": parse_finding(text).model_dump(mode="json")}
+    The first domain whose description claims the text (e.g. a surface-defect word) reads it; any other text is
+    read by the default domain's parser (a pulmonary nodule)."""
+    for d in all_domains():
+        if d.parse_finding is not None and d.claims_text is not None and d.claims_text(text or ""):
+            return {"domain": d.name, **d.parse_finding(text)}
+    d = get_domain(default_domain())
+    if d.parse_finding is None:
+        raise SpecError(f"no shorthand parser reads {text!r}; write a spec file instead")
+    return {"domain": d.name, **d.parse_finding(text)}
 
 
 def spec_from_source(source: str, n: int, seed: int | None) -> BaseSpec:
@@ -45,13 +42,11 @@ def spec_from_source(source: str, n: int, seed: int | None) -> BaseSpec:
             data["seed"] = seed
         return validate_spec(data)
     parsed = parse_text(source)
-    if parsed["domain"] == "surface":
-        finding = {k: v for k, v in parsed["finding"].items() if v is not None}
-        return validate_spec({"name": "preview", "domain": "surface", "samples": n, "seed": seed or 0,
-                              "material": parsed["material"] or "brushed_metal",
-                              "defects": {"negatives": 0.0, "mixture": [finding]}})
-    return validate_spec({"name": "preview", "domain": "chest_ct", "samples": n, "seed": seed or 0,
-                          "findings": {"negatives": 0.0, "mixture": [parsed["finding"]]}})
+    d = get_domain(parsed["domain"])
+    if d.one_finding_spec is None:
+        raise SpecError(f"domain {d.name!r} cannot preview a single finding; write a spec file instead")
+    return validate_spec({"name": "preview", "domain": d.name, "samples": n, "seed": seed or 0,
+                          **d.one_finding_spec(parsed, n, seed or 0)})
 
 
 def _json_default(o):
@@ -86,35 +81,28 @@ def run_preview(source: str, out_dir: str | Path, n: int = 4, seed: int | None =
         raise SpecError(f"cannot create output folder {str(out)!r}: {e.strerror}") from None
     digest = spec_hash(spec)
     samples = make_samples(spec, range(n), digest=digest)
-    table = CT_CLASSES
-    if spec.domain != "chest_ct":
-        from schemas import surface
-
-        table = surface.SURFACE_CLASSES
+    domain = get_domain(spec.domain)
+    table = domain.classes
+    codec = codec_for_domain(spec.domain)
+    overlay = import_hook(domain, domain.hooks_module, "preview_overlay")
     written = []
     for s in samples:
         base = out / s.sample_id
-        if spec.domain == "chest_ct":
-            img16 = np.clip(np.rint(s.image + 1024), 0, 65535).astype(np.uint16)
-            cv2.imwrite(f"{base}_image.png", img16)
-            lobe_view = closed_regions(s.label, list(range(12, 17)) + [17, 18, 19, 20, 21])
-            lobe_view[~np.isin(lobe_view, range(12, 17))] = 0
-            view = outline(window(s.image, -600, 1500), lobe_view, table)
-            view = instance_outline(view, s.instance)
+        stored = codec.encode(np.asarray(s.image))
+        Path(f"{base}_image{codec.suffix}").write_bytes(codec.to_bytes(stored))
+        if overlay is not None:
+            view = overlay(s.image, s.label, s.instance, table)
         else:
-            img = s.image
-            cv2.imwrite(f"{base}_image.png", img if img.ndim == 2 else cv2.cvtColor(img, cv2.COLOR_RGB2BGR))
-            view = instance_outline(img if img.ndim == 3 else cv2.cvtColor(img, cv2.COLOR_GRAY2RGB), s.instance,
-                                    color=(255, 40, 40))
-        cv2.imwrite(f"{base}_label.png", s.label)
-        cv2.imwrite(f"{base}_overlay.png", cv2.cvtColor(view, cv2.COLOR_RGB2BGR))
+            view = instance_outline(display(s.image, domain.display_window), s.instance)
+        Path(f"{base}_label.png").write_bytes(png.encode_png(np.asarray(s.label, np.uint8)))
+        Path(f"{base}_overlay.png").write_bytes(png.encode_png(view))
         meta = {
             "sample_id": s.sample_id, "split": s.split, "domain": s.domain, "pixel_spacing_mm": s.spacing_mm,
-            "image_encoding": "uint16 PNG of HU + 1024" if s.domain == "chest_ct" else "uint8 PNG",
+            "image_encoding": codec.describe(stored), "image_codec": codec.manifest_record(),
             "class_table": table.as_dict(), "requested": s.requested, "measured": s.measured, "bboxes": s.bboxes,
             "qc": s.qc, "seed": s.seed, "generator": s.generator, "params": s.params,
             "spec": normalised_spec(spec), "spec_hash": digest,
         }
         Path(f"{base}.json").write_text(json.dumps(meta, indent=1, default=_json_default))
-        written += [Path(f"{base}{suf}") for suf in ("_image.png", "_label.png", "_overlay.png", ".json")]
+        written += [Path(f"{base}{suf}") for suf in (f"_image{codec.suffix}", "_label.png", "_overlay.png", ".json")]
     return written

@@ -21,9 +21,9 @@ def default_workers() -> int:
     return max(1, os.cpu_count() or 1)
 
 
-def init_pool_worker() -> None:
+def init_pool_worker(preload: tuple[str, ...] = ()) -> None:
     """A process-pool worker's initializer: die with the build (a SIGKILLed ``pairforge build`` leaves no workers
-    behind; they hold nothing a resumed build needs) and import what a shard task needs."""
+    behind; they hold nothing a resumed build needs) and import the modules a task needs (``preload``)."""
     import signal
 
     from flows.settings import die_with_parent
@@ -31,15 +31,16 @@ def init_pool_worker() -> None:
     die_with_parent(signal.SIGKILL)
     # A terminal's Ctrl-C reaches the whole process group: the build process decides, and stops its workers.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    import_shard_modules()
+    import_modules(preload)
 
 
-def import_shard_modules() -> None:
-    """What a worker process needs to run a shard task."""
-    import annotators  # noqa: F401
-    import flows.build  # noqa: F401  (Prefect, the task, the pipeline)
-    import generators  # noqa: F401
-    import store  # noqa: F401
+def import_modules(names: tuple[str, ...]) -> None:
+    """Import ``names`` (dotted module names). The caller names what its tasks need (``flows.build.SHARD_MODULES``),
+    so this module, which the build flow uses, never imports the build flow."""
+    import importlib
+
+    for name in names:
+        importlib.import_module(name)
 
 
 def _cuda_initialized() -> bool:
@@ -62,23 +63,23 @@ def _process_pool_class():
         return _WarmPool
     import multiprocessing
     import threading
-    from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 
-    from prefect.task_runners import ProcessPoolTaskRunner, TaskRunner, _initialize_process_pool_worker
+    from flows import prefect_compat as compat
 
-    class WarmProcessPoolTaskRunner(ProcessPoolTaskRunner):
+    class WarmProcessPoolTaskRunner(compat.process_pool_runner_class()):
         """Prefect's process pool whose workers can be started before the flow run: ``prestart()`` spawns them and
         runs their imports (Prefect and the generator stack, ~1.5 s of CPU each) while something else waits, e.g.
         the local API server starting. Without ``prestart()`` it is Prefect's ProcessPoolTaskRunner, with
-        ``init_pool_worker`` as each worker's initializer."""
+        ``init_pool_worker(preload)`` as each worker's initializer."""
 
-        def __init__(self, max_workers: int | None = None):
-            super().__init__(max_workers=max_workers, initializer=init_pool_worker)
+        def __init__(self, max_workers: int | None = None, preload: tuple[str, ...] = ()):
+            self._preload = tuple(preload)
+            super().__init__(max_workers=max_workers, initializer=init_pool_worker, initargs=(self._preload,))
             self._prestarted = None
 
         def prestart(self) -> "WarmProcessPoolTaskRunner":
             if self._prestarted is None:
-                import_shard_modules()
+                import_modules(self._preload)
                 # Forked workers start with every module already imported (no ~1.5 s of imports each). Only where
                 # fork is sound: Linux, and no other thread in this process that could hold a lock across the fork.
                 # Otherwise spawn, as Prefect's own pool does.
@@ -88,12 +89,10 @@ def _process_pool_class():
                 if method not in ("fork", "spawn", "forkserver"):
                     raise SpecError(f"PAIRFORGE_POOL_START={method!r}; accepted: fork, spawn, forkserver")
                 ctx = multiprocessing.get_context(method)
-                queue = ctx.Queue()
-                executor = ProcessPoolExecutor(
-                    max_workers=self._max_workers, mp_context=ctx,
-                    initializer=_initialize_process_pool_worker, initargs=(queue, init_pool_worker, ()))
+                n = compat.pool_max_workers(self)
+                queue, executor = compat.start_pool_executor(ctx, n, init_pool_worker, (self._preload,))
                 # Each submit spawns a worker while none is idle: one job per worker starts them all now.
-                for _ in range(self._max_workers):
+                for _ in range(n):
                     executor.submit(_warm_up_worker)
                 self._prestarted = (queue, executor)
             return self
@@ -101,22 +100,16 @@ def _process_pool_class():
         def duplicate(self) -> "WarmProcessPoolTaskRunner":
             # The flow engine runs a duplicate of the flow's runner: hand the started workers over to it.
             dup = super().duplicate()
+            dup._preload = self._preload
             dup._prestarted, self._prestarted = self._prestarted, None
             return dup
 
         def __enter__(self):
             if self._prestarted is None:
                 return super().__enter__()
-            TaskRunner.__enter__(self)
             queue, executor = self._prestarted
             self._prestarted = None
-            self._subprocess_message_queue = queue
-            self._message_forwarding_thread = threading.Thread(
-                target=self._forward_subprocess_messages, name="ProcessPoolTaskRunnerMessageForwarder", daemon=True)
-            self._message_forwarding_thread.start()
-            self._executor = executor
-            self._resolver_executor = ThreadPoolExecutor(max_workers=self._max_workers)
-            return self
+            return compat.enter_with_pool(self, queue, executor)
 
         def close_prestarted(self) -> None:
             """Stop workers that were started but never used by a flow run."""
@@ -148,8 +141,10 @@ def check_runner(kind: str = "local", workers: int | None = None, dask_address: 
     return DEFAULT_LOCAL if kind == "local" else kind
 
 
-def make_task_runner(kind: str = "local", workers: int | None = None, dask_address: str | None = None):
-    """A Prefect task runner for ``kind``. ``dask_address`` (tcp://host:port) implies Dask on that cluster."""
+def make_task_runner(kind: str = "local", workers: int | None = None, dask_address: str | None = None,
+                     preload: tuple[str, ...] = ()):
+    """A Prefect task runner for ``kind``. ``dask_address`` (tcp://host:port) implies Dask on that cluster.
+    ``preload``: modules a process pool's workers import when they start (before their first task)."""
     kind = check_runner(kind, workers, dask_address)
     n = workers or default_workers()
     if kind == "threads":
@@ -157,7 +152,7 @@ def make_task_runner(kind: str = "local", workers: int | None = None, dask_addre
 
         return ThreadPoolTaskRunner(max_workers=n)
     if kind == "processes":
-        return _process_pool_class()(max_workers=n)
+        return _process_pool_class()(max_workers=n, preload=preload)
     if kind == "ray":
         return _ray_runner(n)
     from schemas.extras import import_extra

@@ -14,6 +14,8 @@ import time
 from pathlib import Path
 from typing import Callable, Iterator
 
+from flows import prefect_compat as compat
+
 # Defaults applied before Prefect is imported anywhere in the process.
 PREFECT_DEFAULTS = {
     # No network here and no reason to phone home from a data pipeline.
@@ -121,14 +123,12 @@ class LocalServer:
 
     def start(self) -> "LocalServer":
         self.port = self._free_port()
-        env = {**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_FINAL": "1"}
+        env = {**os.environ, "PREFECT_UI_ENABLED": "0", compat.SERVER_FINAL_ENV: "1"}
         if "prefect.settings" in sys.modules:  # settings set in this process (profiles, temporary_settings) carry over
-            from prefect.settings import get_current_settings
-
-            env.update(get_current_settings().to_environment_variables(exclude_unset=True))
+            env.update(compat.settings_environment())
         env.pop("PREFECT_API_URL", None)
         if not self.services:
-            env["PREFECT__SERVER_EPHEMERAL"] = "1"
+            env[compat.SERVER_EPHEMERAL_ENV] = "1"
         if self._log is not None:  # a restart on another port
             self._log.close()
             self._log = None
@@ -138,7 +138,7 @@ class LocalServer:
             self.log_path.parent.mkdir(parents=True, exist_ok=True)
             out = self._log = open(self.log_path, "ab")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "uvicorn", "--factory", "prefect.server.api.server:create_app", "--host",
+            [sys.executable, "-m", "uvicorn", "--factory", compat.SERVER_APP_FACTORY, "--host",
              "127.0.0.1", "--port", str(self.port), "--log-level", "error", "--lifespan", "on"],
             env=env, stdout=out, stderr=out, stdin=subprocess.DEVNULL,
             # Its own session: a terminal's Ctrl-C reaches the build, which stops the server after its workers.
@@ -223,14 +223,13 @@ def prefect_api(verbose: bool = False, services: bool = False,
                 while_starting()
             yield configured
             return
-        from prefect.context import refresh_global_settings_context
         from prefect.settings import PREFECT_API_URL, PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
 
         # Exported before the server answers, so that worker processes started meanwhile inherit it; and in the
         # process-global settings, for threads Prefect starts without this context (a process pool's message
         # forwarder), which would otherwise start servers of their own.
         os.environ["PREFECT_API_URL"] = server.api_url
-        refresh_global_settings_context()
+        compat.refresh_settings_context()
         exported = True
         if while_starting is not None:
             while_starting()
@@ -240,7 +239,7 @@ def prefect_api(verbose: bool = False, services: bool = False,
         url = server.wait()
         if os.environ.get("PREFECT_API_URL") != url:  # restarted on another port (the first was taken meanwhile)
             os.environ["PREFECT_API_URL"] = url
-            refresh_global_settings_context()
+            compat.refresh_settings_context()
         # No flow-run heartbeats: they let a long-lived server notice crashed runs, and this server ends with this
         # process; their thread also costs up to 1 s at the end of every flow run.
         with temporary_settings(updates={PREFECT_API_URL: url, PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
@@ -249,18 +248,11 @@ def prefect_api(verbose: bool = False, services: bool = False,
         if exported:
             _drain_prefect_workers()
             os.environ.pop("PREFECT_API_URL", None)
-            refresh_global_settings_context()  # imported above, before ``exported`` was set
+            compat.refresh_settings_context()
         server.stop()
 
 
 def _drain_prefect_workers() -> None:
     """Flush Prefect's background log/event workers while the server still answers (avoids shutdown errors)."""
-    with contextlib.suppress(Exception):
-        from prefect.logging.handlers import APILogWorker
-
-        APILogWorker.drain_all(timeout=5)
-    with contextlib.suppress(Exception):
-        from prefect.events.worker import EventsWorker
-
-        EventsWorker.drain_all(timeout=5)
+    compat.drain_background_workers(timeout=5)
 

@@ -3,6 +3,8 @@
 A backend = a *layout* for the spec's domain (spec + request + rng -> label map, instance map, parameters) and a
 *renderer* chosen by name (layout + rng -> image, parameters). Layouts are registered per domain, renderers per
 name; each renderer says which domains it can draw. ``procedural`` is the default and needs nothing but a CPU.
+Which module holds a domain's layout and renderers comes from its ``schemas.domain.Domain`` description
+(``layout_module``, ``renderers``); they are imported the first time they are asked for.
 """
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ from typing import Any, Callable, ClassVar
 
 import numpy as np
 
+from schemas.domain import all_domains, get_domain
 from schemas.errors import SpecError
 from schemas.sample import Layout, SampleRequest
 
@@ -19,9 +22,6 @@ LayoutFn = Callable[[Any, SampleRequest, np.random.Generator], Layout]
 
 _LAYOUTS: dict[str, LayoutFn] = {}
 _RENDERERS: dict[tuple[str, str], type["Renderer"]] = {}
-# Modules imported lazily the first time a registry is read, so heavy backends (torch) load only when asked for.
-_BUILTIN_MODULES = {"layouts": ["generators.chest_ct", "generators.surface"]}
-_RENDERER_MODULES = {"procedural": ["generators.ct_render", "generators.surface"], "controlnet": ["generators.controlnet"]}
 
 
 class Renderer:
@@ -61,14 +61,15 @@ def register_layout(domain: str) -> Callable[[LayoutFn], LayoutFn]:
 
 
 def register_renderer(cls: type[Renderer]) -> type[Renderer]:
-    """Register a renderer class under its name for each domain it draws (one name may serve several domains)."""
+    """Register a renderer class under its name for each domain it draws (one name may serve several domains).
+    ``domains = ("*",)`` serves every domain whose description lists the renderer's name in ``renderers``."""
     for domain in cls.domains:
         _RENDERERS[(cls.name, domain)] = cls
     return cls
 
 
-def _load(kind: str, names: list[str] | None = None) -> None:
-    for mod in names if names is not None else _BUILTIN_MODULES[kind]:
+def _load(names: list[str]) -> None:
+    for mod in names:
         try:
             importlib.import_module(mod)
         except ModuleNotFoundError as e:
@@ -80,8 +81,19 @@ def _load(kind: str, names: list[str] | None = None) -> None:
                 raise
 
 
+def _renderer_modules() -> dict[str, list[str]]:
+    """Renderer name -> the modules (of every domain's description) that register it."""
+    out: dict[str, list[str]] = {}
+    for d in all_domains():
+        for name, mod in d.renderers.items():
+            out.setdefault(name, [])
+            if mod not in out[name]:
+                out[name].append(mod)
+    return out
+
+
 def available_renderers() -> list[str]:
-    return sorted({n for n, _ in _RENDERERS} | set(_RENDERER_MODULES))
+    return sorted({n for n, _ in _RENDERERS} | set(_renderer_modules()))
 
 
 @dataclass
@@ -102,18 +114,28 @@ class Backend:
         return self.renderer.render(layout, rng)
 
 
-def get_backend(name: str, domain: str, options: dict[str, Any] | None = None) -> Backend:
-    """The backend ``name`` for ``domain``; an unknown name or domain is a SpecError listing what is accepted."""
+def get_backend(name: str | None, domain: str, options: dict[str, Any] | None = None) -> Backend:
+    """The backend ``name`` (None: the domain's default renderer) for ``domain``; an unknown name or domain is a
+    SpecError listing what is accepted."""
+    if name is None:
+        name = get_domain(domain).default_renderer
+    d = get_domain(domain)  # SpecError listing the known domains
     if (name, domain) not in _RENDERERS:
-        if name not in _RENDERER_MODULES and name not in {n for n, _ in _RENDERERS}:
+        modules = _renderer_modules()
+        if name not in modules and name not in {n for n, _ in _RENDERERS}:
             raise SpecError(f"unknown generator {name!r}; accepted: {', '.join(available_renderers())}")
-        _load("renderers", _RENDERER_MODULES.get(name, []))
+        _load([d.renderers[name]] if name in d.renderers else modules.get(name, []))
+    if domain not in _LAYOUTS and d.layout_module:
+        _load([d.layout_module])
     if domain not in _LAYOUTS:
-        _load("layouts")
-    if domain not in _LAYOUTS:
-        raise SpecError(f"no layout for domain {domain!r}; known domains: {', '.join(sorted(_LAYOUTS))}")
+        raise SpecError(f"no layout for domain {domain!r}; its description names layout module "
+                        f"{d.layout_module!r}, which registers none")
     cls = _RENDERERS.get((name, domain))
+    if cls is None and name in d.renderers:
+        cls = _RENDERERS.get((name, "*"))
     if cls is None:
-        served = sorted(d for n, d in _RENDERERS if n == name)
+        served = sorted(dom for n, dom in _RENDERERS if n == name and dom != "*")
+        served += sorted(dd.name for dd in all_domains() if name in dd.renderers and (name, "*") in _RENDERERS)
+        served = sorted(set(served))
         raise SpecError(f"generator {name!r} cannot render domain {domain!r}; it renders: {', '.join(served) or 'nothing here'}")
     return Backend(name=name, domain=domain, layout_fn=_LAYOUTS[domain], renderer=cls(domain, options))

@@ -14,8 +14,8 @@ import cv2
 import numpy as np
 
 from generators.base import register_layout
-from schemas.classes import CT_IDS, LOBES
-from schemas.errors import PlacementError
+from schemas.chest_ct import CT_IDS, DOMAIN, LOBE_NAMES, LOBES
+from schemas.errors import PlacementError, SpecError
 from schemas.findings import LOBE_LEVELS
 from schemas.sample import Layout, SampleRequest
 
@@ -467,7 +467,7 @@ LOBE_CORE_LEVELS: dict[str, tuple[float, float]] = {
 LEVEL_TRIES = 4
 
 
-@register_layout("chest_ct")
+@register_layout(DOMAIN)
 def chest_ct_layout(spec, request: SampleRequest, rng: np.random.Generator) -> Layout:
     """Anatomy at the planned level, then the findings; when they do not fit, a bounded, recorded resample of the
     level inside the range where the requested lobes are largest (and still inside the spec's slice range)."""
@@ -497,3 +497,69 @@ def chest_ct_layout(spec, request: SampleRequest, rng: np.random.Generator) -> L
     return Layout(label=label, instance=instance, spacing_mm=sp, findings=placed,
                   params={"anatomy": anatomy, "geometry": geo, "slice_level": level, "level_tries": tries},
                   extras={"lobes": lobes})
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# ControlNet hooks (generators.controlnet looks them up through the domain description): prompt text, the
+# CT-only option hu_window, and grey -> HU. Pure numpy, so importing them loads no torch.
+# HU windows: grey g in [0, 1] -> HU = low + g * (high - low). Every preset starts at or above -1024 HU so every
+# output fits the store's 16-bit PNG of HU + 1024; "lung" keeps the clinical lung-window width (1500 HU).
+HU_WINDOWS = {"lung": (-1024.0, 476.0), "mediastinal": (-160.0, 240.0), "wide": (-1024.0, 1024.0)}
+HU_MIN, HU_MAX = -1024.0, 3071.0
+
+
+def _num(v: Any) -> str:
+    return f"{round(float(v), 1):g}"
+
+
+def describe_ct_finding(f: dict) -> str:
+    """'8 mm spiculated solid nodule in the right upper lobe' from a placed CT finding."""
+    kind = str(f.get("kind", "solid")).replace("_", "-")
+    words = [f"{_num(f['diameter_mm'])} mm" if f.get("diameter_mm") else "", str(f.get("margin") or ""), kind, "nodule"]
+    text = " ".join(w for w in words if w)
+    lobe = f.get("lobe") or f.get("location")
+    if lobe in LOBE_NAMES:
+        text += " in the " + LOBE_NAMES[lobe].split(" (")[0]
+    return text
+
+
+def _hu_window(v: Any) -> tuple[str, tuple[float, float]]:
+    if isinstance(v, str) and v in HU_WINDOWS:
+        return v, HU_WINDOWS[v]
+    if isinstance(v, (list, tuple)) and len(v) == 2 and all(isinstance(x, (int, float)) and not isinstance(x, bool)
+                                                            for x in v):
+        lo, hi = float(v[0]), float(v[1])
+        if HU_MIN <= lo < hi <= HU_MAX:
+            return "custom", (lo, hi)
+    raise SpecError(f"option hu_window: {v!r} is not accepted; accepted: {', '.join(HU_WINDOWS)} or [low, high] HU "
+                    f"with {HU_MIN:g} <= low < high <= {HU_MAX:g}")
+
+
+class ControlNetHooks:
+    """What the controlnet renderer needs to know about chest CT."""
+
+    default_prompt = "axial chest CT slice, {window} window, {findings}"
+    prompt_fields = frozenset({"findings", "window"})
+
+    def configure(self, options: dict[str, Any]) -> dict[str, Any]:
+        if "color" in options:
+            raise SpecError("option color applies to the surface domain only; CT images are HU")
+        name, window = _hu_window(options.get("hu_window", "lung"))
+        return {"window_name": name, "hu_window": window}
+
+    def image_size(self, spec: Any, options: dict[str, Any], state: dict[str, Any]) -> tuple[int, int]:
+        return spec.image.size, spec.image.size
+
+    def prompt_fields_for(self, layout: Layout, state: dict[str, Any]) -> dict[str, str]:
+        findings = ", ".join(describe_ct_finding(f) for f in layout.findings) or "no nodule"
+        return {"findings": findings, "window": state["window_name"]}
+
+    def to_image(self, rgb: np.ndarray, state: dict[str, Any]) -> tuple[np.ndarray, dict[str, Any]]:
+        lo, hi = state["hu_window"]
+        grey = rgb.mean(axis=2, dtype=np.float32)
+        image = (lo + grey * (hi - lo)).astype(np.float32)
+        return image, {"type": "hu", "grey": "mean of R, G, B", "hu_window": [lo, hi],
+                       "window_name": state["window_name"], "mapping": f"HU = {lo:g} + g * {hi - lo:g}"}
+
+
+CONTROLNET = ControlNetHooks()

@@ -26,7 +26,7 @@ import torch
 from generators.conditioning import (ANNOTATORS, CANNY_HIGH, CANNY_LOW, CONDITIONINGS, LINEART_SIGMA,
                                      LINEART_THRESHOLD, PAD_MODE, control_image, pad_label, padded_size, palette_lut)
 from generators.base import Renderer, register_renderer
-from schemas.classes import LOBE_NAMES
+from schemas.domain import all_domains, get_domain, import_hook
 from schemas.errors import GenerationError, SpecError
 from schemas.sample import Layout
 from schemas.seeding import torch_seed
@@ -34,15 +34,6 @@ from schemas.seeding import torch_seed
 # ------------------------------------------------------------------------------------------------ options
 SCHEDULERS = ("ddim", "dpm++", "euler", "euler_a", "unipc", "pndm", "ddpm")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-# HU windows: grey g in [0, 1] -> HU = low + g * (high - low). Every preset starts at or above -1024 HU so every
-# output fits the store's 16-bit PNG of HU + 1024; "lung" keeps the clinical lung-window width (1500 HU).
-HU_WINDOWS = {"lung": (-1024.0, 476.0), "mediastinal": (-160.0, 240.0), "wide": (-1024.0, 1024.0)}
-HU_MIN, HU_MAX = -1024.0, 3071.0
-DEFAULT_PROMPTS = {
-    "chest_ct": "axial chest CT slice, {window} window, {findings}",
-    "surface": "close-up {color} photo of a {material} surface, {findings}",
-}
-PROMPT_FIELDS = {"chest_ct": {"findings", "window"}, "surface": {"findings", "material", "color"}}
 DEFAULT_NEGATIVE = "blurry, low quality, text, watermark, letters, frame, border, artifacts"
 NET_KEYS = ("path", "conditioning", "scale", "annotator")
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl", ".pickle")
@@ -130,30 +121,43 @@ def _parse_nets(v: Any, default_annotator: str) -> tuple[NetOptions, ...]:
     return tuple(nets)
 
 
-def _check_prompt(name: str, text: Any, domain: str) -> str:
+def controlnet_hooks(domain: str) -> Any:
+    """The domain's ControlNet hooks (``CONTROLNET`` in the module its description names): default prompt and its
+    placeholders, domain options, the image size of a spec, prompt fields of a layout, and RGB -> domain image."""
+    d = get_domain(domain)
+    hooks = import_hook(d, d.controlnet_module, "CONTROLNET")
+    if hooks is None:
+        raise SpecError(f"generator 'controlnet' cannot render domain {domain!r}: its description names no ControlNet "
+                        "hooks (controlnet_module)")
+    return hooks
+
+
+def __getattr__(name: str):
+    """Domain-specific names that moved to the domains' generator modules (e.g. ``describe_ct_finding``)."""
+    if name.startswith("__"):
+        raise AttributeError(name)
+    import importlib
+
+    for d in all_domains():
+        if d.controlnet_module:
+            mod = importlib.import_module(d.controlnet_module)
+            if name in vars(mod):
+                return vars(mod)[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _check_prompt(name: str, text: Any, domain: str, fields_accepted: frozenset[str]) -> str:
     if not isinstance(text, str):
         raise SpecError(f"option {name}: a text is required")
     try:
         fields = {f for _, f, _, _ in string.Formatter().parse(text) if f is not None}
     except ValueError as e:
         raise SpecError(f"option {name}: {e} (write literal braces as {{{{ and }}}})") from None
-    bad = sorted(fields - PROMPT_FIELDS[domain])
+    bad = sorted(fields - fields_accepted)
     if bad:
         raise SpecError(f"option {name}: unknown placeholder(s) {', '.join('{' + b + '}' for b in bad)}; accepted for "
-                        f"{domain}: {', '.join('{' + f + '}' for f in sorted(PROMPT_FIELDS[domain]))}")
+                        f"{domain}: {', '.join('{' + f + '}' for f in sorted(fields_accepted))}")
     return text
-
-
-def _hu_window(v: Any) -> tuple[str, tuple[float, float]]:
-    if isinstance(v, str) and v in HU_WINDOWS:
-        return v, HU_WINDOWS[v]
-    if isinstance(v, (list, tuple)) and len(v) == 2 and all(isinstance(x, (int, float)) and not isinstance(x, bool)
-                                                            for x in v):
-        lo, hi = float(v[0]), float(v[1])
-        if HU_MIN <= lo < hi <= HU_MAX:
-            return "custom", (lo, hi)
-    raise SpecError(f"option hu_window: {v!r} is not accepted; accepted: {', '.join(HU_WINDOWS)} or [low, high] HU "
-                    f"with {HU_MIN:g} <= low < high <= {HU_MAX:g}")
 
 
 def _resolve_device(v: Any) -> torch.device:
@@ -478,52 +482,20 @@ def make_pipeline(models: LoadedModels, scheduler_name: str):
 
 
 # ------------------------------------------------------------------------------------------- prompts
-def _num(v: Any) -> str:
-    return f"{round(float(v), 1):g}"
-
-
-def describe_ct_finding(f: dict) -> str:
-    """'8 mm spiculated solid nodule in the right upper lobe' from a placed CT finding."""
-    kind = str(f.get("kind", "solid")).replace("_", "-")
-    words = [f"{_num(f['diameter_mm'])} mm" if f.get("diameter_mm") else "", str(f.get("margin") or ""), kind, "nodule"]
-    text = " ".join(w for w in words if w)
-    lobe = f.get("lobe") or f.get("location")
-    if lobe in LOBE_NAMES:
-        text += " in the " + LOBE_NAMES[lobe].split(" (")[0]
-    return text
-
-
-def describe_surface_finding(f: dict) -> str:
-    """'5 mm long scratch at the top left' from a placed surface defect."""
-    kind = str(f.get("kind", "defect")).replace("_", " ")
-    if f.get("length_mm"):
-        size = f"{_num(f['length_mm'])} mm long "
-    elif f.get("diameter_mm"):
-        size = f"{_num(f['diameter_mm'])} mm "
-    else:
-        size = ""
-    loc = f.get("location")
-    where = f" at the {str(loc).replace('_', ' ')}" if isinstance(loc, str) and loc not in ("any", "") else ""
-    return f"{size}{kind}{where}"
-
-
-def build_prompt(template: str, domain: str, layout: Layout, window_name: str, color: str) -> str:
-    if domain == "chest_ct":
-        findings = ", ".join(describe_ct_finding(f) for f in layout.findings) or "no nodule"
-        return template.format(findings=findings, window=window_name)
-    findings = ", ".join(describe_surface_finding(f) for f in layout.findings) or "no defect"
-    material = str(layout.params.get("material") or "metal").replace("_", " ")
-    return template.format(findings=findings, material=material, color="greyscale" if color == "grey" else "colour")
+def build_prompt(template: str, domain: str, layout: Layout, state: dict[str, Any]) -> str:
+    """The template filled with the domain's fields for this layout (findings described, material, window...)."""
+    return template.format(**controlnet_hooks(domain).prompt_fields_for(layout, state))
 
 
 # ------------------------------------------------------------------------------------------ renderer
 @register_renderer
 class ControlNetRenderer(Renderer):
-    """Label map -> control image(s) -> diffusers ControlNet pipeline -> cropped, domain-typed image."""
+    """Label map -> control image(s) -> diffusers ControlNet pipeline -> cropped, domain-typed image. Serves every
+    domain whose description lists it in ``renderers`` and names ControlNet hooks."""
 
     name = "controlnet"
     version = "1"
-    domains = ("chest_ct", "surface")
+    domains = ("*",)
     options_accepted = ("base_model", "controlnets", "prompt", "negative_prompt", "steps", "guidance_scale",
                         "scheduler", "dtype", "device", "batch_size", "compile", "allow_download", "hu_window", "color",
                         "max_size", "batch_invariant", "hash_weights", "annotator")
@@ -539,8 +511,11 @@ class ControlNetRenderer(Renderer):
                             "segmentation, scale: 1.0}]")
         annotator = _choice("annotator", o.get("annotator", "controlnet_aux"), ANNOTATORS)
         self.nets = _parse_nets(o["controlnets"], annotator)
-        self.prompt = _check_prompt("prompt", o.get("prompt", DEFAULT_PROMPTS[domain]), domain)
-        self.negative_prompt = _check_prompt("negative_prompt", o.get("negative_prompt", DEFAULT_NEGATIVE), domain)
+        self.hooks = controlnet_hooks(domain)
+        self.prompt = _check_prompt("prompt", o.get("prompt", self.hooks.default_prompt), domain,
+                                    self.hooks.prompt_fields)
+        self.negative_prompt = _check_prompt("negative_prompt", o.get("negative_prompt", DEFAULT_NEGATIVE), domain,
+                                             self.hooks.prompt_fields)
         self.steps = _as_int("steps", o.get("steps", 20), 1, 1000)
         self.guidance_scale = _as_float("guidance_scale", o.get("guidance_scale", 7.5), 0.0, 50.0)
         self.scheduler = _choice("scheduler", o.get("scheduler", "unipc"), SCHEDULERS)
@@ -555,16 +530,7 @@ class ControlNetRenderer(Renderer):
         hash_weights = _as_bool("hash_weights", o.get("hash_weights", False))
         bi = o.get("batch_invariant", "auto")
         self.batch_invariant = (self.device.type == "cpu") if bi == "auto" else _as_bool("batch_invariant", bi)
-        if domain == "chest_ct":
-            if "color" in o:
-                raise SpecError("option color applies to the surface domain only; CT images are HU")
-            self.window_name, self.hu_window = _hu_window(o.get("hu_window", "lung"))
-            self.color = "grey"
-        else:
-            if "hu_window" in o:
-                raise SpecError("option hu_window applies to chest_ct only; surface images are 8-bit")
-            self.window_name, self.hu_window = "", (0.0, 0.0)
-            self.color = _choice("color", o.get("color", "grey"), ("grey", "rgb"))
+        self.state = self.hooks.configure(o)  # domain options (e.g. an HU window, a colour mode), checked
         try:
             lut, known = palette_lut(domain)
         except (KeyError, ValueError, ImportError) as e:
@@ -581,15 +547,7 @@ class ControlNetRenderer(Renderer):
 
     # ---- checks against the spec (called by the pipeline before anything is generated)
     def check_spec(self, spec: Any) -> None:
-        if self.domain == "surface":
-            h, w = spec.image.hw
-            want = spec.image.color
-            if "color" in self.options and self.options["color"] != want:
-                raise SpecError(f"option color {self.options['color']!r} contradicts image.color {want!r}; "
-                                "drop the option or make them agree")
-            self.color = want
-        else:
-            h = w = spec.image.size
+        h, w = self.hooks.image_size(spec, self.options, self.state)
         self.check_size(h, w)
 
     def check_size(self, height: int, width: int) -> None:
@@ -610,8 +568,8 @@ class ControlNetRenderer(Renderer):
         return [control_image(n.conditioning, padded, self.domain, n.annotator) for n in self.nets], pad
 
     def prompt_for(self, layout: Layout) -> tuple[str, str]:
-        return (build_prompt(self.prompt, self.domain, layout, self.window_name, self.color),
-                build_prompt(self.negative_prompt, self.domain, layout, self.window_name, self.color))
+        return (build_prompt(self.prompt, self.domain, layout, self.state),
+                build_prompt(self.negative_prompt, self.domain, layout, self.state))
 
     def pipeline(self):
         if self._pipe is None:
@@ -686,18 +644,7 @@ class ControlNetRenderer(Renderer):
         lay: Layout = job["layout"]
         h, w = lay.label.shape[:2]
         rgb = np.clip(rgb[:h, :w], 0.0, 1.0)  # crop the pad away: pixel (y, x) is label pixel (y, x)
-        if self.domain == "chest_ct":
-            lo, hi = self.hu_window
-            grey = rgb.mean(axis=2, dtype=np.float32)
-            image = (lo + grey * (hi - lo)).astype(np.float32)
-            output = {"type": "hu", "grey": "mean of R, G, B", "hu_window": [lo, hi], "window_name": self.window_name,
-                      "mapping": f"HU = {lo:g} + g * {hi - lo:g}"}
-        elif self.color == "rgb":
-            image = np.round(rgb * 255.0).astype(np.uint8)
-            output = {"type": "uint8_rgb"}
-        else:
-            image = np.round(rgb.mean(axis=2) * 255.0).astype(np.uint8)
-            output = {"type": "uint8_grey", "grey": "mean of R, G, B"}
+        image, output = self.hooks.to_image(rgb, self.state)
         params = {
             "backend": self.name, "seed": job["seed"], "prompt": job["prompts"][0],
             "negative_prompt": job["prompts"][1], "steps": self.steps, "guidance_scale": self.guidance_scale,

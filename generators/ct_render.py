@@ -12,7 +12,7 @@ import cv2
 import numpy as np
 
 from generators.base import Renderer, register_renderer
-from schemas.classes import CT_IDS
+from schemas.chest_ct import CT_IDS
 from schemas.sample import Layout
 
 C = CT_IDS

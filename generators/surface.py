@@ -371,3 +371,61 @@ class SurfaceProceduralRenderer(Renderer):
                 crop = out[sl]
                 crop[m] = np.clip(grey8[sl][m][:, None] * chroma[None, :], 0, 255).astype(np.uint8)
         return out, rparams
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# ControlNet hooks (generators.controlnet looks them up through the domain description): prompt text, the
+# surface-only option color, and 8-bit output. Pure numpy, so importing them loads no torch.
+def _num(v: Any) -> str:
+    return f"{round(float(v), 1):g}"
+
+
+def describe_surface_finding(f: dict) -> str:
+    """'5 mm long scratch at the top left' from a placed surface defect."""
+    kind = str(f.get("kind", "defect")).replace("_", " ")
+    if f.get("length_mm"):
+        size = f"{_num(f['length_mm'])} mm long "
+    elif f.get("diameter_mm"):
+        size = f"{_num(f['diameter_mm'])} mm "
+    else:
+        size = ""
+    loc = f.get("location")
+    where = f" at the {str(loc).replace('_', ' ')}" if isinstance(loc, str) and loc not in ("any", "") else ""
+    return f"{size}{kind}{where}"
+
+
+class ControlNetHooks:
+    """What the controlnet renderer needs to know about surface images."""
+
+    default_prompt = "close-up {color} photo of a {material} surface, {findings}"
+    prompt_fields = frozenset({"findings", "material", "color"})
+
+    def configure(self, options: dict[str, Any]) -> dict[str, Any]:
+        if "hu_window" in options:
+            raise SpecError("option hu_window applies to chest_ct only; surface images are 8-bit")
+        color = options.get("color", "grey")
+        if color not in ("grey", "rgb"):
+            raise SpecError(f"option color: {color!r} is not accepted; accepted: grey, rgb")
+        return {"color": color}
+
+    def image_size(self, spec: Any, options: dict[str, Any], state: dict[str, Any]) -> tuple[int, int]:
+        want = spec.image.color
+        if "color" in options and options["color"] != want:
+            raise SpecError(f"option color {options['color']!r} contradicts image.color {want!r}; "
+                            "drop the option or make them agree")
+        state["color"] = want
+        return spec.image.hw
+
+    def prompt_fields_for(self, layout: Layout, state: dict[str, Any]) -> dict[str, str]:
+        findings = ", ".join(describe_surface_finding(f) for f in layout.findings) or "no defect"
+        material = str(layout.params.get("material") or "metal").replace("_", " ")
+        return {"findings": findings, "material": material,
+                "color": "greyscale" if state["color"] == "grey" else "colour"}
+
+    def to_image(self, rgb: np.ndarray, state: dict[str, Any]) -> tuple[np.ndarray, dict[str, Any]]:
+        if state["color"] == "rgb":
+            return np.round(rgb * 255.0).astype(np.uint8), {"type": "uint8_rgb"}
+        return np.round(rgb.mean(axis=2) * 255.0).astype(np.uint8), {"type": "uint8_grey", "grey": "mean of R, G, B"}
+
+
+CONTROLNET = ControlNetHooks()

@@ -13,7 +13,7 @@ from typing import Any
 
 import pyarrow as pa
 
-SCHEMA_VERSION = "1"
+SCHEMA_VERSION = "2"  # 2: image_codec column
 
 FINDING_FLOAT_FIELDS = (
     "diameter_mm", "length_mm", "width_mm", "depth_mm", "height_mm", "area_mm2", "equivalent_diameter_mm",
@@ -53,6 +53,13 @@ GENERATOR = pa.struct([
     pa.field("params_json", pa.string()),  # {"request": ..., "layout": ..., "render": ...}, sorted keys
 ])
 
+# The image codec of a sample (store.codecs): how to turn the stored PNG back into the image. Null in versions
+# published before codecs were recorded; their image_encoding text maps to a codec explicitly.
+CODEC = pa.struct([
+    pa.field("name", pa.string()), pa.field("version", pa.int32()),
+    pa.field("params_json", pa.string()),  # codec parameters (e.g. scale and offset), sorted keys
+])
+
 PROVENANCE = pa.struct([
     pa.field("dataset", pa.string()), pa.field("version", pa.int32()), pa.field("spec_hash", pa.string()),
     pa.field("code_version", pa.string()), pa.field("pairforge_version", pa.string()),
@@ -85,6 +92,7 @@ SAMPLE_SCHEMA = pa.schema(
         pa.field("generator", GENERATOR),
         pa.field("watermark_payload", pa.string()),  # 16 hex digits, null when the spec turns the mark off
         pa.field("provenance", PROVENANCE),
+        pa.field("image_codec", CODEC),  # added in schema 2; absent from version-1 files
     ],
     metadata={b"pairforge.schema": SCHEMA_VERSION.encode()},
 )

@@ -5,7 +5,6 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from schemas.classes import LOBES
 from schemas.units import MmRange
 
 NoduleKind = Literal["solid", "part_solid", "ground_glass"]
@@ -61,5 +60,3 @@ class NoduleFinding(BaseModel):
         n = f"{self.count}x " if self.count > 1 else ""
         return f"{n}{size} {self.margin} {kind} nodule, {where}"
 
-
-assert set(MAX_DIAMETER_MM) - {"any"} == set(LOBES)

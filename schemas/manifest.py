@@ -55,6 +55,8 @@ class Manifest(BaseModel):
     counts: Counts
     class_table: dict[str, str] = Field(default_factory=dict, description="label id -> class name")
     encodings: dict[str, str]
+    codecs: dict[str, dict[str, Any]] | None = Field(
+        None, description="codec records by role ('image': name, version, params); absent before codecs existed")
     samples_parquet_sha256: str
     content_digest: str
     files: dict[str, str] = Field(description="sha256 of every file that is not a sample's PNG (those are in the index)")

@@ -1,13 +1,19 @@
-"""Deterministic per-sample plans: which findings, sizes, spacing and split sample k gets."""
+"""Deterministic per-sample plans: which findings, sizes, spacing and split sample k gets.
+
+One planner for every domain: it draws the split, the domain's frame (``Domain.plan_frame``: spacing, level,
+material...), whether the sample is a negative, which mixture entry (by weight) and ``count`` concrete findings
+(``Domain.plan_finding``). The order of draws is fixed, so a plan is a pure function of (spec hash, index).
+"""
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any
 
 import numpy as np
 
+from schemas.domain import all_domains, get_domain
 from schemas.sample import SampleRequest
 from schemas.seeding import STREAM_REQUEST, sample_rng
-from schemas.spec import BaseSpec, ChestCTSpec, spec_hash
+from schemas.spec import BaseSpec, spec_hash
 
 SPLITS = ("train", "val", "test")
 
@@ -17,6 +23,8 @@ def sample_id(index: int) -> str:
 
 
 def draw_split(spec: BaseSpec, rng: np.random.Generator) -> str:
+    """A per-sample split draw. Its value is no longer used (``split_table`` assigns splits over the whole plan:
+    exact counts, stratified, grouped); the draw stays so that the request stream after it is unchanged."""
     u = rng.random()
     fr = [spec.splits.train, spec.splits.val, spec.splits.test]
     acc = 0.0
@@ -32,35 +40,37 @@ def uniform(rng: np.random.Generator, r: tuple[float, float]) -> float:
     return float(lo) if lo == hi else float(rng.uniform(lo, hi))
 
 
-def plan_chest_ct(spec: ChestCTSpec, index: int, rng: np.random.Generator) -> SampleRequest:
+def draw_mixture(spec: BaseSpec, field: str, rng: np.random.Generator) -> tuple[bool, int | None, Any]:
+    """(negative, entry index, entry) from ``spec.<field>`` (``negatives`` share, ``mixture`` weighted by
+    ``weight``). A spec with an empty mixture only has negatives."""
+    block = getattr(spec, field)
+    negative = bool(rng.random() < block.negatives or not block.mixture)
+    if negative:
+        return True, None, None
+    weights = np.array([f.weight for f in block.mixture], dtype=float)
+    k = int(rng.choice(len(weights), p=weights / weights.sum()))
+    return False, k, block.mixture[k]
+
+
+def plan_with(domain: Any, spec: BaseSpec, index: int, rng: np.random.Generator) -> SampleRequest:
+    """The shared planner, with the hooks of ``domain`` (a ``schemas.domain.Domain``)."""
     split = draw_split(spec, rng)
-    spacing = round(uniform(rng, spec.image.spacing_mm), 4)
-    level = uniform(rng, spec.slice_level)
+    spacing, size, params = domain.plan_frame(spec, rng)
+    negative, k, entry = draw_mixture(spec, domain.findings_field, rng)
     findings: list[dict] = []
-    negative = rng.random() < spec.findings.negatives or not spec.findings.mixture
     if not negative:
-        weights = np.array([f.weight for f in spec.findings.mixture], dtype=float)
-        k = int(rng.choice(len(weights), p=weights / weights.sum()))
-        f = spec.findings.mixture[k]
-        for _ in range(f.count):
-            findings.append({
-                "kind": f.kind, "diameter_mm": round(uniform(rng, f.diameter_mm), 3), "location": f.location,
-                "margin": f.margin, "juxtapleural": f.juxtapleural, "mixture_entry": k,
-            })
-    return SampleRequest(index=index, sample_id=sample_id(index), split=split, domain="chest_ct",
-                         spacing_mm=spacing, size=(spec.image.size, spec.image.size), findings=findings,
-                         params={"slice_level": round(level, 4), "negative": bool(negative)})
-
-
-# domain -> planner(spec, index, rng). Other domains register here.
-PLANNERS: dict[str, Callable[[BaseSpec, int, np.random.Generator], SampleRequest]] = {"chest_ct": plan_chest_ct}
+        for _ in range(entry.count):
+            findings.append(domain.plan_finding(spec, entry, k, rng))
+    params = dict(params, negative=negative)
+    return SampleRequest(index=index, sample_id=sample_id(index), split=split, domain=domain.name,
+                         spacing_mm=spacing, size=(int(size[0]), int(size[1])), findings=findings, params=params)
 
 
 def plan_sample(spec: BaseSpec, index: int, digest: str | None = None) -> SampleRequest:
     digest = digest or spec_hash(spec)
     rng = sample_rng(digest, index, STREAM_REQUEST)
-    request = PLANNERS[spec.domain](spec, index, rng)
-    # The split comes from the whole plan (exact counts, stratified, grouped); the planners still draw their own,
+    request = plan_with(get_domain(spec.domain), spec, index, rng)
+    # The split comes from the whole plan (exact counts, stratified, grouped); ``plan_with`` still draws its own,
     # unused, so that every other value of the request stream (and every image) stays what it was.
     request.split = split_table(spec, digest)[index]
     return request
@@ -79,8 +89,8 @@ def split_table(spec: BaseSpec, digest: str | None = None) -> list[str]:
     key = (digest, int(spec.samples))
     table = _SPLIT_TABLES.get(key)
     if table is None:
-        planner = PLANNERS[spec.domain]
-        requests = [planner(spec, i, sample_rng(digest, i, STREAM_REQUEST)) for i in range(spec.samples)]
+        domain = get_domain(spec.domain)
+        requests = [plan_with(domain, spec, i, sample_rng(digest, i, STREAM_REQUEST)) for i in range(spec.samples)]
         fractions = {name: float(getattr(spec.splits, name)) for name in SPLITS}
         table = assign_splits(list(range(spec.samples)), fractions,
                               strata=[finding_stratum(r.findings) for r in requests],
@@ -93,3 +103,15 @@ def split_table(spec: BaseSpec, digest: str | None = None) -> list[str]:
 
 def plan_shards(n_samples: int, shard_size: int) -> list[range]:
     return [range(s, min(s + shard_size, n_samples)) for s in range(0, n_samples, shard_size)]
+
+
+def __getattr__(name: str):
+    """``PLANNERS`` (domain -> planner) and the old per-domain planner names, from the registry."""
+    if name.startswith("__"):
+        raise AttributeError(name)
+    if name == "PLANNERS":
+        return {d.name: (lambda spec, index, rng, _d=d: plan_with(_d, spec, index, rng)) for d in all_domains()}
+    if name.startswith("plan_") and name[len("plan_"):] in {d.name for d in all_domains()}:
+        d = get_domain(name[len("plan_"):])
+        return lambda spec, index, rng: plan_with(d, spec, index, rng)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,7 +1,7 @@
 """Dataset specs: validation, normalisation, loading from YAML/JSON and the content hash.
 
-A spec is a discriminated union on ``domain``; each domain module defines its own model and registers it
-in ``SPEC_MODELS``. ``load_spec`` turns any validation failure into one readable SpecError line.
+A spec is a discriminated union on ``domain``; each domain registers its model in its ``Domain`` description
+(``schemas.domain``). ``load_spec`` turns any validation failure into one readable SpecError line.
 """
 from __future__ import annotations
 
@@ -14,10 +14,9 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from schemas.domain import all_domains, default_domain, get_domain, known_domains
 from schemas.errors import SpecError
-from schemas.findings import LOBE_LEVELS, MAX_DIAMETER_MM, NoduleFinding
-from schemas.units import MmRange, UnitRange
-from schemas.wording import expand_mixture
+from schemas.units import MmRange
 
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 _CRON_FIELD = re.compile(r"^(\*|\d+(-\d+)?)(/\d+)?(,(\*|\d+(-\d+)?)(/\d+)?)*$|^[A-Za-z]{3}$")
@@ -64,25 +63,6 @@ class QCSpec(BaseModel):
     min_in_region: float = Field(0.99, ge=0, le=1, description="share of a finding's pixels inside its requested region")
 
 
-class CTFindings(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    negatives: float = Field(0.2, ge=0, le=1, description="share of samples with no finding")
-    mixture: list[NoduleFinding] = Field(default_factory=list)
-
-    @field_validator("mixture", mode="before")
-    @classmethod
-    def _shorthand(cls, v):
-        from schemas.shorthand import parse_finding
-
-        return expand_mixture(v, lambda text: parse_finding(text).model_dump(), "findings.mixture", "findings")
-
-    @model_validator(mode="after")
-    def _mixture_needed(self) -> "CTFindings":
-        if self.negatives < 1 and not self.mixture:
-            raise ValueError("findings.mixture is empty but findings.negatives < 1; add findings or set negatives: 1")
-        return self
-
-
 class BaseSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: str = Field(description="dataset name: lowercase letters, digits, '.', '_' or '-'")
@@ -116,62 +96,27 @@ class BaseSpec(BaseModel):
         return v
 
 
-class ChestCTSpec(BaseSpec):
-    """An axial chest-CT slice dataset with pulmonary nodules."""
+def __getattr__(name: str):
+    """Names that moved to the domain modules (``SPEC_MODELS``, a domain's spec classes), found through the
+    registry so that old imports keep working."""
+    if name.startswith("__"):
+        raise AttributeError(name)
+    if name == "SPEC_MODELS":
+        return {d.name: d.spec_model for d in all_domains()}
+    import importlib
 
-    domain: Literal["chest_ct"] = "chest_ct"
-    image: ImageSpec = Field(default_factory=ImageSpec)
-    slice_level: UnitRange("slice_level") = Field(
-        (0.15, 0.95), description="axial level, 0 = lung apex, 1 = lung base: value or [min, max]")
-    findings: CTFindings = Field(default_factory=CTFindings)
-
-    @field_validator("slice_level")
-    @classmethod
-    def _level(cls, v):
-        if v[0] < 0 or v[1] > 1:
-            raise ValueError(f"slice_level {v[0]:g}-{v[1]:g} is outside 0 (apex) to 1 (base)")
-        return v
-
-    @model_validator(mode="after")
-    def _fits(self) -> "ChestCTSpec":
-        # A finding must fit in a lung at the smallest field of view the spec allows.
-        fov_mm = self.image.size * self.image.spacing_mm[0]
-        limit = 0.18 * fov_mm
-        for i, f in enumerate(self.findings.mixture):
-            if f.diameter_mm[1] > limit:
-                raise ValueError(
-                    f"findings.mixture[{i}]: diameter {f.diameter_mm[1]:g} mm is larger than a lung can hold in a "
-                    f"{fov_mm:g} mm field of view ({self.image.size} px at {self.image.spacing_mm[0]:g} mm); accepted: "
-                    f"up to {min(limit, MAX_DIAMETER_MM[f.location]):.1f} mm, or raise image.size or image.spacing_mm")
-            lo, hi = LOBE_LEVELS[f.location]
-            if min(hi, self.slice_level[1]) < max(lo, self.slice_level[0]):
-                raise ValueError(
-                    f"findings.mixture[{i}]: {f.location} does not appear on slices at slice_level "
-                    f"{self.slice_level[0]:g}-{self.slice_level[1]:g}; {f.location} is seen at levels {lo:g}-{hi:g}")
-            if f.diameter_mm[0] < 2 * self.image.spacing_mm[1]:
-                raise ValueError(
-                    f"findings.mixture[{i}]: diameter {f.diameter_mm[0]:g} mm is under 2 pixels at "
-                    f"{self.image.spacing_mm[1]:g} mm spacing; accepted: at least {2 * self.image.spacing_mm[1]:g} mm")
-        return self
-
-
-# domain -> spec model. Other domains add themselves here (see schemas/surface.py).
-SPEC_MODELS: dict[str, type[BaseSpec]] = {"chest_ct": ChestCTSpec}
-
-
-def _register_optional_domains() -> None:
-    try:
-        import schemas.surface  # noqa: F401  (registers the surface domain)
-    except ImportError:
-        pass
+    for d in all_domains():
+        mod = importlib.import_module(d.schema_module)
+        if name in vars(mod):
+            return vars(mod)[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def spec_json_schema() -> dict:
-    _register_optional_domains()
     from pydantic import TypeAdapter
     from typing import Annotated, Union
 
-    models = tuple(SPEC_MODELS.values())
+    models = tuple(d.spec_model for d in all_domains())
     union = Annotated[Union[models], Field(discriminator="domain")] if len(models) > 1 else models[0]
     schema = TypeAdapter(union).json_schema()
     schema["title"] = "pairforge dataset spec"
@@ -214,7 +159,8 @@ def format_validation_error(e: ValidationError, model: Any = None) -> str:
     if unknown is not None:
         return unknown
     err = e.errors()[0]
-    loc = ".".join(str(x) for x in err["loc"] if not (isinstance(x, str) and x in SPEC_MODELS))
+    domains = set(known_domains())
+    loc = ".".join(str(x) for x in err["loc"] if not (isinstance(x, str) and x in domains))
     msg = err["msg"].removeprefix("Value error, ")
     if err["type"] == "extra_forbidden":
         msg = "unknown field; check the spelling against `pairforge schema`"
@@ -228,13 +174,12 @@ def format_validation_error(e: ValidationError, model: Any = None) -> str:
 
 def validate_spec(data: Any) -> BaseSpec:
     """Validate a parsed spec mapping into the model of its domain."""
-    _register_optional_domains()
     if not isinstance(data, dict):
         raise SpecError(f"a spec must be a mapping of fields, not {type(data).__name__}")
-    domain = data.get("domain", "chest_ct")
-    model = SPEC_MODELS.get(domain)
-    if model is None:
-        raise SpecError(f"domain {domain!r} is not known; accepted: {', '.join(sorted(SPEC_MODELS))}")
+    domain = data.get("domain", default_domain())
+    if not isinstance(domain, str):
+        raise SpecError(f"domain {domain!r} is not known; accepted: {', '.join(known_domains())}")
+    model = get_domain(domain).spec_model
     try:
         return model.model_validate(data)
     except ValidationError as e:

@@ -13,15 +13,16 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from schemas.classes import ClassTable
+from schemas.domain import Domain, register_domain
 from schemas.errors import SpecError
-from schemas.plan import PLANNERS, draw_split, sample_id, uniform
-from schemas.sample import SampleRequest
-from schemas.spec import SPEC_MODELS, BaseSpec, QCSpec
+from schemas.plan import uniform
+from schemas.spec import BaseSpec, QCSpec
 from schemas.units import MmRange, UnitRange
 from schemas.wording import expand_mixture
 
+DOMAIN = "surface"
 SURFACE_CLASSES = ClassTable(
-    domain="surface",
+    domain=DOMAIN,
     names={0: "good", 1: "scratch", 2: "crack", 3: "dent", 4: "pit", 5: "stain", 6: "hole", 7: "particle",
            8: "missing_material", 255: "outside_part"},
     colors={0: (0, 0, 0), 1: (255, 60, 60), 2: (255, 200, 0), 3: (60, 160, 255), 4: (180, 80, 255),
@@ -209,7 +210,7 @@ class SurfaceQCSpec(QCSpec):
 class SurfaceSpec(BaseSpec):
     """A dataset of surface images (procedural materials or the user's photos) with defect masks."""
 
-    domain: Literal["surface"] = "surface"
+    domain: Literal["surface"] = DOMAIN
     material: Material | None = Field(None, description="surface material; 'image' uses the user's photos")
     field_of_view_mm: MmRange("field_of_view_mm") = Field((50.0, 50.0), description="mm across the image width")
     image: SurfaceImageSpec = Field(default_factory=SurfaceImageSpec)
@@ -431,38 +432,58 @@ def region_box(location: str | dict | PointMM, box: tuple[int, int, int, int], s
 # ----------------------------------------------------------------------------------------------------------------
 # Planner
 
-def plan_surface(spec: SurfaceSpec, index: int, rng: np.random.Generator) -> SampleRequest:
-    split = draw_split(spec, rng)
+def plan_frame(spec: SurfaceSpec, rng: np.random.Generator) -> tuple[float, tuple[int, int], dict[str, Any]]:
     fov = round(uniform(rng, spec.field_of_view_mm), 4)
     h, w = spec.hw
-    spacing = fov / w
     params: dict[str, Any] = {"material": spec.material, "field_of_view_mm": fov, "color": spec.image.color}
     if spec.material == "image":
         photos = list_photos(spec.photos.folder)
         params["photo"] = str(photos[int(rng.integers(len(photos)))])
-    findings: list[dict] = []
-    negative = bool(rng.random() < spec.defects.negatives or not spec.defects.mixture)
-    if not negative:
-        weights = np.array([d.weight for d in spec.defects.mixture], dtype=float)
-        k = int(rng.choice(len(weights), p=weights / weights.sum()))
-        d = spec.defects.mixture[k]
-        for _ in range(d.count):
-            f: dict[str, Any] = {"kind": d.kind, "mixture_entry": k,
-                                 "location": d.location if isinstance(d.location, str) else d.location.model_dump()}
-            for name in ("length_mm", "width_mm", "diameter_mm", "depth_mm"):
-                r = getattr(d, name)
-                if r is not None:
-                    f[name] = round(uniform(rng, r), 4)
-            if d.orientation_deg is not None:
-                f["orientation_deg"] = round(uniform(rng, d.orientation_deg), 3)
-            findings.append(f)
-    params["negative"] = negative
-    return SampleRequest(index=index, sample_id=sample_id(index), split=split, domain="surface",
-                         spacing_mm=spacing, size=(h, w), findings=findings, params=params)
+    return fov / w, (h, w), params
 
 
-SPEC_MODELS["surface"] = SurfaceSpec
-PLANNERS["surface"] = plan_surface
+def plan_finding(spec: SurfaceSpec, d: SurfaceDefect, k: int, rng: np.random.Generator) -> dict[str, Any]:
+    f: dict[str, Any] = {"kind": d.kind, "mixture_entry": k,
+                         "location": d.location if isinstance(d.location, str) else d.location.model_dump()}
+    for name in ("length_mm", "width_mm", "diameter_mm", "depth_mm"):
+        r = getattr(d, name)
+        if r is not None:
+            f[name] = round(uniform(rng, r), 4)
+    if d.orientation_deg is not None:
+        f["orientation_deg"] = round(uniform(rng, d.orientation_deg), 3)
+    return f
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Shorthand hooks: a text naming a defect word is a surface defect (with the material it names, if any).
+
+_DEFECT_WORDS = re.compile(r"\b(scratch|scratches|crack|cracks|dent|dents|pit|pits|stain|stains|hole|holes|particle|"
+                           r"particles|contamination|chip|chipped|missing material)\b", re.I)
+
+
+def claims_text(text: str) -> bool:
+    return bool(text) and bool(_DEFECT_WORDS.search(text))
+
+
+def parse_text(text: str) -> dict[str, Any]:
+    from schemas.surface_shorthand import parse_defect_text
+
+    defect, material = parse_defect_text(text)
+    return {"finding": defect.model_dump(mode="json"), "material": material}
+
+
+def one_finding_spec(parsed: dict[str, Any], n: int, seed: int) -> dict[str, Any]:
+    finding = {k: v for k, v in parsed["finding"].items() if v is not None}
+    return {"material": parsed.get("material") or "brushed_metal", "defects": {"negatives": 0.0, "mixture": [finding]}}
+
+
+SURFACE = register_domain(Domain(
+    name=DOMAIN, spec_model=SurfaceSpec, classes=SURFACE_CLASSES, plan_frame=plan_frame, plan_finding=plan_finding,
+    codec="u8", findings_field="defects", parse_finding=parse_text, claims_text=claims_text,
+    one_finding_spec=one_finding_spec, layout_module="generators.surface", annotator_module="annotators.surface",
+    renderers={"procedural": "generators.surface", "controlnet": "generators.controlnet"},
+    hooks_module="annotators.surface", controlnet_module="generators.surface",
+    description="surface images (procedural materials or photos) with defect masks"))
 
 
 def parse_defect(text: str) -> SurfaceDefect:

@@ -32,6 +32,7 @@ from schemas.plan import plan_shards
 from schemas.sample import Sample
 from schemas.spec import BaseSpec, normalised_spec
 from store import codec
+from store import codecs
 from store import watermark as wm
 from store.errors import PublishError, StoreError
 from store.root import MANIFEST, README, SAMPLES, Root, check_name, ensure_writable
@@ -132,16 +133,18 @@ def _provenance(name: str, version: int, sample: Sample, code_version: str, payl
 def encode_sample(name: str, version: int, sample: Sample, code_version: str,
                   watermark: bool) -> tuple[dict[str, bytes], dict[str, Any]]:
     """One sample -> {relative path: PNG bytes} and its index row (file hashes included)."""
-    stored, encoding = codec.image_to_stored(np.asarray(sample.image), sample.domain)
+    image_codec = codecs.codec_for_domain(sample.domain)
+    stored = image_codec.encode(np.asarray(sample.image))
+    encoding = image_codec.describe(stored)
     payload_hex = None
     if watermark:
         payload = wm.payload_for(name, version, sample.index)
-        stored = wm.embed(stored, payload, keep_out=wm.keep_out_mask(sample.instance))
+        stored = image_codec.watermark(stored, payload, keep_out=wm.keep_out_mask(sample.instance))
         payload_hex = payload.hex
     prov = _provenance(name, version, sample, code_version, payload_hex, encoding)
     sid = sample.sample_id
     files = {
-        f"images/{sid}.png": codec.encode_png(stored, text=prov),
+        f"images/{sid}.png": image_codec.to_bytes(stored, text=prov),
         f"labels/{sid}.png": codec.encode_png(np.asarray(sample.label, dtype=np.uint8)),
         f"instances/{sid}.png": codec.encode_png(np.asarray(sample.instance, dtype=np.uint16)),
     }
@@ -170,6 +173,7 @@ def encode_sample(name: str, version: int, sample: Sample, code_version: str,
         "watermark_payload": payload_hex,
         "provenance": {k: prov[k] for k in ("dataset", "version", "spec_hash", "code_version", "pairforge_version",
                                             "generator", "watermark_scheme", "synthetic")},
+        "image_codec": image_codec.record(),
     }
     return files, row
 
@@ -340,13 +344,15 @@ class BuildStaging:
                                 u8_max_change=wm.U8_AMPLITUDE,
                                 keep_out=f"labelled findings (instance > 0) dilated by {wm.FINDING_MARGIN_PX} px are "
                                          "left unmarked")
-        encodings = {"image": codec.CT_ENCODING if self.spec.domain == "chest_ct" else "uint8 png: grey or RGB",
+        image_codec = codecs.codec_for_domain(self.spec.domain)
+        encodings = {"image": image_codec.manifest_description,
                      "label": codec.LABEL_ENCODING, "instance": codec.INSTANCE_ENCODING,
                      "provenance": "iTXt chunk 'pairforge' (JSON) in every image PNG"}
         return Manifest(
             name=self.name, version=self.version, domain=self.spec.domain, spec=normalised_spec(self.spec),
             spec_text=self.spec_text, spec_hash=self.digest, parent_version=self._parent(), counts=counts,
             class_table={str(k): v for k, v in sorted(class_names(self.spec.domain).items())}, encodings=encodings,
+            codecs={"image": image_codec.manifest_record()},
             samples_parquet_sha256=codec.sha256(samples_bytes), content_digest=digest, files=files,
             code=CodeInfo(pairforge_version=pairforge_version(), code_version=self.code_version, git_commit=commit,
                           git_dirty=dirty),

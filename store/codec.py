@@ -1,4 +1,7 @@
-"""Pixel encodings of the store and PNG provenance chunks.
+"""PNG encoding (the one path every PNG of the store goes through), pixel encodings and provenance chunks.
+
+Which encoding an image gets is its domain's codec (``store.codecs``); the helpers below are what the built-in
+codecs use.
 
 CT images: lossless 16-bit PNG of HU + 1024, clipped to [0, 65535] (so -1024 HU is 0). Surface images: 8-bit
 PNG, grey or RGB. Labels: 8-bit PNG of class ids; instance maps: 16-bit PNG. Compression level 1 (fixed, so
@@ -37,25 +40,6 @@ def hu_to_stored(hu: np.ndarray) -> np.ndarray:
 
 def stored_to_hu(stored: np.ndarray) -> np.ndarray:
     return stored.astype(np.float32) - HU_OFFSET
-
-
-def image_to_stored(image: np.ndarray, domain: str) -> tuple[np.ndarray, str]:
-    """A Sample's image -> the array that is stored (before the watermark) and its encoding name."""
-    if image.dtype == np.uint8:
-        if image.ndim == 2:
-            return image, U8_GREY_ENCODING
-        if image.ndim == 3 and image.shape[2] == 3:
-            return image, U8_RGB_ENCODING
-        raise ValueError(f"8-bit images must be HxW or HxWx3, not {image.shape}")
-    if domain == "chest_ct" or np.issubdtype(image.dtype, np.floating) or image.dtype == np.int16:
-        if image.ndim != 2:
-            raise ValueError(f"CT images must be HxW HU, not {image.shape}")
-        return hu_to_stored(image), CT_ENCODING
-    raise ValueError(f"cannot store a {image.dtype} image of domain {domain!r}; expected float HU (CT) or uint8")
-
-
-def stored_to_image(stored: np.ndarray, encoding: str) -> np.ndarray:
-    return stored_to_hu(stored) if encoding == CT_ENCODING else stored
 
 
 def _chunk(kind: bytes, data: bytes) -> bytes:

@@ -1,5 +1,5 @@
-"""Export surface samples in the MVTec AD folder layout, so anomaly-detection code written for MVTec AD reads
-pairforge output unchanged:
+"""Export samples in the MVTec AD folder layout, so anomaly-detection code written for MVTec AD reads pairforge
+output (surface defects, or any version of 8-bit images whose findings are the anomalies) unchanged:
 
     <dest>/<class>/train/good/<id>.png
     <dest>/<class>/test/good/<id>.png
@@ -9,44 +9,30 @@ pairforge output unchanged:
 Rules: defect-free samples of the train and val splits go to ``train/good``, defect-free test samples to
 ``test/good`` (no mask, as in MVTec AD). Every sample with a defect goes to ``test/<defect>`` whatever its split
 (anomaly detectors train on good parts only); ``<defect>`` is the defect kind, or ``combined`` when a sample holds
-several kinds (MVTec AD's own name for that). The mask is every defect class of the label map (ids 1-8); pixels
-outside the part (id 255) are good. Samples that failed QC are left out unless ``include_failed``.
-Images are copied byte for byte from a published version (watermark and provenance chunk kept); from in-memory
-samples they are encoded as 8-bit PNG. The export is written beside ``dest`` and moved into place at the end:
-nothing half-written is ever visible.
+several kinds (MVTec AD's own name for that). Samples that failed QC are left out unless ``include_failed``.
+Images are copied byte for byte from a published version (watermark and provenance chunk kept), read through the
+verified reader (a file whose sha256 does not match fails the export, naming it); from in-memory samples they are
+encoded as 8-bit PNG. The mask is every finding's pixels (instance map > 0), so nothing here depends on a domain;
+8-bit grey or RGB images are required. The export is written beside ``dest`` and moved into place at the end:
+nothing half-written is ever visible. Registered as export format ``mvtec`` (``pairforge export mvtec``).
 """
 from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
+import re
 from collections import Counter
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable, Iterator, Sequence
 
-import cv2
 import numpy as np
 
 from schemas.errors import SpecError
+from store import codec
+from store.export import Option, export_version, finding_kinds, register_exporter, selected, staged_folder
+from store.read import VersionDataset
 
-DEFECT_IDS = (1, 2, 3, 4, 5, 6, 7, 8)
 COMBINED = "combined"
-
-
-def _png(array: np.ndarray) -> bytes:
-    a = array
-    if a.ndim == 3:
-        a = cv2.cvtColor(a, cv2.COLOR_RGB2BGR)
-    ok, buf = cv2.imencode(".png", a, [cv2.IMWRITE_PNG_COMPRESSION, 1])
-    if not ok:
-        raise RuntimeError(f"PNG encoding failed for {array.dtype} {array.shape}")
-    return buf.tobytes()
-
-
-def defect_mask(label: np.ndarray) -> np.ndarray:
-    """0/255 uint8 mask of every defect class in a surface label map."""
-    return np.where(np.isin(label, DEFECT_IDS), 255, 0).astype(np.uint8)
 
 
 def defect_type(kinds: Iterable[str]) -> str | None:
@@ -58,114 +44,110 @@ def defect_type(kinds: Iterable[str]) -> str | None:
 
 def _records_from_samples(samples: Iterable[Any]) -> Iterator[dict[str, Any]]:
     for s in samples:
-        if s.domain != "surface":
-            raise SpecError(f"sample {s.sample_id} is of domain {s.domain!r}; the MVTec AD layout is for surface data")
+        image = np.asarray(s.image)
+        if image.dtype != np.uint8:
+            raise SpecError(f"sample {s.sample_id} has a {image.dtype} image; the MVTec AD layout holds 8-bit images")
         yield {"sample_id": s.sample_id, "split": s.split, "kinds": [f["kind"] for f in s.requested],
                "passed": bool(s.qc.get("passed", True)),
-               "image": lambda s=s: _png(np.asarray(s.image)), "label": lambda s=s: np.asarray(s.label)}
+               "image": lambda image=image: codec.encode_png(image), "mask": lambda s=s: _mask(np.asarray(s.instance))}
 
 
-def _records_from_version(version_dir: Path) -> Iterator[dict[str, Any]]:
-    import pyarrow.parquet as pq
-
-    index = version_dir / "samples.parquet"
-    if not index.is_file():
-        raise SpecError(f"{str(version_dir)!r} is not a published pairforge version (no samples.parquet); give a "
-                        "version folder such as datasets/<name>/v1 or a list of samples")
-    table = pq.read_table(index, columns=["sample_id", "split", "domain", "image_path", "label_path", "requested",
-                                          "qc"])
-    for row in table.to_pylist():
-        if row["domain"] != "surface":
-            raise SpecError(f"{str(version_dir)!r} holds {row['domain']!r} samples; the MVTec AD layout is for "
-                            "surface data")
-        img_p, lab_p = version_dir / row["image_path"], version_dir / row["label_path"]
-
-        def read_label(p=lab_p) -> np.ndarray:
-            a = cv2.imread(str(p), cv2.IMREAD_UNCHANGED)
-            if a is None:
-                raise SpecError(f"label {str(p)!r} is missing or unreadable; run `pairforge verify` on the version")
-            return a
-
-        yield {"sample_id": row["sample_id"], "split": row["split"],
-               "kinds": [f["kind"] for f in (row["requested"] or []) if f.get("kind")],
-               "passed": bool((row.get("qc") or {}).get("passed", True)),
-               "image": lambda p=img_p: p.read_bytes(), "label": read_label}
+def _mask(instance: np.ndarray) -> np.ndarray:
+    """0/255 uint8 mask of every finding (instance id > 0): the anomalous pixels, whatever the domain."""
+    return np.where(instance > 0, 255, 0).astype(np.uint8)
 
 
-def resolve_source(source: Any, root: str | os.PathLike | None = None) -> Any:
-    """A version folder path, a ``name@vN`` reference under ``root`` (local roots), or samples (returned as is)."""
-    if not isinstance(source, (str, os.PathLike)):
-        return source
-    p = Path(source)
-    if p.is_dir() or "@" not in str(source) and (root is None or "/" in str(source)):
-        return p
-    from store.root import resolve_root
-    from store.read import resolve_version
-
-    r = resolve_root(root)
-    name, version = resolve_version(r, str(source))
-    if not r.local:
-        raise SpecError(f"{source}: the MVTec export reads a local folder; run `pairforge pull {name}@v{version} "
-                        "DEST` first and export DEST/<name>/v<N>")
-    return Path(r.version_dir(name, version))
+def _png_is_8bit(data: bytes) -> bool:
+    """PNG header: bit depth 8, colour type grey (0) or RGB (2)."""
+    return len(data) > 25 and data[:8] == b"\x89PNG\r\n\x1a\n" and data[24] == 8 and data[25] in (0, 2)
 
 
-def export_mvtec(source: Any, dest: str | os.PathLike, class_name: str, *, root: str | os.PathLike | None = None,
-                 include_failed: bool = False, overwrite: bool = False) -> dict[str, Any]:
-    """Write ``source`` (a published version folder, a ``name@vN`` reference under ``root``, or a list of surface
-    ``Sample``s) as MVTec AD class ``class_name`` under ``dest``. Returns a summary {class_dir, counts
-    {folder: n}, skipped_failed}."""
-    source = resolve_source(source, root)
-    if not class_name or "/" in class_name or class_name.startswith("."):
+def _records_from_version(version: VersionDataset, indices: Iterable[int]) -> Iterator[dict[str, Any]]:
+    """Records read through the verified reader: every file's sha256 is checked as it is read."""
+    for i in indices:
+        row = version.row(i)
+
+        def image(i=i, row=row) -> bytes:
+            data = version.file_bytes(i, "image")
+            if not _png_is_8bit(data):
+                raise SpecError(f"{version.ref}/{row['image_path']} is stored as {row['image_encoding']!r}; the MVTec "
+                                "AD layout holds 8-bit grey or RGB images")
+            return data
+
+        yield {"sample_id": row["sample_id"], "split": row["split"], "kinds": finding_kinds(row),
+               "passed": bool((row.get("qc") or {}).get("passed", True)), "image": image,
+               "mask": lambda i=i: _mask(codec.decode_png(version.file_bytes(i, "instance")))}
+
+
+def _check_class_name(class_name: str) -> None:
+    if not class_name or "/" in class_name or os.sep in class_name or class_name.startswith("."):
         raise SpecError(f"class name {class_name!r} is not a folder name; use e.g. 'brushed_plate'")
-    dest = Path(dest)
-    final = dest / class_name
-    if final.exists() and not overwrite:
-        raise SpecError(f"{str(final)!r} already exists; choose another class name, or replace it with "
-                         "--overwrite (overwrite=True in Python)")
-    if isinstance(source, (str, os.PathLike)):
-        records = _records_from_version(Path(source))
-        src_desc = str(source)
-    else:
-        records = _records_from_samples(source)
-        src_desc = "in-memory samples"
-    dest.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{class_name}.partial-", dir=dest))
+
+
+def _write(records: Iterable[dict[str, Any]], final: Path, src_desc: str, *, include_failed: bool,
+           overwrite: bool) -> dict[str, Any]:
     counts: Counter[str] = Counter()
     skipped = 0
-    try:
+    with staged_folder(final, overwrite=overwrite) as tmp:
         for r in records:
             if not r["passed"] and not include_failed:
                 skipped += 1
                 continue
             dtype = defect_type(r["kinds"])
             sid = r["sample_id"]
-            if dtype is None:
-                folder = "train/good" if r["split"] in ("train", "val") else "test/good"
-                mask = None
-            else:
-                folder = f"test/{dtype}"
-                mask = defect_mask(r["label"]())
+            folder = ("train/good" if r["split"] in ("train", "val") else "test/good") if dtype is None \
+                else f"test/{dtype}"
             out = tmp / folder
             out.mkdir(parents=True, exist_ok=True)
             (out / f"{sid}.png").write_bytes(r["image"]())
-            if mask is not None:
+            if dtype is not None:
                 gt = tmp / "ground_truth" / dtype
                 gt.mkdir(parents=True, exist_ok=True)
-                (gt / f"{sid}_mask.png").write_bytes(_png(mask))
+                (gt / f"{sid}_mask.png").write_bytes(codec.encode_png(r["mask"]()))
             counts[folder] += 1
         for must in ("train/good", "test/good"):
             (tmp / must).mkdir(parents=True, exist_ok=True)
-        summary = {"class_dir": str(final), "counts": dict(sorted(counts.items())), "skipped_failed": skipped,
-                   "source": src_desc, "layout": "MVTec AD", "mask_values": [0, 255]}
+        summary = {"class_dir": str(final), "path": str(final), "counts": dict(sorted(counts.items())),
+                   "skipped_failed": skipped, "source": src_desc, "layout": "MVTec AD", "mask_values": [0, 255]}
         (tmp / "pairforge_export.json").write_text(json.dumps(summary, indent=1, sort_keys=True))
-        umask = os.umask(0o022)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp made it 0700; the class folder gets a normal folder's mode
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return summary
+
+
+@register_exporter("mvtec", summary="MVTec AD folder layout for anomaly detection: DEST/<class_name>/train/good, "
+                   "test/<defect>, ground_truth/<defect>/<id>_mask.png",
+                   options={"class_name": Option(str, "the class folder under DEST (default: the dataset name)"),
+                            "include_failed": Option(bool, "also export samples that failed QC", False)})
+def export_version_mvtec(version: VersionDataset, dest: Path, *, split: Sequence[str] | None = None,
+                         classes: Sequence[str] | None = None, overwrite: bool = False, class_name: str | None = None,
+                         include_failed: bool = False) -> dict[str, Any]:
+    """A published version as MVTec AD class ``class_name`` under ``dest``; images copied byte for byte."""
+    class_name = class_name or version.name
+    _check_class_name(class_name)
+    records = _records_from_version(version, selected(version, split, classes))
+    return _write(records, Path(dest) / class_name, version.ref, include_failed=include_failed, overwrite=overwrite)
+
+
+def _version_ref(source: Any, root: str | os.PathLike | None) -> tuple[Any, str]:
+    """(root, name@vN) for a version folder (``.../<name>/v<N>``) or a ``name@vN`` reference under ``root``."""
+    p = Path(source)
+    if p.is_dir() or "@" not in str(source) and (root is None or "/" in str(source)):
+        if not (p / "samples.parquet").is_file() or not re.fullmatch(r"v[0-9]+", p.name):
+            raise SpecError(f"{str(source)!r} is not a published pairforge version (no samples.parquet); give a "
+                            "version folder such as datasets/<name>/v1, a reference name@vN, or a list of samples")
+        return p.parent.parent, f"{p.parent.name}@{p.name}"
+    return root, str(source)
+
+
+def export_mvtec(source: Any, dest: str | os.PathLike, class_name: str, *, root: str | os.PathLike | None = None,
+                 include_failed: bool = False, overwrite: bool = False) -> dict[str, Any]:
+    """Write ``source`` (a published version folder, a ``name@vN`` reference under ``root``, or a list of
+    ``Sample``s with 8-bit images) as MVTec AD class ``class_name`` under ``dest``. A published version is read
+    through the verified reader (``export_version(root, ref, "mvtec", ...)``). Returns a summary {class_dir,
+    counts {folder: n}, skipped_failed}."""
+    _check_class_name(class_name)
+    if isinstance(source, (str, os.PathLike)):
+        where, ref = _version_ref(source, root)
+        return export_version(where, ref, "mvtec", dest, overwrite=overwrite, class_name=class_name,
+                              include_failed=include_failed)
+    return _write(_records_from_samples(source), Path(dest) / class_name, "in-memory samples",
+                  include_failed=include_failed, overwrite=overwrite)

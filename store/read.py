@@ -16,6 +16,7 @@ from pydantic import ValidationError
 from schemas.arrow import dumps, finding_dict
 from schemas.manifest import Manifest
 from store import codec
+from store import codecs
 from store.build import content_digest, published_versions
 from store.errors import IntegrityError, StoreError
 from store.root import MANIFEST, SAMPLES, Root, check_name, ensure_readable, parse_ref, resolve_root
@@ -173,8 +174,7 @@ class VersionDataset(Sequence):
         if isinstance(i, slice):
             return [self[j] for j in range(*i.indices(len(self)))]
         r = self._rows[i]
-        image = codec.stored_to_image(codec.decode_png(self._read(r["image_path"], r["image_sha256"])),
-                                      r["image_encoding"])
+        image = codecs.codec_for_row(r).read(self._read(r["image_path"], r["image_sha256"]))
         return {
             "image": image,
             "label": codec.decode_png(self._read(r["label_path"], r["label_sha256"])),
@@ -186,6 +186,22 @@ class VersionDataset(Sequence):
             "qc_passed": r["qc"]["passed"] if r["qc"] else None,
             "watermark_payload": r["watermark_payload"],
         }
+
+    def row(self, i: int) -> dict[str, Any]:
+        """Sample ``i``'s index row without pixels (sample_id, split, domain, image_encoding, findings as dicts...),
+        read from the sha-checked index; what exporters select and name files by."""
+        r = dict(self._rows[i])
+        r["requested"] = [finding_dict(f) for f in r.get("requested") or []]
+        r["measured"] = [finding_dict(f) for f in r.get("measured") or []]
+        return r
+
+    def file_bytes(self, i: int, kind: str) -> bytes:
+        """The stored bytes of sample ``i``'s ``kind`` file ("image", "label" or "instance"), checked against its
+        sha256 (IntegrityError naming the file otherwise): exporters copy published files through this."""
+        if kind not in ("image", "label", "instance"):
+            raise ValueError(f"file kind {kind!r}; accepted: image, label, instance")
+        r = self._rows[i]
+        return self._read(r[f"{kind}_path"], r[f"{kind}_sha256"])
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         for i in range(len(self)):

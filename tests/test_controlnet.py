@@ -13,7 +13,7 @@ from generators.controlnet import ControlNetRenderer, describe_ct_finding
 from schemas.errors import SpecError
 from schemas.sample import Layout
 from schemas.spec import validate_spec
-from tiny_models import build_tiny_base, build_tiny_controlnet, build_tiny_sdxl_base  # tests/ is on sys.path
+from generators.tiny_models import build_tiny_base, build_tiny_controlnet, build_tiny_sdxl_base
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 

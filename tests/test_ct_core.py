@@ -274,5 +274,8 @@ def test_preview_writes_16bit_hu_image_label_overlay_and_json(tmp_path):
     assert meta["measured"][0]["lobe"] == "LLL"
     assert meta["class_table"]["20"] == "nodule_solid"
     s = make_sample(validate_spec(meta["spec"]), 0)
-    assert np.array_equal(img, np.clip(np.rint(s.image + 1024), 0, 65535).astype(np.uint16))
+    # The preview stores pixels exactly as a published version does (the hu16 codec: HU + 1024, rounded).
+    from store.codec import hu_to_stored
+
+    assert np.array_equal(img, hu_to_stored(s.image))
     assert np.array_equal(lab, s.label)

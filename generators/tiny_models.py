@@ -1,14 +1,17 @@
-"""Tiny random-weight diffusers model folders for CPU tests (no network): an SD-1.5-shaped base pipeline and
-ControlNets, saved as safetensors exactly as a user's local folders would be.
+"""Tiny random-weight diffusers model folders for CPU tests and benchmark smoke runs (no network): an SD-1.5-shaped
+base pipeline, an SDXL-shaped one and ControlNets, saved as safetensors exactly as a user's local folders would be.
 
-Every weight comes from a seeded ``torch.Generator`` (no global random state), so two builds are identical.
+Every weight comes from a seeded ``torch.Generator`` (no global random state), so two builds are identical. torch,
+diffusers and transformers are imported by the functions that need them, not by importing this module.
 """
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 # Small enough to run a few denoising steps at 64-128 px in a fraction of a second on one core.
 TINY_UNET = dict(
@@ -58,9 +61,11 @@ def write_tiny_clip_tokenizer(folder: Path) -> int:
     return len(vocab)
 
 
-def _randomise(module: torch.nn.Module, seed: int) -> None:
+def _randomise(module: "torch.nn.Module", seed: int) -> None:
     """Deterministic small random weights from a private generator (zero-initialised ControlNet convs included,
     so the control path really changes the output)."""
+    import torch
+
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in module.parameters():
