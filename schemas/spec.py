@@ -142,7 +142,7 @@ def _unknown_field(e: ValidationError, model: Any) -> str | None:
     extra = next((x for x in errors if x["type"] == "extra_forbidden"), None)
     if extra is None:
         return None
-    *parent, name = [p for p in extra["loc"] if not (isinstance(p, str) and p in SPEC_MODELS)]
+    *parent, name = [p for p in extra["loc"] if not (isinstance(p, str) and p in set(known_domains()))]
     missing = [str(x["loc"][-1]) for x in errors if x["type"] == "missing" and list(x["loc"][:-1]) == parent]
     candidates = missing or _fields_at(model, tuple(parent)) if model is not None else missing
     close = difflib.get_close_matches(str(name), candidates or [], n=1, cutoff=0.6)
