@@ -1,9 +1,12 @@
-"""The build flow: spec -> deterministic shard plan -> one Prefect task per shard -> publish + dataset card.
+"""The build flow: spec -> deterministic shard plan -> one long-lived Prefect task per worker ("lane"), each
+committing its share of the shards one by one -> publish + dataset card.
 
 A recipe of calls into the library: ``flows.pipeline.make_samples`` generates a shard, the store's
 ``BuildStaging.write_shard`` commits it, ``BuildStaging.publish`` makes the version visible. The staging
-area's per-shard commit markers are the source of truth for resuming; Prefect's task cache is keyed on the
-same (dataset, spec hash, code version, staged version, store root, shard) and only ever saves work.
+area's per-shard commit markers are the source of truth for resuming and retrying: a lane skips every shard whose
+marker exists, so a retried or resumed lane redoes only unfinished shards. The unit of scheduling (a lane) is thus
+decoupled from the unit of retry and resume (a shard): Prefect's per-task cost is paid per worker, not per shard,
+and each committed shard is still logged by its lane and reported as progress by the flow.
 """
 from __future__ import annotations
 
@@ -11,15 +14,14 @@ from flows import settings  # noqa: F401  (Prefect defaults before prefect is im
 
 import contextlib
 import contextvars
-import datetime as dt
 import os
 import threading
 import time
 from typing import Any, Callable, Iterator
 
 from prefect import flow, task
-from prefect.cache_policies import Inputs
-from prefect.futures import as_completed
+from prefect.cache_policies import NO_CACHE
+from prefect.futures import wait
 from prefect.tasks import exponential_backoff
 
 from flows import interrupt
@@ -33,6 +35,8 @@ from schemas.spec import BaseSpec, spec_hash
 
 # Errors worth another try: storage and network hiccups. Bad input (SpecError) and bugs are not retried.
 TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (OSError, ConnectionError, TimeoutError)
+
+PROGRESS_POLL_S = 1.0  # how often the flow looks for newly committed shards while lanes run
 
 ProgressFn = Callable[[dict[str, Any]], None]
 _progress: contextvars.ContextVar[ProgressFn | None] = contextvars.ContextVar("pairforge_progress", default=None)
@@ -67,31 +71,49 @@ def _is_transient(task, task_run, state) -> bool:
     return False
 
 
-def _shard_run_name() -> str:
+def _lane_run_name() -> str:
     from prefect.runtime import task_run
 
     p = task_run.parameters
-    return f"shard {p['shard'] + 1}/{p['n_shards']}"
+    n = len(p["shards"])
+    return f"shards lane {p['lane'] + 1}/{p['n_lanes']} ({n} shard{'s' if n != 1 else ''} of {p['n_shards']})"
 
 
-@task(name="shard",
-      task_run_name=_shard_run_name,
+@task(name="shard-lane",
+      task_run_name=_lane_run_name,
+      # A retry runs the lane again; shards whose commit marker exists are skipped, so only unfinished work is redone.
       retries=3, retry_delay_seconds=exponential_backoff(backoff_factor=2), retry_jitter_factor=0.5,
       retry_condition_fn=_is_transient,
-      # Keyed on cache_scope (dataset, spec hash, code version, staged version, store root) + shard index.
-      cache_policy=Inputs(exclude=["spec", "staging", "start", "stop", "n_shards"]),
-      cache_expiration=dt.timedelta(days=7))
-def build_shard(spec: BaseSpec, staging: Any, shard: int, start: int, stop: int, n_shards: int,
-                cache_scope: str) -> dict[str, Any]:
-    """Generate samples [start, stop) and commit them as shard ``shard``; reuse it if its marker exists."""
-    if staging.has_shard(shard):
-        return {"shard": shard, "n": stop - start, "reused": True, "seconds": 0.0}
-    t0 = time.perf_counter()
-    interrupt.hold("shard")
-    samples = make_samples(spec, range(start, stop), digest=staging.digest, backend=_backend(spec, staging.digest))
-    info = dict(staging.write_shard(shard, samples))
-    info.update(shard=shard, n=len(samples), reused=False, seconds=time.perf_counter() - t0)
-    return info
+      # The staging markers are the record of finished shards; a result cache would only cost input hashing.
+      cache_policy=NO_CACHE)
+def build_lane(spec: BaseSpec, staging: Any, lane: int, n_lanes: int, shards: list[tuple[int, int, int]],
+               n_shards: int) -> list[dict[str, Any]]:
+    """Generate and commit the shards ``(index, start, stop)`` of one lane, one after another, skipping any whose
+    marker exists. One long-lived task per worker: Prefect's per-task cost is paid per lane, not per shard."""
+    from prefect import get_run_logger
+
+    log = get_run_logger()
+    out = []
+    for i, start, stop in shards:
+        if staging.has_shard(i):
+            out.append({"shard": i, "n": stop - start, "reused": True, "seconds": 0.0})
+            continue
+        t0 = time.perf_counter()
+        interrupt.hold("shard")
+        samples = make_samples(spec, range(start, stop), digest=staging.digest, backend=_backend(spec, staging.digest))
+        info = dict(staging.write_shard(i, samples))
+        info.update(shard=i, n=len(samples), reused=False, seconds=time.perf_counter() - t0)
+        log.info("shard %d/%d: %d samples in %.1f s (lane %d/%d)", i + 1, n_shards, info["n"], info["seconds"],
+                 lane + 1, n_lanes)
+        out.append(info)
+    return out
+
+
+def plan_lanes(pending: list[int], n_lanes: int) -> list[list[int]]:
+    """Deal the pending shards round-robin to at most ``n_lanes`` lanes (shards are equal-sized, so lanes are
+    balanced by count; the tail is at most one shard, as in a pool that maps shards one by one)."""
+    n = max(1, min(n_lanes, len(pending)))
+    return [pending[k::n] for k in range(n)] if pending else []
 
 
 _local = threading.local()
@@ -137,10 +159,16 @@ def _flow_run_name() -> str:
     return f"build {_spec_name(flow_run.parameters.get('spec'))}"
 
 
-def _cache_scope(staging: Any, root: str | None) -> str:
-    """What a cached shard result is valid for: this staged version of this build under this store root."""
-    where = getattr(staging, "version_dir", None) or getattr(staging, "staging_dir", None) or str(root)
-    return f"{staging.name}|{getattr(staging, 'key', '')}|{staging.digest}|v{staging.version}|{where}"
+def lane_count(n_pending: int) -> int:
+    """Lanes for this flow run: one per worker of its task runner, or one per shard where the runner does not say
+    how many workers it has (an existing Dask or Ray cluster)."""
+    from prefect.context import FlowRunContext
+
+    from flows.runners import parallelism
+
+    ctx = FlowRunContext.get()
+    n = parallelism(ctx.task_runner) if ctx is not None else None
+    return max(1, min(n_pending, n or n_pending))
 
 
 def _store(root: str | None):
@@ -196,29 +224,46 @@ def build_dataset(spec: Any, root: str | None = None, force_new: bool = False) -
     interrupt.track_build(staging, str(flow_run.id) if flow_run.id else None)
     interrupt.set_phase("building shards")
     shards = plan_shards(model.samples, model.shard_size)
-    scope = _cache_scope(staging, root)
+    finished = set(staging.finished_shards())
     _emit("plan", name=model.name, version=staging.version, shards=len(shards), samples=model.samples,
-          finished=len(staging.finished_shards()))
+          finished=len(finished))
 
-    def submit(i: int, r: range, refresh: bool = False):
-        t = build_shard.with_options(refresh_cache=True) if refresh else build_shard
-        return t.submit(model, staging, i, r.start, r.stop, len(shards), scope)
+    pending = [i for i in range(len(shards)) if i not in finished]
+    results: dict[int, dict] = {i: {"shard": i, "n": len(shards[i]), "reused": True, "seconds": 0.0}
+                                for i in sorted(finished)}
+    for i in sorted(finished):
+        _emit("shard", **results[i])
 
-    futures = {submit(i, r): i for i, r in enumerate(shards)}
+    def run_lanes(todo: list[int], n_lanes: int, redone: bool = False) -> None:
+        lanes = plan_lanes(todo, n_lanes)
+        futures = [build_lane.submit(model, staging, k, len(lanes), [(i, shards[i].start, shards[i].stop) for i in lane],
+                                     len(shards)) for k, lane in enumerate(lanes)]
+        # Lanes report per shard through the staging markers: poll them for progress while the lanes run.
+        seen = set(finished)
+        while futures:
+            done = wait(futures, timeout=PROGRESS_POLL_S).done
+            with contextlib.suppress(Exception):
+                new = sorted(set(staging.finished_shards()) - seen)
+                for i in new:
+                    _emit("shard", shard=i, n=len(shards[i]), reused=False, **({"redone": True} if redone else {}))
+                seen.update(new)
+            for fut in done:
+                futures.remove(fut)
+                for res in fut.result():
+                    res = dict(res, reused=res["shard"] in finished)
+                    results[res["shard"]] = res
+                    if res["shard"] not in seen:
+                        _emit("shard", **res, **({"redone": True} if redone else {}))
+                        seen.add(res["shard"])
+
     # While workers generate shards, this process waits: load the card's plotting stack now, off the publish path.
     threading.Thread(target=card_warm_up, name="card-imports", daemon=True).start()
-    results: dict[int, dict] = {}
-    for fut in as_completed(list(futures)):
-        res = dict(fut.result())
-        res["reused"] = bool(res.get("reused")) or fut.state.name == "Cached"
-        results[futures[fut]] = res
-        _emit("shard", **res)
-    # The markers decide: a Prefect cache hit for a shard the staging area does not hold is redone.
+    run_lanes(pending, lane_count(len(pending)))
+    # The markers decide: a shard the staging area does not hold (a marker lost meanwhile) is generated again.
     missing = sorted(set(range(len(shards))) - set(staging.finished_shards()))
-    for i in missing:
-        res = dict(submit(i, shards[i], refresh=True).result(), redone=True)
-        results[i] = res
-        _emit("shard", **res)
+    if missing:
+        finished -= set(missing)
+        run_lanes(missing, 1, redone=True)
 
     run_id = str(flow_run.id) if flow_run.id else None
     interrupt.set_phase("publishing")

@@ -414,6 +414,62 @@ def export_mvtec_cmd(ref: str = typer.Argument(..., help="NAME@vN"),
     _print_export(res, ref)
 
 
+# --------------------------------------------------------------------------------------------------- train
+class TrainProgress:
+    """A rich progress bar fed by the training events: steps, loss, images/s, ETA."""
+
+    def __init__(self, console: Console, enabled: bool = True):
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.console = console
+        self.progress = Progress(BarColumn(bar_width=24), MofNCompleteColumn(), TextColumn("steps"),
+                                 TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=console,
+                                 disable=not enabled, transient=False)
+        self.task = None
+
+    def __enter__(self):
+        self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self.progress.__exit__(*exc)
+
+    def __call__(self, ev: dict[str, Any]) -> None:
+        if ev["event"] == "start":
+            resumed = f", resuming at step {ev['resumed_from']}" if ev.get("resumed_from") is not None else ""
+            self.console.print(f"training on {ev['pairs']} pairs ({ev['device']}){resumed}")
+            self.task = self.progress.add_task("train", total=ev["steps"], completed=ev["step"], info="")
+        elif ev["event"] == "step" and self.task is not None:
+            eta = f"ETA {ev['eta_s']:.0f} s" if ev.get("eta_s") is not None else ""
+            self.progress.update(self.task, completed=ev["step"],
+                                 info=f"loss {ev['loss']:.4f}  {ev['images_per_s']:.1f} img/s  {eta}")
+        elif ev["event"] == "checkpoint":
+            self.progress.console.print(f"checkpoint {ev['step']}: validation grid {ev['grid']}")
+
+
+@app.command()
+@handle_errors
+def train(spec: Path = typer.Argument(..., help="training spec (.yaml/.json)"),
+          out_dir: Path = typer.Option(..., "--out", "-o", help="model folder to write (working files go to OUT.work)"),
+          verbose: bool = VerboseOpt) -> None:
+    """Train a label-map -> image model on your pairs (resumes from the last checkpoint when rerun)."""
+    _quiet_prefect(verbose)
+    from flows.train import check_inputs, resolve_train_spec
+
+    model, _ = resolve_train_spec(spec)  # bad input costs no server start
+    check_inputs(model)
+    with settings.prefect_api(verbose):
+        from flows.train import reporting_to, train_model
+
+        with TrainProgress(out, enabled=sys.stdout.isatty() or verbose) as progress, reporting_to(progress):
+            summary = train_model(str(spec), str(out_dir))
+    rate = summary.get("steady_images_per_s")
+    out.print(f"trained {summary['step']}/{summary['steps']} steps on {summary['data']['pairs']} pairs "
+              f"({summary['device']}, {summary['precision']}), final loss {summary['final_loss']}"
+              + (f", {rate:.1f} images/s" if rate else ""))
+    out.print(f"model: {summary['model']}")
+
+
 def main() -> None:
     # Click reports usage errors (missing argument, unknown option) with exit code 2 by itself.
     try:

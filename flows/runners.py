@@ -198,6 +198,23 @@ def _ray_runner(n: int):
                                       "configure_logging": False})
 
 
+def parallelism(task_runner) -> int | None:
+    """How many shards ``task_runner`` runs at once, where it says: a thread or process pool's workers, a local Dask
+    cluster's workers x threads, a local Ray's CPUs. None for an existing cluster (its size is not known here)."""
+    n = getattr(task_runner, "_max_workers", None)
+    if isinstance(n, int) and n > 0:
+        return n
+    if getattr(task_runner, "address", None):
+        return None
+    ck = getattr(task_runner, "cluster_kwargs", None)
+    if isinstance(ck, dict) and isinstance(ck.get("n_workers"), int):
+        return ck["n_workers"] * int(ck.get("threads_per_worker") or 1)
+    ik = getattr(task_runner, "init_kwargs", None)
+    if isinstance(ik, dict) and isinstance(ik.get("num_cpus"), int):
+        return ik["num_cpus"]
+    return None
+
+
 def describe(kind: str, workers: int | None, dask_address: str | None) -> str:
     if dask_address:
         return f"dask @ {dask_address}"

@@ -43,6 +43,10 @@ MIN_LATENT_SIDE = 8  # below 8 latent pixels the SD UNet's bottom level is a sin
 MAX_SIZE_NATIVE_FACTOR = 4  # default largest side: 4x the model's native size (SD 1.5: 2048 px, SDXL: 4096 px)
 MAX_SIZE_HARD = 8192
 MAX_AUTO_BATCH = 16
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+# Where torch.compile keeps its compiled kernels between processes (Inductor's FX-graph and autotuning caches, Triton
+# binaries), so a machine pays the full compile once, not once per build or per worker.
+DEFAULT_COMPILE_CACHE = "~/.cache/pairforge/torch-compile"
 # ControlNet and base UNet must agree on these (compared from config.json before any weight is read).
 MATCH_KEYS = ("in_channels", "block_out_channels", "down_block_types", "layers_per_block", "cross_attention_dim",
               "attention_head_dim", "num_attention_heads", "transformer_layers_per_block", "use_linear_projection",
@@ -407,11 +411,42 @@ class LoadedModels:
 _MODEL_CACHE: dict[tuple, LoadedModels] = {}
 
 
+@dataclass(frozen=True)
+class SpeedOptions:
+    """How the networks are run (none of it changes what is computed, only rounding and speed)."""
+
+    compile: bool = False
+    compile_mode: str = "default"  # reduce-overhead / max-autotune: CUDA graphs through Inductor's graph trees
+    compile_cache: str | None = None  # persistent Inductor/Triton cache folder (None: torch's own default)
+    compile_backend: str = "inductor"  # "eager": Dynamo tracing only (checks the compiled path without a compiler)
+    channels_last: bool = False
+    fuse_qkv: bool = False  # one matmul for Q, K and V in every self-attention (diffusers' fuse_qkv_projections)
+
+
+def use_compile_cache(folder: str) -> Path:
+    """Point Inductor and Triton at a persistent cache folder (before anything is compiled in this process)."""
+    import os
+
+    path = Path(folder).expanduser()
+    path.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(path))
+    os.environ.setdefault("TRITON_CACHE_DIR", str(path / "triton"))
+    try:
+        import torch._inductor.config as inductor_config
+
+        inductor_config.fx_graph_cache = True
+        inductor_config.autotune_local_cache = True
+    except (ImportError, AttributeError):  # pragma: no cover - older torch
+        pass
+    return path
+
+
 def load_models(folders: ModelFolders, dtype: torch.dtype, device: torch.device, compile_models: bool,
-                batch_invariant: bool) -> LoadedModels:
+                batch_invariant: bool, speed: SpeedOptions | None = None) -> LoadedModels:
     """Load (once per process and key) every model from safetensors, placed and set up for speed."""
+    speed = speed or SpeedOptions(compile=compile_models, channels_last=device.type == "cuda" and compile_models)
     key = (folders.family, str(folders.base), tuple(map(str, folders.controlnets)), str(dtype), str(device),
-           compile_models, batch_invariant)
+           batch_invariant, speed)
     if key in _MODEL_CACHE:
         return _MODEL_CACHE[key]
     from diffusers import AutoencoderKL, ControlNetModel, UNet2DConditionModel
@@ -435,15 +470,27 @@ def load_models(folders: ModelFolders, dtype: torch.dtype, device: torch.device,
         m.to(device).eval().requires_grad_(False)
     for m in (unet, vae, *nets):
         m.set_attn_processor(AttnProcessor2_0())  # PyTorch SDPA (flash / memory-efficient kernels on GPU)
-        if device.type == "cuda":
+        # NHWC pays off in compiled graphs (convolutions without layout copies); in eager CUDA GroupNorm copies it
+        # back to NCHW around every norm, so it is on with compile only (or when asked).
+        if speed.channels_last:
             m.to(memory_format=torch.channels_last)
-    vae.enable_slicing()  # decode one image at a time: bounded memory, and per-sample numbers
+    if speed.fuse_qkv:
+        for m in (unet, *nets):
+            m.fuse_qkv_projections()
+    if batch_invariant or device.type != "cuda":
+        vae.enable_slicing()  # decode one image at a time: bounded memory, and per-sample numbers
     if batch_invariant:
         for m in (unet, *nets, *encoders):
             make_rowwise(m)
-    if compile_models:
+    if speed.compile:
+        if speed.compile_cache:
+            use_compile_cache(speed.compile_cache)
+        # Static shapes (render_batch pads every call to one batch size): one graph, no dynamic-shape kernels.
         for m in (unet, *nets):
-            m.compile()
+            if speed.compile_backend == "inductor":
+                m.compile(mode=speed.compile_mode, dynamic=False)
+            else:
+                m.compile(backend=speed.compile_backend, dynamic=False)
     models = LoadedModels(family=folders.family, vae=vae, unet=unet, text_encoders=tuple(encoders),
                           tokenizers=tuple(tokenizers), controlnets=nets, scheduler_config=scheduler_config)
     _MODEL_CACHE[key] = models
@@ -498,7 +545,8 @@ class ControlNetRenderer(Renderer):
     domains = ("*",)
     options_accepted = ("base_model", "controlnets", "prompt", "negative_prompt", "steps", "guidance_scale",
                         "scheduler", "dtype", "device", "batch_size", "compile", "allow_download", "hu_window", "color",
-                        "max_size", "batch_invariant", "hash_weights", "annotator")
+                        "max_size", "batch_invariant", "hash_weights", "annotator", "compile_mode", "compile_cache",
+                        "channels_last", "fuse_qkv", "overlap", "compile_backend")
 
     def __init__(self, domain: str, options: dict[str, Any] | None = None):
         super().__init__(domain, options)
@@ -526,6 +574,29 @@ class ControlNetRenderer(Renderer):
             raise SpecError(f"option batch_size: {bs!r} is not accepted; accepted: auto or an integer from 1 to 1024")
         self.batch_size = bs
         self.compile = _as_bool("compile", o.get("compile", False))
+        mode = _choice("compile_mode", o.get("compile_mode", "default"), COMPILE_MODES)
+        cache = o.get("compile_cache", DEFAULT_COMPILE_CACHE)
+        if cache is not None and (not isinstance(cache, str) or not cache):
+            raise SpecError(f"option compile_cache: {cache!r} is not accepted; accepted: a folder path, or null for "
+                            "torch's own per-user temporary cache")
+        cl = o.get("channels_last", "auto")
+        fq = o.get("fuse_qkv", "auto")
+        backend = _choice("compile_backend", o.get("compile_backend", "inductor"), ("inductor", "eager"))
+        if (mode != "default" or "compile_cache" in o or "compile_backend" in o) and not self.compile:
+            raise SpecError("options compile_mode, compile_cache and compile_backend need compile: true")
+        if mode in ("reduce-overhead", "max-autotune") and self.device.type != "cuda":
+            raise SpecError(f"option compile_mode {mode!r} records CUDA graphs and needs a CUDA device; accepted on "
+                            "the CPU: default, max-autotune-no-cudagraphs")
+        self.speed = SpeedOptions(
+            compile=self.compile, compile_mode=mode, compile_cache=cache if self.compile else None,
+            compile_backend=backend,
+            channels_last=(self.compile and self.device.type == "cuda") if cl == "auto"
+            else _as_bool("channels_last", cl),
+            fuse_qkv=(self.compile and self.device.type == "cuda") if fq == "auto" else _as_bool("fuse_qkv", fq))
+        # Control images and prompts of the next batch, and the crop/convert of the last, run on a CPU thread while
+        # the GPU denoises: on by default on CUDA, where the GPU call leaves the CPU idle.
+        ov = o.get("overlap", "auto")
+        self.overlap = (self.device.type == "cuda") if ov == "auto" else _as_bool("overlap", ov)
         allow_download = _as_bool("allow_download", o.get("allow_download", False))
         hash_weights = _as_bool("hash_weights", o.get("hash_weights", False))
         bi = o.get("batch_invariant", "auto")
@@ -573,7 +644,8 @@ class ControlNetRenderer(Renderer):
 
     def pipeline(self):
         if self._pipe is None:
-            models = load_models(self.folders, self.dtype, self.device, self.compile, self.batch_invariant)
+            models = load_models(self.folders, self.dtype, self.device, self.compile, self.batch_invariant,
+                                 self.speed)
             self._pipe = make_pipeline(models, self.scheduler)
         return self._pipe
 
@@ -602,27 +674,56 @@ class ControlNetRenderer(Renderer):
             self.check_size(*lay.label.shape[:2])
         # Each sample draws its torch seed from its own rng, exactly as it would alone.
         seeds = [torch_seed(rng) for rng in rngs]
-        jobs = []
-        for lay, seed in zip(layouts, seeds):
-            controls, pad = self.control_images(lay.label)
-            jobs.append({"layout": lay, "seed": seed, "controls": controls, "pad": pad,
-                         "prompts": self.prompt_for(lay)})
         pipe = self.pipeline()
         # Group by padded size (one pipeline call needs one size), then chunk by batch size; order is kept.
         groups: dict[tuple[int, int], list[int]] = {}
         for i, lay in enumerate(layouts):
             groups.setdefault(padded_size(*lay.label.shape[:2], self.folders.size_multiple), []).append(i)
-        out: list[tuple[np.ndarray, dict] | None] = [None] * len(layouts)
+        chunks = []
         for (hp, wp), idx in groups.items():
             bs = self.auto_batch_size(hp, wp)
-            for s in range(0, len(idx), bs):
-                chunk = idx[s:s + bs]
-                images = self._generate(pipe, [jobs[i] for i in chunk], hp, wp)
-                for i, img in zip(chunk, images):
-                    out[i] = self._finish(img, jobs[i], (hp, wp), bs)
+            chunks.extend(((hp, wp), bs, idx[s:s + bs]) for s in range(0, len(idx), bs))
+        out: list[tuple[np.ndarray, dict] | None] = [None] * len(layouts)
+
+        def prepare(chunk: list[int]) -> list[dict]:
+            jobs = []
+            for i in chunk:
+                controls, pad = self.control_images(layouts[i].label)
+                jobs.append({"layout": layouts[i], "seed": seeds[i], "controls": controls, "pad": pad,
+                             "prompts": self.prompt_for(layouts[i])})
+            return jobs
+
+        def finish(chunk: list[int], jobs: list[dict], images: np.ndarray, padded: tuple[int, int], bs: int) -> None:
+            for i, job, img in zip(chunk, jobs, images):
+                out[i] = self._finish(img, job, padded, bs)
+
+        if not self.overlap:
+            for padded, bs, chunk in chunks:
+                jobs = prepare(chunk)
+                finish(chunk, jobs, self._generate(pipe, jobs, *padded, bs), padded, bs)
+            return out  # type: ignore[return-value]
+        # One CPU thread prepares batch k+1 and finishes batch k while the GPU denoises (submitted in that order).
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(1, thread_name_prefix="controlnet-cpu") as cpu:
+            nxt = cpu.submit(prepare, chunks[0][2])
+            finishing = []
+            for k, (padded, bs, chunk) in enumerate(chunks):
+                jobs = nxt.result()
+                if k + 1 < len(chunks):
+                    nxt = cpu.submit(prepare, chunks[k + 1][2])
+                images = self._generate(pipe, jobs, *padded, bs)
+                finishing.append(cpu.submit(finish, chunk, jobs, images, padded, bs))
+            for f in finishing:
+                f.result()
         return out  # type: ignore[return-value]
 
-    def _generate(self, pipe, jobs: list[dict], hp: int, wp: int) -> np.ndarray:
+    def _generate(self, pipe, jobs: list[dict], hp: int, wp: int, batch_size: int | None = None) -> np.ndarray:
+        n = len(jobs)
+        if self.compile and batch_size and n < batch_size:
+            # Compiled graphs (and CUDA graphs) are built for one batch shape: pad a short last batch with copies of
+            # its last job instead of compiling again; the copies' images are dropped.
+            jobs = jobs + [jobs[-1]] * (batch_size - n)
         generators = [torch.Generator("cpu").manual_seed(j["seed"]) for j in jobs]  # CPU noise: same on any device
         per_net = [torch.from_numpy(np.stack([j["controls"][k] for j in jobs])).permute(0, 3, 1, 2).float() / 255.0
                    for k in range(len(self.nets))]
@@ -634,7 +735,7 @@ class ControlNetRenderer(Renderer):
                       num_inference_steps=self.steps, guidance_scale=self.guidance_scale,
                       controlnet_conditioning_scale=scales[0] if len(scales) == 1 else scales,
                       generator=generators, output_type="np")
-        images = np.asarray(result.images, dtype=np.float32)
+        images = np.asarray(result.images, dtype=np.float32)[:n]
         if not np.isfinite(images).all():
             raise GenerationError(f"the {str(self.dtype).removeprefix('torch.')} pipeline produced NaN/inf pixels "
                                   "(half-precision overflow?); use dtype bfloat16 or float32")
@@ -650,6 +751,7 @@ class ControlNetRenderer(Renderer):
             "negative_prompt": job["prompts"][1], "steps": self.steps, "guidance_scale": self.guidance_scale,
             "scheduler": self.scheduler, "dtype": str(self.dtype).removeprefix("torch."), "device": self.device.type,
             "batch_invariant": self.batch_invariant, "batch_size": batch_size, "compile": self.compile,
+            **({"compile_mode": self.speed.compile_mode} if self.compile else {}),
             "family": self.folders.family, "base_model": self.folders.base_fingerprint,
             "controlnets": [{**fp, "conditioning": n.conditioning, "scale": n.scale, "annotator": n.annotator}
                             for n, fp in zip(self.nets, self.folders.net_fingerprints)],

@@ -164,7 +164,7 @@ CHEST_CT = register_domain(Domain(
     name=DOMAIN, spec_model=ChestCTSpec, classes=CT_CLASSES, plan_frame=plan_frame, plan_finding=plan_finding,
     codec="hu16", findings_field="findings", parse_finding=parse_text, one_finding_spec=one_finding_spec,
     layout_module="generators.chest_ct", annotator_module="annotators.ct",
-    renderers={"procedural": "generators.ct_render", "controlnet": "generators.controlnet"},
+    renderers={"procedural": "generators.ct_render", "controlnet": "generators.controlnet", "learned": "generators.learned"},
     hooks_module="annotators.ct", display_window=(-600.0, 1500.0), outline_classes=tuple(sorted(LOBES.values())),
     controlnet_module="generators.chest_ct", default=True,
     description="axial chest-CT slices (HU) with pulmonary nodules"))

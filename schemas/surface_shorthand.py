@@ -81,7 +81,7 @@ _LINEAR = ("scratch", "crack", "missing_material")
 
 def parse_defect_text(text: str):
     """Parse one shorthand defect -> (SurfaceDefect, material or None). SpecError on anything unclear."""
-    from schemas.surface import SurfaceDefect
+    from schemas.surface_findings import SurfaceDefect
 
     if text is None or not str(text).strip():
         raise SpecError("empty defect text; write e.g. '2mm scratch top-left on brushed aluminium'")

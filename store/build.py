@@ -143,8 +143,9 @@ def encode_sample(name: str, version: int, sample: Sample, code_version: str,
         payload_hex = payload.hex
     prov = _provenance(name, version, sample, code_version, payload_hex, encoding)
     sid = sample.sample_id
+    image_path = f"images/{sid}{image_codec.suffix}"  # .png for every codec so far; a volume codec brings its own
     files = {
-        f"images/{sid}.png": image_codec.to_bytes(stored, text=prov),
+        image_path: image_codec.to_bytes(stored, text=prov),
         f"labels/{sid}.png": codec.encode_png(np.asarray(sample.label, dtype=np.uint8)),
         f"instances/{sid}.png": codec.encode_png(np.asarray(sample.instance, dtype=np.uint16)),
     }
@@ -153,8 +154,8 @@ def encode_sample(name: str, version: int, sample: Sample, code_version: str,
         raise ValueError(f"sample {sid}: image {stored.shape[:2]} and label {(h, w)} differ in size")
     row = {
         "sample_id": sid, "index": int(sample.index), "split": sample.split, "domain": sample.domain,
-        "image_path": f"images/{sid}.png", "label_path": f"labels/{sid}.png", "instance_path": f"instances/{sid}.png",
-        "image_sha256": codec.sha256(files[f"images/{sid}.png"]),
+        "image_path": image_path, "label_path": f"labels/{sid}.png", "instance_path": f"instances/{sid}.png",
+        "image_sha256": codec.sha256(files[image_path]),
         "label_sha256": codec.sha256(files[f"labels/{sid}.png"]),
         "instance_sha256": codec.sha256(files[f"instances/{sid}.png"]),
         "image_encoding": encoding, "width": int(w), "height": int(h),

@@ -13,7 +13,7 @@ several kinds (MVTec AD's own name for that). Samples that failed QC are left ou
 Images are copied byte for byte from a published version (watermark and provenance chunk kept), read through the
 verified reader (a file whose sha256 does not match fails the export, naming it); from in-memory samples they are
 encoded as 8-bit PNG. The mask is every finding's pixels (instance map > 0), so nothing here depends on a domain;
-8-bit grey or RGB images are required. The export is written beside ``dest`` and moved into place at the end:
+images stored with the ``u8`` codec (8-bit grey or RGB) are required. The export is written beside ``dest`` and moved into place at the end:
 nothing half-written is ever visible. Registered as export format ``mvtec`` (``pairforge export mvtec``).
 """
 from __future__ import annotations
@@ -28,7 +28,7 @@ from typing import Any, Iterable, Iterator, Sequence
 import numpy as np
 
 from schemas.errors import SpecError
-from store import codec
+from store import codec, codecs
 from store.export import Option, export_version, finding_kinds, register_exporter, selected, staged_folder
 from store.read import VersionDataset
 
@@ -57,9 +57,8 @@ def _mask(instance: np.ndarray) -> np.ndarray:
     return np.where(instance > 0, 255, 0).astype(np.uint8)
 
 
-def _png_is_8bit(data: bytes) -> bool:
-    """PNG header: bit depth 8, colour type grey (0) or RGB (2)."""
-    return len(data) > 25 and data[:8] == b"\x89PNG\r\n\x1a\n" and data[24] == 8 and data[25] in (0, 2)
+# The codec whose stored files are the images themselves as 8-bit grey or RGB PNGs: what MVTec AD loaders read.
+COPYABLE_CODEC = "u8"
 
 
 def _records_from_version(version: VersionDataset, indices: Iterable[int]) -> Iterator[dict[str, Any]]:
@@ -67,16 +66,22 @@ def _records_from_version(version: VersionDataset, indices: Iterable[int]) -> It
     for i in indices:
         row = version.row(i)
 
-        def image(i=i, row=row) -> bytes:
-            data = version.file_bytes(i, "image")
-            if not _png_is_8bit(data):
-                raise SpecError(f"{version.ref}/{row['image_path']} is stored as {row['image_encoding']!r}; the MVTec "
-                                "AD layout holds 8-bit grey or RGB images")
-            return data
+        def image(i=i) -> bytes:
+            return version.file_bytes(i, "image")
 
         yield {"sample_id": row["sample_id"], "split": row["split"], "kinds": finding_kinds(row),
                "passed": bool((row.get("qc") or {}).get("passed", True)), "image": image,
                "mask": lambda i=i: _mask(codec.decode_png(version.file_bytes(i, "instance")))}
+
+
+def _check_codecs(version: VersionDataset, indices: Iterable[int]) -> None:
+    """Images are copied byte for byte, so every selected sample must be stored with the ``u8`` codec."""
+    for i in indices:
+        row = version.row(i)
+        c = codecs.codec_for_row(row)
+        if c.name != COPYABLE_CODEC:
+            raise SpecError(f"{version.ref} stores its images with codec {c.name!r} ({row['image_encoding']}); the "
+                            f"MVTec AD layout holds 8-bit grey or RGB images (codec {COPYABLE_CODEC!r})")
 
 
 def _check_class_name(class_name: str) -> None:
@@ -123,7 +128,9 @@ def export_version_mvtec(version: VersionDataset, dest: Path, *, split: Sequence
     """A published version as MVTec AD class ``class_name`` under ``dest``; images copied byte for byte."""
     class_name = class_name or version.name
     _check_class_name(class_name)
-    records = _records_from_version(version, selected(version, split, classes))
+    indices = selected(version, split, classes)
+    _check_codecs(version, indices)
+    records = _records_from_version(version, indices)
     return _write(records, Path(dest) / class_name, version.ref, include_failed=include_failed, overwrite=overwrite)
 
 

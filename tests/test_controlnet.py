@@ -101,7 +101,8 @@ def test_make_samples_gives_hu_images_exactly_the_label_shape(models, size):
 
 def test_sample_alone_matches_the_same_sample_in_a_batch_bitwise(models):
     # euler_a draws fresh noise in every step: that noise must come from each sample's own generator too.
-    opts = {"scheduler": "euler_a", "steps": 3,
+    # batch_invariant is set, not left to its default (true only on the CPU): that is the switch this test pins.
+    opts = {"scheduler": "euler_a", "steps": 3, "batch_invariant": True,
             "controlnets": [{"path": models["seg"], "conditioning": "segmentation", "scale": 1.0},
                             {"path": models["canny"], "conditioning": "canny", "scale": 0.5, "annotator": "opencv"}]}
     spec = ct_spec(models, size=100, options=opts)
@@ -111,8 +112,24 @@ def test_sample_alone_matches_the_same_sample_in_a_batch_bitwise(models):
     assert np.array_equal(alone.image, batch[2].image)
     assert np.array_equal(pair[0].image, batch[1].image) and np.array_equal(pair[1].image, batch[2].image)
     assert alone.params["render"]["seed"] == batch[2].params["render"]["seed"]
+    assert batch[2].params["render"]["batch_invariant"] is True and batch[2].params["render"]["batch_size"] == 4
     assert batch[1].params["render"]["seed"] != batch[2].params["render"]["seed"]
     assert len(batch[2].params["render"]["controlnets"]) == 2
+
+
+def test_overlapped_cpu_work_gives_the_same_images_as_serial(models):
+    """overlap: control images of batch k+1 and the crop/convert of batch k on a CPU thread while batch k denoises
+    (the default on CUDA) changes when work happens, not what is computed."""
+    lays = [hand_layout(64, 64) for _ in range(5)]
+    for k, lay in enumerate(lays):
+        lay.label[k * 4: k * 4 + 8, 10:30] = 20
+    serial = renderer(models, overlap=False, batch_size=2).render_batch(lays, [np.random.default_rng(k) for k in range(5)])
+    overlapped = renderer(models, overlap=True, batch_size=2).render_batch(lays,
+                                                                            [np.random.default_rng(k) for k in range(5)])
+    assert len(overlapped) == 5
+    for (a, pa), (b, pb) in zip(serial, overlapped):
+        assert np.array_equal(a, b) and pa["seed"] == pb["seed"] and pa["prompt"] == pb["prompt"]
+    assert not np.array_equal(serial[0][0], serial[1][0])
 
 
 def test_the_seed_and_the_control_image_both_change_the_pixels(models):
@@ -241,13 +258,17 @@ def test_a_spec_image_size_above_max_size_is_refused_when_the_backend_is_built(m
     ({"controlnets": [{"path": "x", "conditioning": "segmentation", "weight": 1}]}, "unknown key.*weight"),
     ({"controlnets": [{"path": "x", "conditioning": "depth"}]}, "conditioning.*accepted: segmentation"),
     ({"controlnets": []}, "non-empty list"),
-    ({"dtype": "float16"}, "float16 is not supported on the CPU"),
+    ({"dtype": "float16", "device": "cpu"}, "float16 is not supported on the CPU"),  # auto is CUDA where there is one
     ({"device": "cuda:7"}, "CUDA GPU that this machine does not have"),
     ({"steps": 0}, "steps"),
     ({"prompt": "chest CT, {lesion}"}, r"unknown placeholder.*\{lesion\}"),
     ({"hu_window": [-2000, 0]}, "hu_window"),
     ({"color": "rgb"}, "surface domain only"),
     ({"batch_size": "many"}, "batch_size"),
+    ({"compile_mode": "max-autotune-no-cudagraphs"}, "need compile: true"),
+    ({"compile": True, "compile_mode": "reduce-overhead", "device": "cpu"}, "records CUDA graphs and needs a CUDA"),
+    ({"compile": True, "compile_mode": "fastest"}, "compile_mode.*accepted: default, reduce-overhead"),
+    ({"overlap": "yes"}, "option overlap"),
 ])
 def test_bad_options_are_one_line_spec_errors(models, options, match):
     refused(models, match, **options)

@@ -216,3 +216,24 @@ def test_a_format_registered_outside_the_project_reaches_the_command_line(built,
     assert lines[1:] == [f"{r['sample_id']} {r['image_sha256']}" for r in (ds.row(i) for i in range(len(ds)))]
     assert_bad_input(run_cli("export", "nope", "plates@v1", tmp_path / "x", "--root", built),
                      contains="accepted: id-list, mvtec")
+
+
+FIXTURE = Path(__file__).resolve().parent / "fixtures" / "v1"  # versions published before image codecs existed
+
+
+def test_a_version_published_before_codecs_exports_and_a_ct_version_is_refused(tmp_path):
+    root = tmp_path / "root"
+    shutil.copytree(FIXTURE, root)  # never write into the fixture
+    res = run_cli("export", "mvtec", "legacy-surface@v1", tmp_path / "out", "--root", root,
+                  "--option", "include_failed=true")
+    assert res.exit_code == 0, res.stderr
+    ds = DatasetStore(root).load("legacy-surface@v1")
+    exported = {p.stem: p for p in (tmp_path / "out" / "legacy-surface").glob("t*/*/*.png")}
+    assert sorted(exported) == sorted(ds.row(i)["sample_id"] for i in range(len(ds)))
+    for i in range(len(ds)):
+        p = exported[ds.row(i)["sample_id"]]
+        assert np.array_equal(decode_png(p.read_bytes()), ds[i]["image"])
+    # 16-bit HU images are not what MVTec AD loaders read: one line naming the codec, nothing written
+    assert_bad_input(run_cli("export", "mvtec", "legacy-ct@v1", tmp_path / "ct", "--root", root),
+                     contains="legacy-ct@v1 stores its images with codec 'hu16'")
+    assert not (tmp_path / "ct").exists()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -49,10 +50,53 @@ def test_flow_and_task_runs_are_named_for_what_they_do(published_tiny):
     assert fr.name == "build tiny-ct"
     assert fr.state.is_completed()
     names = sorted(t.name for t in trs)
-    assert [n for n in names if n.startswith("shard")] == ["shard 1/3", "shard 2/3", "shard 3/3"]
+    # One long-lived task per worker (2 by default here), each committing its share of the 3 shards.
+    assert [n for n in names if n.startswith("shards")] == ["shards lane 1/2 (2 shards of 3)",
+                                                            "shards lane 2/2 (1 shard of 3)"]
     assert "publish tiny-ct v1" in names and "dataset card" in names
-    # One task per shard, never per sample: 3 shards + publish + card.
-    assert len(trs) == 5
+    assert len(trs) == 4  # 2 lanes + publish + card
+
+
+def test_task_runs_do_not_grow_with_the_number_of_shards_and_each_shard_is_logged(prefect_api, tmp_path):
+    import logging
+
+    from flows import build as fb
+
+    class Keep(logging.Handler):
+        def __init__(self):
+            super().__init__(logging.INFO)
+            self.messages = []
+
+        def emit(self, record):
+            self.messages.append(record.getMessage())
+
+    keep, logger = Keep(), logging.getLogger("prefect.task_runs")
+    level = logger.level
+    logger.addHandler(keep)
+    logger.setLevel(logging.INFO)
+    events = []
+    try:
+        with fb.reporting_to(events.append):
+            s = fb.run_build(tiny_spec_text(name="lanes-ct", samples=6, shard_size=1), root=str(tmp_path),
+                             runner="threads", workers=2)
+    finally:
+        logger.removeHandler(keep)
+        logger.setLevel(level)
+    assert (s["shards"], s["generated"], s["samples"]) == (6, 6, 6)
+    _, trs = _task_runs(s["flow_run_id"])
+    lanes = [t for t in trs if t.name.startswith("shards lane")]
+    assert len(lanes) == 2 and all(t.state.is_completed() for t in lanes)
+    assert sorted(e["shard"] for e in events if e["event"] == "shard") == list(range(6))
+    logged = sorted(int(m.group(1)) for msg in keep.messages if (m := re.match(r"shard (\d+)/6: 1 samples", msg)))
+    assert logged == [1, 2, 3, 4, 5, 6]
+
+
+def test_lanes_deal_pending_shards_round_robin():
+    from flows.build import plan_lanes
+
+    assert plan_lanes([0, 1, 2, 3, 4], 2) == [[0, 2, 4], [1, 3]]
+    assert plan_lanes([3, 7], 4) == [[3], [7]]
+    assert plan_lanes([], 2) == []
 
 
 def test_dataset_card_shows_counts_sizes_and_small_plots(published_tiny):
@@ -116,7 +160,7 @@ def test_storage_errors_are_retried_and_the_build_still_publishes(prefect_api, t
     assert s["samples"] == 4 and s["version"] == 1
     assert flaky.write_calls == 2
     _, trs = _task_runs(s["flow_run_id"])
-    shard = next(t for t in trs if t.name == "shard 1/1")
+    shard = next(t for t in trs if t.name == "shards lane 1/1 (1 shard of 1)")
     assert shard.run_count == 2 and shard.state.is_completed()
 
 

@@ -1,0 +1,168 @@
+"""Where one sample's milliseconds go on one core: plan, layout, render, measure + QC, watermark, PNG encode, sha256,
+index row + Parquet, file writes — the same calls ``make_samples`` + ``BuildStaging.write_shard`` make, timed one by
+one on the spec's first N samples. Also times PNG encoding with libdeflate (the ``deflate`` package, if installed)
+against the OpenCV/zlib encoder the store uses, at the compression each gives for the same pixels.
+
+    OMP_NUM_THREADS=1 python bench/profile_sample.py examples/chest_ct_nodules.yaml -n 100 --out profile.json
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import statistics
+import struct
+import sys
+import tempfile
+import time
+import zlib
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+
+STAGES = ("plan", "layout", "render", "measure_qc", "retries", "watermark", "png_encode", "sha256", "row", "parquet",
+          "write")
+
+
+def _png_libdeflate(a: np.ndarray, level: int) -> bytes:
+    """A standard PNG (filter 'up' on every row, one IDAT) compressed by libdeflate."""
+    import deflate
+
+    h, w = a.shape[:2]
+    be = a.astype(">u2") if a.dtype == np.uint16 else a
+    raw = be.reshape(h, -1).view(np.uint8)
+    up = raw.copy()
+    up[1:] = raw[1:] - raw[:-1]  # PNG filter 2 (Up), modulo 256
+    rows = np.concatenate([np.full((h, 1), 2, np.uint8), up], axis=1)
+    depth = 16 if a.dtype == np.uint16 else 8
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    ihdr = struct.pack(">IIBBBBB", w, h, depth, 0, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", deflate.zlib_compress(rows.tobytes(), level))
+            + chunk(b"IEND", b""))
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("spec")
+    ap.add_argument("-n", "--samples", type=int, default=100)
+    ap.add_argument("--out", default=None)
+    a = ap.parse_args()
+
+    t_imp = time.perf_counter()
+    from annotators import annotate
+    from flows.inputs import code_version, resolve_spec
+    from flows.pipeline import backend_for, make_samples
+    from schemas.plan import plan_sample
+    from schemas.seeding import STREAM_GENERATE, sample_rng
+    from schemas.spec import spec_hash
+    from store import DatasetStore, codec
+    from store import watermark as wm
+    imports_s = time.perf_counter() - t_imp
+
+    spec, text = resolve_spec(Path(a.spec).read_text())
+    digest = spec_hash(spec)
+    backend = backend_for(spec)
+    n = min(a.samples, spec.samples)
+    ms = {k: [] for k in STAGES}
+    tmp = tempfile.mkdtemp(prefix="pf-profile-")
+    staging = DatasetStore(tmp).open_build(spec, text, digest, code_version())
+    from store.build import _provenance  # the store's own provenance record (what encode_sample writes)
+
+    samples = []
+    for i in range(n):
+        t = time.perf_counter()
+        req = plan_sample(spec, i, digest)
+        t1 = time.perf_counter()
+        rng = sample_rng(digest, i, STREAM_GENERATE, 0)
+        lay = backend.layout(spec, req, rng)
+        t2 = time.perf_counter()
+        img, _ = backend.renderer.render(lay, rng)
+        t3 = time.perf_counter()
+        ann = annotate(spec.domain, img, lay, req, spec.qc)
+        t4 = time.perf_counter()
+        ms["plan"].append(t1 - t), ms["layout"].append(t2 - t1), ms["render"].append(t3 - t2)
+        ms["measure_qc"].append(t4 - t3)
+    # The whole first-attempt-plus-retries path, to charge QC regeneration per sample.
+    t = time.perf_counter()
+    samples = make_samples(spec, range(n), digest=digest, backend=backend)
+    whole = time.perf_counter() - t
+    first_attempts = sum(ms["plan"]) + sum(ms["layout"]) + sum(ms["render"]) + sum(ms["measure_qc"])
+    retry_s = max(0.0, whole - first_attempts)
+    ms["retries"] = [retry_s / n] * n
+    attempts = [int(s.qc.get("attempts", 1)) for s in samples]
+
+    png = {"opencv_zlib_level1": [], "libdeflate_level1": [], "libdeflate_level3": []}
+    png_bytes = {k: 0 for k in png}
+    rows = []
+    for s in samples:
+        t0 = time.perf_counter()
+        stored, encoding = codec.image_to_stored(np.asarray(s.image), s.domain)
+        payload = wm.payload_for(spec.name, 1, s.index)
+        stored = wm.embed(stored, payload, keep_out=wm.keep_out_mask(s.instance))
+        t1 = time.perf_counter()
+        prov = _provenance(spec.name, 1, s, code_version(), payload.hex, encoding)
+        files = [codec.encode_png(stored, text=prov), codec.encode_png(np.asarray(s.label, np.uint8)),
+                 codec.encode_png(np.asarray(s.instance, np.uint16))]
+        t2 = time.perf_counter()
+        _ = [hashlib.sha256(f).hexdigest() for f in files]
+        t3 = time.perf_counter()
+        ms["watermark"].append(t1 - t0), ms["png_encode"].append(t2 - t1), ms["sha256"].append(t3 - t2)
+        # Encoder comparison on the same three arrays (no text chunk: it is the same bytes in both).
+        arrays = [stored, np.asarray(s.label, np.uint8), np.asarray(s.instance, np.uint16)]
+        for key in png:
+            tt = time.perf_counter()
+            if key.startswith("opencv"):
+                out = [codec.encode_png(x) for x in arrays]
+            else:
+                try:
+                    out = [_png_libdeflate(x, int(key[-1])) for x in arrays]
+                except ImportError:
+                    continue
+            png[key].append(time.perf_counter() - tt)
+            png_bytes[key] += sum(len(b) for b in out)
+    # Row building + Parquet + writes through the store's own write_shard, minus what was timed above.
+    t0 = time.perf_counter()
+    info = staging.write_shard(0, samples) if n == len(staging.shards[0]) else None
+    ws = time.perf_counter() - t0
+    if info is not None:
+        rest = ws - sum(ms["watermark"]) - sum(ms["png_encode"]) - sum(ms["sha256"])
+        ms["write"] = [max(0.0, rest) / n] * n
+    else:
+        ms["write"] = [float("nan")] * n
+    ms["row"], ms["parquet"] = [0.0] * n, [0.0] * n  # included in "write" (rows, Parquet part, files, marker)
+
+    def med(v):
+        return 1000 * statistics.median(v) if v else float("nan")
+
+    def mean(v):
+        return 1000 * statistics.fmean(v) if v else float("nan")
+
+    table = {k: {"median_ms": round(med(v), 2), "mean_ms": round(mean(v), 2)} for k, v in ms.items() if k not in
+             ("row", "parquet")}
+    total = sum(t["mean_ms"] for t in table.values() if t["mean_ms"] == t["mean_ms"])
+    out = {"spec": a.spec, "samples": n, "size": getattr(spec.image, "size", None), "imports_s": round(imports_s, 2),
+           "stages": table, "total_mean_ms": round(total, 1), "mean_attempts": statistics.fmean(attempts),
+           "write_shard_s": round(ws, 3),
+           "png_encoders": {k: {"mean_ms_per_sample": round(mean(v), 2), "bytes_per_sample": png_bytes[k] // max(1, n)}
+                            for k, v in png.items() if v},
+           "omp_threads": os.environ.get("OMP_NUM_THREADS")}
+    print(f"{'stage':12s} {'median ms':>10s} {'mean ms':>9s}")
+    for k, v in table.items():
+        print(f"{k:12s} {v['median_ms']:10.2f} {v['mean_ms']:9.2f}")
+    print(f"{'total':12s} {'':10s} {total:9.1f}   ({1000 / total:.1f} samples/s on one core; mean attempts "
+          f"{out['mean_attempts']:.2f})")
+    for k, v in out["png_encoders"].items():
+        print(f"PNG {k:22s} {v['mean_ms_per_sample']:7.2f} ms/sample, {v['bytes_per_sample']} bytes/sample")
+    if a.out:
+        Path(a.out).write_text(json.dumps(out, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

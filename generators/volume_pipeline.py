@@ -1,0 +1,63 @@
+"""One chest-CT volume from a request: anatomy -> trees -> label volume -> nodules -> HU volume.
+
+``VolumeRequest`` is what the volume must contain (grid, coverage, findings); ``layout_volume`` and
+``render_volume_request`` take the sample's rng and draw everything else from it, recording every value.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from generators.chest_ct_volume import draw_volume, draw_volume_anatomy, grow_trees, lobe_atlas
+from generators.ct_volume_render import draw_volume_render_params, render_volume
+from generators.nodule_volume import place_nodules
+from schemas.classes import LOBES
+from schemas.volume import VolumeGeometry
+
+
+@dataclass
+class VolumeRequest:
+    shape: tuple[int, int, int]  # (nz, ny, nx) voxels
+    spacing: tuple[float, float, float]  # (sz, sy, sx) mm
+    z_center_level: float = 0.5  # centre of the coverage: 0 = lung apex, 1 = lung base
+    findings: list[dict[str, Any]] = field(default_factory=list)
+    center_on_lobe: str | None = None  # small crops: centre the grid on this lobe (accuracy benches)
+
+
+def volume_geometry(req: VolumeRequest, P: dict[str, Any], rng: np.random.Generator | None = None) -> VolumeGeometry:
+    H = P["lung_height_mm"]
+    center = (req.z_center_level * H, 0.0, 0.0)
+    if req.center_on_lobe:
+        from scipy.ndimage import distance_transform_edt
+
+        atlas, g = lobe_atlas(P)
+        dist = distance_transform_edt(atlas == LOBES[req.center_on_lobe], sampling=g.spacing)
+        idx = np.argwhere(dist >= 0.7 * dist.max()) if dist.max() > 0 else np.zeros((0, 3), int)
+        if len(idx):  # deep inside the lobe, so a crop round it has room for a finding
+            pick = idx[int(rng.integers(len(idx)))] if rng is not None else idx[len(idx) // 2]
+            center = tuple(float(v) for v in g.to_mm(pick))
+    return VolumeGeometry(tuple(int(v) for v in req.shape), tuple(float(v) for v in req.spacing), center)
+
+
+def layout_volume(req: VolumeRequest, rng: np.random.Generator) -> dict[str, Any]:
+    P = draw_volume_anatomy(rng)
+    geom = volume_geometry(req, P, rng)
+    trees = grow_trees(P)
+    lay = draw_volume(P, geom, trees=trees)
+    instance = np.zeros(geom.shape, np.uint8)
+    placed = place_nodules(rng, req.findings, geom, lay["lobes"], lay["label"], instance, trees)
+    lay.update({"instance": instance, "nodules": placed, "anatomy": P, "geometry": geom, "trees": trees})
+    return lay
+
+
+def render_volume_request(lay: dict[str, Any], rng: np.random.Generator) -> tuple[np.ndarray, dict[str, Any]]:
+    geom = lay["geometry"]
+    p = draw_volume_render_params(rng, geom.spacing)
+    return render_volume(lay, geom, p), p
+
+
+def public_findings(placed: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Placed findings without the in-memory raster (for provenance)."""
+    return [{k: v for k, v in f.items() if not k.startswith("_")} for f in placed]
