@@ -125,7 +125,19 @@ def _on_signal(signum: int, frame: Any) -> None:
         os._exit(128 + signum)
     _state.stopping = True
     try:
+        # Prefect times waits in the main thread with SIGALRM (its alarm raises CancelledError wherever the main
+        # thread is): this process is ending, so no alarm may cut the stop short.
+        if hasattr(signal, "setitimer"):
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, signal.SIG_IGN)
         stop(signum)
+    except BaseException as e:  # the stop itself failed: still one line, still the signal's exit code
+        if os.environ.get("PAIRFORGE_DEBUG_STOP"):
+            import traceback
+
+            traceback.print_exc()
+        _write_line(f"interrupted ({signal.Signals(signum).name}); reporting what was finished failed "
+                    f"({type(e).__name__}: {e}); rerun the same command to resume")
     finally:
         os._exit(128 + signum)
 
