@@ -13,6 +13,7 @@ import numpy as np
 
 from annotators import Annotation, bounding_box, check, register_annotator
 from schemas.chest_ct import CT_IDS, DOMAIN, LOBES
+from schemas.findings import SIDE_LOBES
 from schemas.sample import Layout, SampleRequest
 
 C = CT_IDS
@@ -122,7 +123,8 @@ def measure_findings(label: np.ndarray, instance: np.ndarray, lobes: np.ndarray 
         lung_total = int(counts[LUNG_IDS].sum())
         lobe_id = int(LUNG_IDS[int(np.argmax(counts[LUNG_IDS]))]) if lung_total else 0
         want = f.get("requested_location", "any")
-        want_ids = LUNG_IDS if want == "any" else [LOBES[want]]
+        want_ids = LUNG_IDS if want == "any" else [LOBES[n] for n in SIDE_LOBES[want]] if want in SIDE_LOBES \
+            else [LOBES[want]]
         in_region = float(counts[want_ids].sum() / lung_total) if lung_total else 0.0
         mean_axis = (long_px + short_px) / 2 * sp
         out.append({
@@ -193,7 +195,7 @@ def connected_findings(label: np.ndarray) -> int:
     return int(n - 1)
 
 
-@register_annotator(DOMAIN)
+# Registered for the domain by annotators.ct_insertion (phantom or real-scan samples).
 def annotate_chest_ct(image: np.ndarray, layout: Layout, request: SampleRequest, qc: Any) -> Annotation:
     lobes = layout.extras.get("lobes")
     sp = layout.spacing_mm

@@ -123,7 +123,41 @@ def spec_json_schema() -> dict:
     return schema
 
 
-def format_validation_error(e: ValidationError) -> str:
+def _fields_at(model: Any, loc: tuple) -> list[str]:
+    """Field names of the (nested) model at ``loc`` (the parent of an unknown field), [] when not a model."""
+    for part in loc:
+        field = getattr(model, "model_fields", {}).get(part) if isinstance(part, str) else None
+        ann = getattr(field, "annotation", None)
+        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+            return []
+        model = ann
+    return list(getattr(model, "model_fields", {}))
+
+
+def _unknown_field(e: ValidationError, model: Any) -> str | None:
+    """"unknown field 'sampels' (did you mean 'samples'?)" for the first misspelt field; None when there is none."""
+    import difflib
+
+    errors = e.errors()
+    extra = next((x for x in errors if x["type"] == "extra_forbidden"), None)
+    if extra is None:
+        return None
+    *parent, name = [p for p in extra["loc"] if not (isinstance(p, str) and p in set(known_domains()))]
+    missing = [str(x["loc"][-1]) for x in errors if x["type"] == "missing" and list(x["loc"][:-1]) == parent]
+    candidates = missing or _fields_at(model, tuple(parent)) if model is not None else missing
+    close = difflib.get_close_matches(str(name), candidates or [], n=1, cutoff=0.6)
+    where = ".".join(str(p) for p in parent)
+    what = f"unknown field {where + '.' if where else ''}{name!r}".replace(f"{where}.'", f"'{where}.")
+    hint = f" (did you mean {close[0]!r}?)" if close else "; check the spelling against `pairforge schema`"
+    rest = [x for x in errors if x is not extra and not (close and x["type"] == "missing" and
+                                                           str(x["loc"][-1]) == close[0])]
+    return what + hint + (f" (and {len(rest)} more)" if rest else "")
+
+
+def format_validation_error(e: ValidationError, model: Any = None) -> str:
+    unknown = _unknown_field(e, model)
+    if unknown is not None:
+        return unknown
     err = e.errors()[0]
     domains = set(known_domains())
     loc = ".".join(str(x) for x in err["loc"] if not (isinstance(x, str) and x in domains))
@@ -149,7 +183,7 @@ def validate_spec(data: Any) -> BaseSpec:
     try:
         return model.model_validate(data)
     except ValidationError as e:
-        raise SpecError(f"invalid spec: {format_validation_error(e)}") from None
+        raise SpecError(f"invalid spec: {format_validation_error(e, model)}") from None
     except SpecError as e:
         raise SpecError(f"invalid spec: {e}") from None
 
