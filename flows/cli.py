@@ -279,15 +279,11 @@ def ls_(root: Optional[str] = RootOpt, verbose: bool = VerboseOpt) -> None:
 @handle_errors
 def show(ref: str = typer.Argument(..., help="NAME, NAME@vN or NAME@latest"), root: Optional[str] = RootOpt,
          as_json: bool = typer.Option(False, "--json", help="print the whole manifest as JSON"),
-<<<<<<< HEAD
          open_: bool = typer.Option(False, "--open", help="open the version's static browser (index.html)"),
-=======
          card: bool = typer.Option(False, "--card", help="print the dataset card (README.md) of the version"),
->>>>>>> main
          verbose: bool = VerboseOpt) -> None:
     """Show a published version (the latest when none is given): counts, findings by kind, where its card is."""
     st = _store(root)
-<<<<<<< HEAD
     if open_:
         from flows.browser import browser_url
 
@@ -296,13 +292,12 @@ def show(ref: str = typer.Argument(..., help="NAME, NAME@vN or NAME@latest"), ro
 
         webbrowser.open(url)
         out.print(f"opened {url}")
-=======
+        return
     if card:
         name, version = st.resolve(ref)
         uri = st.root.uri(name, f"v{version}", "README.md")
         typer.echo(st.root.read_bytes(st.root.join(name, f"v{version}", "README.md")).decode("utf-8"))
         err.print(f"(card: {uri}; its plots are in the card/ folder beside it)")
->>>>>>> main
         return
     if as_json:
         name, version = st.resolve(ref)
