@@ -45,13 +45,20 @@ def _colours(class_table, n: int = 256) -> np.ndarray:
     return lut
 
 
+def _view(stored: np.ndarray, row: dict, domain) -> np.ndarray:
+    """8-bit view for people: decoded by the row's codec, shown through the domain's display window."""
+    from annotators.overlay import display
+    from store.codecs import codec_for_row
+
+    return display(codec_for_row(row).decode(stored), domain.display_window if domain is not None else None)
+
+
 def write_browser(fs, base: str, manifest: Any, domain) -> list[str]:
     """Write index.html, sample.html and browser/* under ``base`` (an fsspec filesystem path); returns them."""
     import cv2
     import pyarrow.parquet as pq
 
     from annotators.overlay import instance_outline, outline
-    from flows.card import _view
     from schemas.arrow import finding_dict
     from store.codec import decode_png, encode_png
 
