@@ -63,7 +63,8 @@ def write_browser(fs, base: str, manifest: Any, domain) -> list[str]:
     from store.codec import decode_png, encode_png
 
     with fs.open(f"{base}/samples.parquet", "rb") as f:
-        rows = pq.read_table(f, columns=COLUMNS).to_pylist()
+        pf = pq.ParquetFile(f)
+        rows = pf.read(columns=[c for c in COLUMNS if c in pf.schema_arrow.names]).to_pylist()
     class_table = domain.classes if domain is not None else None
     outline_ids = list(domain.outline_classes) if domain is not None and domain.outline_classes else None
     lut = _colours(class_table)
@@ -102,7 +103,7 @@ def write_browser(fs, base: str, manifest: Any, domain) -> list[str]:
         samples.append({
             "id": sid, "split": r["split"], "kinds": sorted({f.get("kind") for f in req if f.get("kind")}),
             "sizes": [round(s, 3) for s in sizes], "regions": sorted({g for g in map(_region, mea) if g}),
-            "spacing_mm": r["pixel_spacing_mm"], "qc_passed": bool(qc.get("passed", True)),
+            "spacing_mm": r.get("pixel_spacing_mm"), "qc_passed": bool(qc.get("passed", True)),
             "qc": [{k: c.get(k) for k in ("name", "passed", "value", "threshold", "detail")}
                    for c in (qc.get("checks") or [])],
             "requested": req, "measured": mea, "seed": r.get("seed"), "generator": r.get("generator"),
