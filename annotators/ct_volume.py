@@ -291,10 +291,37 @@ def preview_overlay(image: np.ndarray, label: np.ndarray, instance: np.ndarray, 
     return triplanar(image, label, instance, table, tuple(geo.get("spacing_kji_mm") or (1.0, 1.0, 1.0)))
 
 
-def card_view(image: np.ndarray, label: np.ndarray, instance: np.ndarray) -> tuple[np.ndarray, ...]:
-    """Hook for the card's sample grid: the axial slice through the first finding (or the middle slice)."""
-    kz = _through(instance)[0][1][0]
-    return image[kz], label[kz], instance[kz]
+def _square(a: np.ndarray, row_mm: float, col_mm: float, px_mm: float, nearest: bool) -> np.ndarray:
+    h = max(1, int(round(a.shape[0] * row_mm / px_mm)))
+    w = max(1, int(round(a.shape[1] * col_mm / px_mm)))
+    if nearest:
+        return cv2.resize(a.astype(np.uint16), (w, h), interpolation=cv2.INTER_NEAREST)
+    return cv2.resize(a.astype(np.float32), (w, h), interpolation=cv2.INTER_LINEAR)
+
+
+def card_view(image: np.ndarray, label: np.ndarray, instance: np.ndarray,
+              meta: dict[str, Any] | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Hook for the card's sample grid: one tile of the axial, coronal and sagittal planes through the first
+    finding (or the volume centre), side by side at square pixels (spacing from the file's affine)."""
+    aff = np.asarray((meta or {}).get("affine", np.eye(4)), float)
+    sx, sy, sz = (float(v) for v in np.sqrt((aff[:3, :3] ** 2).sum(0)))
+    px = min(sx, sy)
+    kz, jy, ix = _through(instance)[0][1]
+    planes = [(image[kz], label[kz], instance[kz], sy, sx), (image[:, jy], label[:, jy], instance[:, jy], sz, sx),
+              (image[:, :, ix], label[:, :, ix], instance[:, :, ix], sz, sy)]
+    tiles = [[_square(a, r, c, px, nearest) for a, nearest in ((im, False), (lb, True), (ins, True))]
+             for im, lb, ins, r, c in planes]
+    # axial on the left; coronal above sagittal on the right (a near-square tile)
+    out = []
+    for j, fill in enumerate((-1024.0, 0, 0)):
+        ax, co, sa = (t[j] for t in tiles)
+        w = max(co.shape[1], sa.shape[1])
+        right = np.concatenate([np.pad(co, ((0, 2), (0, w - co.shape[1])), constant_values=fill),
+                                np.pad(sa, ((0, 0), (0, w - sa.shape[1])), constant_values=fill)])
+        h = max(ax.shape[0], right.shape[0])
+        out.append(np.concatenate([np.pad(ax, ((0, h - ax.shape[0]), (0, 2)), constant_values=fill),
+                                   np.pad(right, ((0, h - right.shape[0]), (0, 0)), constant_values=fill)], axis=1))
+    return out[0].astype(np.float32), out[1].astype(np.uint8), out[2].astype(np.uint16)
 
 
 def volume_statistics(rows: list[dict], measured: list[list[dict]]) -> dict[str, Any]:
@@ -356,4 +383,6 @@ def card_text(rows: list[dict], requested: list[list[dict]], measured: list[list
     """Hook for the dataset card: volume-level statistics as Markdown lines."""
     st = volume_statistics(rows, measured)
     return ["## Volume statistics", "", "| statistic | value |", "| --- | --- |",
-            *[f"| {k.replace('_', ' ')} | {v} |" for k, v in st.items()], ""]
+            *[f"| {k.replace('_', ' ').replace(' mm3', ' (mm³)').replace(' mm', ' (mm)')} | "
+              f"{', '.join(f'{a} {b}' for a, b in v.items()) if isinstance(v, dict) else v} |" for k, v in st.items()],
+            ""]

@@ -215,16 +215,17 @@ def plot_grid(fs, base: str, rows: list[dict], domain) -> bytes | None:
     class_table = domain.classes if domain is not None else None
     outline_ids = list(domain.outline_classes) if domain is not None and domain.outline_classes else None
     pick = [pool[int(i)] for i in np.linspace(0, len(pool) - 1, min(GRID_SAMPLES, len(pool))).round()]
-    # A domain whose samples are not planes (volumes) names the plane to show: ``card_view(image, label, instance)``.
+    # A domain whose samples are not planes (volumes) makes the plane to show:
+    # ``card_view(stored image, label, instance, meta) -> (image, label, instance)``, meta from the codec's file.
     plane = import_hook(domain, domain.hooks_module, "card_view") if domain is not None else None
     tiles = []
     for r in pick:
         c = codec_for_row(r)
-        img = c.from_bytes(fs.cat_file(f"{base}/{r['image_path']}"))
+        img, meta = c.read_meta(fs.cat_file(f"{base}/{r['image_path']}"))
         lab = c.map_from_bytes(fs.cat_file(f"{base}/{r['label_path']}"))
         ins = c.map_from_bytes(fs.cat_file(f"{base}/{r['instance_path']}"))
         if plane is not None:
-            img, lab, ins = plane(img, lab, ins)
+            img, lab, ins = plane(img, lab, ins, meta)
         view = _view(img, r, domain)
         # Outline at thumbnail size (labels resized nearest-neighbour) so the outlines stay crisp.
         scale = THUMB_PX / max(view.shape[:2])

@@ -140,6 +140,9 @@ def known_codecs() -> list[str]:
 def get_codec(name: str, version: int | None = None, params: dict[str, Any] | None = None) -> Codec:
     """The codec ``name`` (newest version unless ``version``), built with ``params``."""
     versions = sorted(v for n, v in _CODECS if n == name)
+    if not versions:  # a codec that lives in a domain's module (e.g. NIfTI volumes): import those modules, look again
+        _load_domain_codecs()
+        versions = sorted(v for n, v in _CODECS if n == name)
     if not versions:
         raise StoreError(f"image codec {name!r} is not known; known: {', '.join(known_codecs())}")
     v = versions[-1] if version is None else int(version)
@@ -147,6 +150,14 @@ def get_codec(name: str, version: int | None = None, params: dict[str, Any] | No
         raise StoreError(f"image codec {name!r} version {v} is not known; known versions: "
                          f"{', '.join(map(str, versions))}")
     return _CODECS[(name, v)](**(params or {}))
+
+
+def _load_domain_codecs() -> None:
+    from schemas.domain import all_domains
+
+    for d in all_domains():
+        if d.codec_module:
+            importlib.import_module(d.codec_module)
 
 
 def codec_for_domain(domain: str) -> Codec:

@@ -32,7 +32,7 @@ from store.read import VersionDataset, resolve_version
 from store.root import Root, resolve_root
 
 # Modules that register the built-in formats; imported on the first look-up.
-EXPORTER_MODULES: tuple[str, ...] = ("store.mvtec",)
+EXPORTER_MODULES: tuple[str, ...] = ("store.mvtec", "store.dicom_volume")
 ENTRY_POINT_GROUP = "pairforge.exporters"
 
 ExportFn = Callable[..., dict[str, Any]]
