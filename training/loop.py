@@ -40,11 +40,18 @@ def model_config(spec: TrainSpec, meta: dict[str, Any]) -> dict[str, Any]:
     return {
         "format": FORMAT, "name": spec.name, "domain": meta["domain"], "route": "scratch",
         "classes": meta["classes"], "num_classes": max(int(k) for k in meta["classes"]) + 1,
-        "image": {"kind": meta["image_kind"], "channels": meta["channels"]},
+        "image": {"kind": meta["image_kind"], "channels": meta["channels"], "codec": domain_codec(meta["domain"])},
         "size": spec.size, "spacing_mm": meta.get("spacing_mm"),
         "network": spec.model.model_dump(mode="json"), "objective": spec.train.objective,
         "sample_steps": spec.train.sample_steps,
     }
+
+
+def domain_codec(domain: str) -> str:
+    """The image codec the domain stores its images with (recorded: a render is stored through it)."""
+    from schemas.domain import get_domain
+
+    return get_domain(domain).codec
 
 
 def resolve_device(v: str) -> torch.device:
