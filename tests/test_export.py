@@ -157,7 +157,7 @@ def test_a_corrupted_file_fails_the_export_naming_it_and_writes_nothing(built, t
 def test_bad_export_requests_exit_2_with_one_line_and_write_nothing(built, tmp_path):
     dest = tmp_path / "d"
     assert_bad_input(run_cli("export", "coco-ish", "plates@v1", dest, "--root", built),
-                     contains="unknown export format 'coco-ish'; accepted: mvtec")
+                     contains="unknown export format 'coco-ish'; accepted: dicom, mvtec")
     assert_bad_input(run_cli("export", "mvtec", "plates@v1", dest, "--root", built, "--option", "colour=red"),
                      contains="no option 'colour'; accepted: class_name (str), include_failed (bool)")
     assert_bad_input(run_cli("export", "mvtec", "plates@v1", dest, "--root", built, "--option", "include_failed"),
