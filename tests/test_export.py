@@ -215,7 +215,7 @@ def test_a_format_registered_outside_the_project_reaches_the_command_line(built,
     assert lines[0] == "sample_id sha256"
     assert lines[1:] == [f"{r['sample_id']} {r['image_sha256']}" for r in (ds.row(i) for i in range(len(ds)))]
     assert_bad_input(run_cli("export", "nope", "plates@v1", tmp_path / "x", "--root", built),
-                     contains="accepted: id-list, mvtec")
+                     contains="accepted: dicom, id-list, mvtec")
 
 
 FIXTURE = Path(__file__).resolve().parent / "fixtures" / "v1"  # versions published before image codecs existed
