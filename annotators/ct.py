@@ -13,11 +13,13 @@ import numpy as np
 
 from annotators import Annotation, bounding_box, check, register_annotator
 from schemas.chest_ct import CT_IDS, DOMAIN, LOBES
+from schemas.findings import SIDE_LOBES
 from schemas.sample import Layout, SampleRequest
 
 C = CT_IDS
 LOBE_BY_ID = {v: k for k, v in LOBES.items()}
 LUNG_IDS = list(LOBES.values())
+NODULE_IDS = [CT_IDS["nodule_solid"], CT_IDS["nodule_ground_glass"]]
 
 # Median HU each tissue must show in a rendered slice (published ranges widened by noise and partial volume;
 # ../shared/docs/DOMAIN.md). A class is checked only where it has at least MIN_PIXELS pixels.
@@ -72,8 +74,29 @@ def lung_rads_size_category(kind: str, mean_axis_mm: float, solid_mean_axis_mm: 
     return "4A" if m < 15 else "4B"
 
 
+RING_MM = (1.0, 3.0)  # the neighbourhood a finding's lobe is read from: 1-3 mm outside its edge
+
+
+def ring_lobe_counts(label: np.ndarray, m: np.ndarray, y0: int, x0: int, spacing_mm: float) -> np.ndarray:
+    """Lobe-class pixel counts in the ring 1-3 mm around a finding mask ``m`` (placed at ``y0, x0`` in ``label``),
+    read from the published label alone: vessels, airways, other findings and non-lung tissue do not count."""
+    r_in = max(1, int(round(RING_MM[0] / spacing_mm)))
+    r_out = max(r_in + 1, int(round(RING_MM[1] / spacing_mm)))
+    pad = r_out + 1
+    h, w = label.shape
+    ya, yb, xa, xb = max(0, y0 - pad), min(h, y0 + m.shape[0] + pad), max(0, x0 - pad), min(w, x0 + m.shape[1] + pad)
+    big = np.zeros((yb - ya, xb - xa), np.uint8)
+    big[y0 - ya:y0 - ya + m.shape[0], x0 - xa:x0 - xa + m.shape[1]] = m
+    ring = (cv2.dilate(big, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * r_out + 1,) * 2)) > 0) & ~(
+        cv2.dilate(big, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * r_in + 1,) * 2)) > 0)
+    return np.bincount(label[ya:yb, xa:xb][ring].astype(np.int64), minlength=max(LUNG_IDS) + 1)[:max(LUNG_IDS) + 1]
+
+
 def measure_findings(label: np.ndarray, instance: np.ndarray, lobes: np.ndarray | None, spacing_mm: float,
                      placed: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Measurements of each placed finding from the label and instance maps. ``lobes`` (the phantom's own lobe map,
+    not published) is not used: lobe and in-region share are read from the lobe classes of the label in a ring
+    around the finding, so anyone can recompute them from the published files."""
     out = []
     sp = spacing_mm
     h, w = label.shape
@@ -96,12 +119,13 @@ def measure_findings(label: np.ndarray, instance: np.ndarray, lobes: np.ndarray 
         if f["kind"] == "part_solid" and solid.any():
             sl, ss = feret_axes(solid)
             solid_mean = (sl + ss) / 2 * sp
-        lobe_pixels = lobes[y0:y1, x0:x1][m] if lobes is not None else np.zeros(area, np.uint8)
-        counts = np.bincount(lobe_pixels, minlength=max(LUNG_IDS) + 1)
-        lobe_id = int(np.argmax(counts))
+        counts = ring_lobe_counts(label, m.astype(np.uint8), y0, x0, sp)
+        lung_total = int(counts[LUNG_IDS].sum())
+        lobe_id = int(LUNG_IDS[int(np.argmax(counts[LUNG_IDS]))]) if lung_total else 0
         want = f.get("requested_location", "any")
-        want_ids = LUNG_IDS if want == "any" else [LOBES[want]]
-        in_region = float(counts[want_ids].sum() / area)
+        want_ids = LUNG_IDS if want == "any" else [LOBES[n] for n in SIDE_LOBES[want]] if want in SIDE_LOBES \
+            else [LOBES[want]]
+        in_region = float(counts[want_ids].sum() / lung_total) if lung_total else 0.0
         mean_axis = (long_px + short_px) / 2 * sp
         out.append({
             "instance": k, "kind": f["kind"], "margin": f["margin"],
@@ -161,7 +185,17 @@ def contrast_to_noise(image: np.ndarray, instance: np.ndarray, label: np.ndarray
     return float(abs(float(np.median(inside)) - med) / (sigma + 1e-6))
 
 
-@register_annotator(DOMAIN)
+def connected_findings(label: np.ndarray) -> int:
+    """Findings as the label shows them: connected regions (8-neighbour) of the nodule classes (a part-solid
+    nodule's solid core and ground-glass halo are one region). Recomputable from the published label alone."""
+    mask = np.isin(label, NODULE_IDS).astype(np.uint8)
+    if not mask.any():
+        return 0
+    n, _ = cv2.connectedComponents(mask, connectivity=8)
+    return int(n - 1)
+
+
+# Registered for the domain by annotators.ct_insertion (phantom or real-scan samples).
 def annotate_chest_ct(image: np.ndarray, layout: Layout, request: SampleRequest, qc: Any) -> Annotation:
     lobes = layout.extras.get("lobes")
     sp = layout.spacing_mm
@@ -177,8 +211,9 @@ def annotate_chest_ct(image: np.ndarray, layout: Layout, request: SampleRequest,
     tol_mm = getattr(qc, "size_tolerance_mm", 0.5)
     cnr_min = getattr(qc, "cnr_min", 3.0)
     min_in = getattr(qc, "min_in_region", 0.99)
-    checks.append(check("finding_count", len(measured) == len(request.findings), len(measured),
-                        f"== {len(request.findings)}"))
+    seen = connected_findings(layout.label)
+    checks.append(check("finding_count", seen == len(request.findings), seen,
+                        f"== {len(request.findings)} connected findings in the label"))
     for f, m in zip(layout.findings, measured):
         k = f["instance"]
         tol = max(tol_mm, sp)

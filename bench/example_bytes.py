@@ -45,7 +45,22 @@ def rows_without_codec(data: bytes) -> str:
     t = pq.read_table(io.BytesIO(data))
     if "image_codec" in t.column_names:
         t = t.drop(["image_codec"])
-    return json.dumps(t.to_pylist(), sort_keys=True, default=str)
+    if "group" in t.column_names and t.column("group").null_count == len(t):  # added for real sources; null here
+        t = t.drop(["group"])
+    rows = t.to_pylist()
+    for row in rows:  # read from the published label since (docs/store.md): lobe, in-region share, finding_count
+        for m in row.get("measured") or []:
+            m.pop("lobe", None)
+            m.pop("in_region_fraction", None)
+        for c in (row.get("qc") or {}).get("checks") or []:
+            if c.get("name", "").startswith(("in_lobe_", "finding_count")):
+                c.update(value=None, threshold=None)
+    return json.dumps(rows, sort_keys=True, default=str)
+
+
+# Class ids appended after the recording (ids never change; new ones are added at the end): chest-CT 25-27 for
+# real-scan sources (lung_right, lung_left, tissue_unlabelled).
+APPENDED_CLASSES = {"chest_ct": ("25", "26", "27")}
 
 
 def manifest_without_codec(data: str | bytes) -> str:
@@ -54,6 +69,8 @@ def manifest_without_codec(data: str | bytes) -> str:
     m = json.loads(data)
     for k in ("codecs", "samples_parquet_sha256", "content_digest"):
         m.pop(k, None)
+    for k in APPENDED_CLASSES.get(m.get("domain"), ()):  # ids appended to a class table after the recording
+        m.get("class_table", {}).pop(k, None)
     m.get("files", {}).pop("samples.parquet", None)
     return json.dumps(m, sort_keys=True)
 

@@ -24,6 +24,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.futures import wait
 from prefect.tasks import exponential_backoff
 
+from flows import interrupt
 from flows.card import card
 from flows.card import warm_up as card_warm_up
 from flows.pipeline import make_samples
@@ -98,6 +99,7 @@ def build_lane(spec: BaseSpec, staging: Any, lane: int, n_lanes: int, shards: li
             out.append({"shard": i, "n": stop - start, "reused": True, "seconds": 0.0})
             continue
         t0 = time.perf_counter()
+        interrupt.hold("shard")
         samples = make_samples(spec, range(start, stop), digest=staging.digest, backend=_backend(spec, staging.digest))
         info = dict(staging.write_shard(i, samples))
         info.update(shard=i, n=len(samples), reused=False, seconds=time.perf_counter() - t0)
@@ -129,7 +131,12 @@ def _backend(spec: BaseSpec, digest: str):
 
 
 # Handed to publish, which calls it before writing the manifest: a task run of its own inside the publish task.
-write_card = task(card, name="dataset-card", task_run_name="dataset card")
+def _card(folder: str, manifest: Any) -> None:
+    interrupt.hold("card")  # testing hook: interrupt a publish half-way (samples.parquet written, no manifest)
+    card(folder, manifest)
+
+
+write_card = task(_card, name="dataset-card", task_run_name="dataset card")
 
 
 @task(name="publish", task_run_name="publish {name} v{version}")
@@ -192,8 +199,9 @@ def _default_task_runner():
 
 @flow(name="build-dataset", flow_run_name=_flow_run_name, validate_parameters=False, log_prints=False,
       task_runner=_default_task_runner())
-def build_dataset(spec: Any, root: str | None = None) -> dict[str, Any]:
-    """Build and publish one version of the dataset ``spec`` describes (a path, YAML text or a mapping)."""
+def build_dataset(spec: Any, root: str | None = None, force_new: bool = False) -> dict[str, Any]:
+    """Build and publish one version of the dataset ``spec`` describes (a path, YAML text or a mapping). When a
+    published version has the same spec hash and code version, return it (``up_to_date``) unless ``force_new``."""
     from prefect.runtime import flow_run
 
     t0 = time.perf_counter()
@@ -201,7 +209,20 @@ def build_dataset(spec: Any, root: str | None = None) -> dict[str, Any]:
     digest = spec_hash(model)
     version = code_version()
     st = _store(root)
+    if not force_new:
+        from flows.rebuild import check as check_rebuild
+
+        same = check_rebuild(st, model, digest, version).up_to_date
+        if same is not None:
+            found = {"name": model.name, "version": same, "uri": st.root.uri(model.name, f"v{same}"),
+                     "up_to_date": True, "samples": 0, "shards": 0, "reused": 0, "generated": 0, "qc_failed": 0,
+                     "bytes": 0, "seconds": time.perf_counter() - t0, "spec_hash": digest, "code_version": version,
+                     "flow_run_id": str(flow_run.id) if flow_run.id else None}
+            _emit("up_to_date", **found)
+            return found
     staging = st.open_build(model, text, digest, version)
+    interrupt.track_build(staging, str(flow_run.id) if flow_run.id else None)
+    interrupt.set_phase("building shards")
     shards = plan_shards(model.samples, model.shard_size)
     finished = set(staging.finished_shards())
     _emit("plan", name=model.name, version=staging.version, shards=len(shards), samples=model.samples,
@@ -245,7 +266,11 @@ def build_dataset(spec: Any, root: str | None = None) -> dict[str, Any]:
         run_lanes(missing, 1, redone=True)
 
     run_id = str(flow_run.id) if flow_run.id else None
+    interrupt.set_phase("publishing")
+    _emit("publishing", name=model.name, version=staging.version)
     published = publish_version(staging, model.name, staging.version, run_id)
+    interrupt.set_phase("finishing")
+    interrupt.hold("published")
     summary = {
         **published,
         "samples": sum(r["n"] for r in results.values()),
@@ -264,12 +289,12 @@ def build_dataset(spec: Any, root: str | None = None) -> dict[str, Any]:
 
 
 def run_build(spec: Any, root: str | None = None, runner: str = "local", workers: int | None = None,
-              dask_address: str | None = None, task_runner: Any = None) -> dict[str, Any]:
+              dask_address: str | None = None, task_runner: Any = None, force_new: bool = False) -> dict[str, Any]:
     """Run ``build_dataset`` with the chosen task runner (see flows.runners), or with ``task_runner`` as given
     (e.g. a process pool whose workers were started while the API server started)."""
     tr = task_runner if task_runner is not None else make_runner(runner, workers, dask_address)
     try:
-        return build_dataset.with_options(task_runner=tr)(spec, root=root)
+        return build_dataset.with_options(task_runner=tr)(spec, root=root, force_new=force_new)
     finally:
         close = getattr(tr, "close_prestarted", None)
         if close is not None:  # workers started for a run that never took them (e.g. it failed to start)

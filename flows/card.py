@@ -17,7 +17,7 @@ SIZE_FIELDS = (("diameter_mm", "equivalent_diameter_mm"), ("length_mm", "length_
 REGION_FIELDS = ("lobe", "region", "location")
 GRID_SAMPLES = 8
 CARD_COLUMNS = ["sample_id", "split", "image_path", "label_path", "instance_path", "image_encoding", "image_codec",
-                "requested", "measured", "qc"]
+                "requested", "measured", "qc", "group"]
 THUMB_PX = 160
 
 
@@ -63,7 +63,8 @@ def warm_up() -> None:
 def _png(fig, palette: list[tuple[int, int, int]] | None = None) -> bytes:
     """PNG bytes of a figure; sample grids are mapped onto a fixed palette to keep them a few tens of KB."""
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100, metadata={"Software": None})
+    # A tight box: long region names and axis labels are never cut off at the figure's edge.
+    fig.savefig(buf, format="png", dpi=100, metadata={"Software": None}, bbox_inches="tight", pad_inches=0.04)
     _pyplot().close(fig)
     if palette is None:
         return buf.getvalue()
@@ -89,24 +90,33 @@ def _grid_palette(class_table, ids: list[int] | None) -> list[tuple[int, int, in
 # ------------------------------------------------------------------------------------------------ plots
 def plot_sizes(requested: list[list[dict]], measured: list[list[dict]]) -> tuple[bytes | None, dict]:
     """Requested vs measured finding size (paired by instance) and both distributions."""
-    fields = next(((rq, ms) for rq, ms in SIZE_FIELDS
-                   if any(rq in f for fs in requested for f in fs) and any(ms in f for fs in measured for f in fs)), None)
-    if fields is None:
-        return None, {}
-    rq_key, ms_key = fields
-    pairs = []
+    # Each finding is compared on the first size both sides have (a nodule's diameter, a scratch's length, a dent's
+    # diameter), so every kind counts, not only the kind that has the first field of the list.
+    pairs, kinds, used = [], [], []
     for req, mea in zip(requested, measured):
         by_inst = {f.get("instance"): f for f in mea}
         for i, f in enumerate(req):
             m = by_inst.get(f.get("instance", i + 1))
-            if m is not None and rq_key in f and ms_key in m:
-                pairs.append((float(f[rq_key]), float(m[ms_key])))
+            keys = next(((rq, ms) for rq, ms in SIZE_FIELDS if m is not None and f.get(rq) is not None
+                         and m.get(ms) is not None), None)
+            if keys is not None:
+                pairs.append((float(f[keys[0]]), float(m[keys[1]])))
+                kinds.append(str(f.get("kind") or "?"))
+                used.append(keys)
     if not pairs:
         return None, {}
     a = np.array(pairs)
     err = a[:, 1] - a[:, 0]
+    rq_key, ms_key = Counter(used).most_common(1)[0][0]
+    by_kind = {}
+    for kind in sorted(set(kinds)):
+        e = err[np.array(kinds) == kind]
+        kk = Counter(u for u, k in zip(used, kinds) if k == kind).most_common(1)[0][0]
+        by_kind[kind] = {"n": int(e.size), "requested": kk[0], "measured": kk[1], "mean_error_mm": float(e.mean()),
+                         "mean_abs_error_mm": float(np.abs(e).mean()), "max_abs_error_mm": float(np.abs(e).max())}
     stats = {"n": len(a), "requested": rq_key, "measured": ms_key, "mean_error_mm": float(err.mean()),
-             "mean_abs_error_mm": float(np.abs(err).mean()), "max_abs_error_mm": float(np.abs(err).max())}
+             "mean_abs_error_mm": float(np.abs(err).mean()), "max_abs_error_mm": float(np.abs(err).max()),
+             "by_kind": by_kind}
     plt = _pyplot()
     # Fixed margins: constrained layout cost ~0.5 s per card on the serial publish path.
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(7.2, 2.8))
@@ -114,7 +124,7 @@ def plot_sizes(requested: list[list[dict]], measured: list[list[dict]]) -> tuple
     lo, hi = float(a.min()) * 0.9, float(a.max()) * 1.05
     ax1.plot([lo, hi], [lo, hi], color="0.6", lw=0.8, ls="--")
     ax1.scatter(a[:, 0], a[:, 1], s=6, alpha=0.7, lw=0)
-    ax1.set(xlabel=f"requested {rq_key} (mm)", ylabel=f"measured {ms_key} (mm)", title="requested vs measured size")
+    ax1.set(xlabel="requested size (mm)", ylabel="measured size (mm)", title="requested vs measured size")
     bins = np.linspace(lo, hi, 25)
     ax2.hist(a[:, 0], bins=bins, alpha=0.6, label="requested")
     ax2.hist(a[:, 1], bins=bins, alpha=0.6, label="measured")
@@ -128,8 +138,24 @@ def region_counts(measured: list[list[dict]]) -> dict[str, int]:
     for fs in measured:
         for f in fs:
             key = next((f[k] for k in REGION_FIELDS if f.get(k)), "unknown")
-            c[str(key)] += 1
+            c[_region_name(key)] += 1
     return dict(sorted(c.items()))
+
+
+def _region_name(v) -> str:
+    """A region as people write it: a point {'x_mm': 20, 'y_mm': 15} -> 'at (20, 15) mm'; names as they are."""
+    if isinstance(v, str) and v.startswith("{"):
+        import json
+
+        try:
+            v = json.loads(v.replace("'", '"'))
+        except ValueError:
+            return v
+    if isinstance(v, dict):
+        if "x_mm" in v and "y_mm" in v:
+            return f"at ({float(v['x_mm']):g}, {float(v['y_mm']):g}) mm"
+        return ", ".join(f"{k} {val}" for k, val in v.items())
+    return str(v)
 
 
 def plot_regions(counts: dict[str, int]) -> bytes | None:
@@ -299,6 +325,13 @@ def render_readme(m: Any, rows: list[dict], requested: list[list[dict]], measure
         lines += [f"{size_stats['n']} findings; measured `{size_stats['measured']}` (from the label map) minus requested "
                   f"`{size_stats['requested']}`: mean {size_stats['mean_error_mm']:+.3f} mm, mean |error| "
                   f"{size_stats['mean_abs_error_mm']:.3f} mm, max |error| {size_stats['max_abs_error_mm']:.3f} mm.", ""]
+        if len(size_stats.get("by_kind") or {}) > 1:
+            lines += ["| kind | findings | size compared | mean error (mm) | mean abs error (mm) | max abs error (mm) |",
+                      "| --- | --- | --- | --- | --- | --- |"]
+            lines += [f"| {k} | {s['n']} | {s['requested']} -> {s['measured']} | {s['mean_error_mm']:+.3f} | "
+                      f"{s['mean_abs_error_mm']:.3f} | {s['max_abs_error_mm']:.3f} |"
+                      for k, s in size_stats["by_kind"].items()]
+            lines += [""]
     else:
         lines += ["No findings with sizes in this version.", ""]
     if "sizes" in plots:
@@ -308,6 +341,11 @@ def render_readme(m: Any, rows: list[dict], requested: list[list[dict]], measure
         lines += _table(["region", "findings"], [[k, v] for k, v in regions.items()]) + [""]
     if "regions" in plots:
         lines += [f"![findings per region]({plots['regions']})", ""]
+    groups = Counter(r.get("group") for r in rows if r.get("group"))
+    if groups:  # samples made from the user's own scans or photos
+        lines += ["## Sources", "", f"{len(groups)} sources used; samples per source (a source's id is the start of "
+                  "the sha256 of its files; `group` in `samples.parquet`):", ""]
+        lines += _table(["source", "samples"], [[k, v] for k, v in sorted(groups.items())]) + [""]
     lines += ["## Quality control", ""]
     qc_failed = sum(1 for r in rows if not (r.get("qc") or {}).get("passed"))
     first = first_attempt_pass_rate(rows)

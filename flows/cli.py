@@ -28,7 +28,7 @@ err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 EXIT_OK, EXIT_FAILURE, EXIT_BAD_INPUT = 0, 1, 2
 
-RootOpt = typer.Option(None, "--root", help="dataset root: a folder or fsspec URL (default $PAIRFORGE_ROOT or ./datasets)")
+RootOpt = typer.Option(None, "--root", help="dataset root: a folder or fsspec URL (default: see `pairforge root`)")
 VerboseOpt = typer.Option(False, "--verbose", "-v", help="details, Prefect logs and tracebacks")
 
 
@@ -76,51 +76,6 @@ def _quiet_prefect(verbose: bool) -> None:
 
 
 # --------------------------------------------------------------------------------------------------- build
-class BuildProgress:
-    """A rich progress bar fed by the flow's events; samples/s counts generated (not reused) samples only."""
-
-    def __init__(self, console: Console, enabled: bool = True):
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-        # Fits 80 columns; the dataset and version go on a line of their own above the bar.
-        self.console = console
-        self.enabled = enabled
-        self.progress = Progress(BarColumn(bar_width=24), MofNCompleteColumn(), TextColumn("samples"),
-                                 TextColumn("{task.fields[rate]}"), TextColumn("{task.fields[shards]}"),
-                                 TimeElapsedColumn(), console=console, disable=not enabled, transient=False)
-        self.task = None
-        self.t0 = time.perf_counter()
-        self.generated = 0
-
-    def __enter__(self):
-        self.progress.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        return self.progress.__exit__(*exc)
-
-    def __call__(self, ev: dict[str, Any]) -> None:
-        if ev["event"] == "plan":
-            self.t0 = time.perf_counter()
-            self.n_shards = ev["shards"]
-            self.done_shards = 0
-            if self.enabled:
-                resumed = f", {ev['finished']} already staged" if ev.get("finished") else ""
-                self.console.print(f"building {ev['name']} v{ev['version']}: {ev['samples']} samples in "
-                                   f"{ev['shards']} shards{resumed}")
-            self.task = self.progress.add_task(f"build {ev['name']} v{ev['version']}", total=ev["samples"],
-                                               rate="", shards=f"0/{ev['shards']} shards")
-        elif ev["event"] == "shard" and self.task is not None:
-            self.done_shards += 0 if ev.get("redone") else 1
-            if not ev.get("reused"):
-                self.generated += int(ev["n"])
-            dt = max(time.perf_counter() - self.t0, 1e-9)
-            rate = f"{self.generated / dt:.1f} samples/s" if self.generated else "reused"
-            # A shard redone after a stale cache hit was already counted once.
-            self.progress.update(self.task, advance=0 if ev.get("redone") else int(ev["n"]), rate=rate,
-                                 shards=f"{self.done_shards}/{self.n_shards} shards")
-
-
 @app.command()
 @handle_errors
 def build(spec: str = typer.Argument(..., help="spec file (.yaml/.json)"),
@@ -128,18 +83,53 @@ def build(spec: str = typer.Argument(..., help="spec file (.yaml/.json)"),
           runner: str = typer.Option("local", "--runner", help="local | threads | processes | dask | ray"),
           workers: Optional[int] = typer.Option(None, "--workers", "-w", help="parallel workers (default: CPU count)"),
           dask_address: Optional[str] = typer.Option(None, "--dask-address", help="existing Dask scheduler, tcp://host:port"),
+          force_new: bool = typer.Option(False, "--force-new",
+                                         help="make a new version even if one with this spec and code is published"),
+          quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress; only the final line"),
+          as_json: bool = typer.Option(False, "--json", help="progress and result as JSON lines on stdout"),
           verbose: bool = VerboseOpt) -> None:
-    """Build and publish a new version of the dataset SPEC describes."""
-    _quiet_prefect(verbose)
-    from flows.inputs import check_root_writable, resolve_spec
-    from flows.pipeline import backend_for
-    from flows.runners import check_runner, describe
+    """Build and publish a new version of the dataset SPEC describes (nothing new if it is up to date).
 
+    The first Ctrl-C (or SIGTERM) stops the build within seconds and says what was finished; rerunning resumes.
+    Exit codes: 0 published or up to date, 1 failure, 2 bad input, 130 / 143 interrupted by SIGINT / SIGTERM
+    (the last line says whether the version was published before the signal)."""
+    from flows import interrupt
+
+    with interrupt.handling():
+        _build(spec, root, runner, workers, dask_address, force_new, quiet, as_json, verbose)
+
+
+def _build(spec: str, root: Optional[str], runner: str, workers: Optional[int], dask_address: Optional[str],
+           force_new: bool, quiet: bool, as_json: bool, verbose: bool) -> None:
+    from flows.progress import choose_mode, reporter
+
+    _quiet_prefect(verbose)
+    from flows.inputs import check_root_writable, code_version, resolve_spec
+    from flows.pipeline import backend_for
+    from flows.rebuild import check as check_rebuild
+    from flows.runners import check_runner, describe
+    from schemas.spec import spec_hash
+
+    mode = choose_mode(quiet, as_json)
+    if mode == "json":
+        from flows import interrupt
+
+        interrupt.json_events()
     # Every input check runs before Prefect starts, so bad input costs no server start and publishes nothing.
     model, _ = resolve_spec(Path(spec))
     backend_for(model)  # unknown generator or option -> SpecError
     check_root_writable(root)
     check_runner(runner, workers, dask_address)
+    rc = check_rebuild(_store(root), model, spec_hash(model), code_version())
+    if rc.up_to_date is not None and not force_new:
+        _say_up_to_date(mode, rc, _store(root).root.uri(model.name, f"v{rc.up_to_date}"))
+        return
+    if rc.latest is not None:
+        if mode == "json":
+            typer.echo(json.dumps({"event": "changed", "name": rc.name, "since": rc.latest, "changes": rc.changes,
+                                   "forced": rc.up_to_date is not None}))
+        elif mode != "quiet":
+            out.print(rc.summary() if rc.up_to_date is None else f"{rc.summary()}; --force-new: building a new version")
 
     # The local API server starts in its own process while this one imports the flow (Prefect and all) and a
     # process pool starts its workers and their imports: ~1.5 s of CPU each that the server start leaves idle.
@@ -157,13 +147,29 @@ def build(spec: str = typer.Argument(..., help="spec file (.yaml/.json)"),
         if verbose:
             err.print(f"Prefect API: {api}; runner: {describe(runner, workers, dask_address)}; "
                       f"code version {b.code_version()}")
-        with BuildProgress(out, enabled=sys.stdout.isatty() or verbose) as progress, b.reporting_to(progress):
-            summary = b.run_build(str(Path(spec)), root=root, task_runner=prepared.get("runner"))
+        with reporter(mode, out) as progress, b.reporting_to(progress):
+            summary = b.run_build(str(Path(spec)), root=root, task_runner=prepared.get("runner"), force_new=force_new)
+    if summary.get("up_to_date"):  # published by another build meanwhile
+        rc.up_to_date = rc.latest = summary["version"]
+        _say_up_to_date(mode, rc, summary["uri"])
+        return
+    if mode == "json":
+        return  # the "published" event carried the summary
+    if mode == "quiet":
+        out.print(f"published {summary['name']}@v{summary['version']} at {summary['uri']}")
+        return
     rate = summary["samples"] / summary["seconds"] if summary["seconds"] else 0.0
     out.print(f"shards: {summary['generated']} generated, {summary['reused']} reused (of {summary['shards']})")
     out.print(f"samples: {summary['samples']} ({summary['qc_failed']} failed QC), "
               f"{summary['seconds']:.1f} s, {rate:.1f} samples/s overall")
     out.print(f"published {summary['name']}@v{summary['version']} at {summary['uri']}")
+
+
+def _say_up_to_date(mode: str, rc: Any, uri: str) -> None:
+    if mode == "json":
+        typer.echo(json.dumps({"event": "up_to_date", "name": rc.name, "version": rc.up_to_date, "uri": uri}))
+    else:
+        out.print(f"{rc.summary()} at {uri} (same spec and code; --force-new makes a new version anyway)")
 
 
 # --------------------------------------------------------------------------------------------------- parse / preview / schema
@@ -183,13 +189,15 @@ def preview(source: str = typer.Argument(..., help="spec file or shorthand text"
             out_dir: Path = typer.Option(..., "--out", "-o", help="folder for the preview images"),
             n: int = typer.Option(4, "-n", help="number of samples"),
             seed: Optional[int] = typer.Option(None, "--seed", help="override the spec's seed"),
+            overwrite: bool = typer.Option(False, "--overwrite", help="replace files of an earlier preview in --out"),
             verbose: bool = VerboseOpt) -> None:
-    """Render a few samples with label outlines, without orchestration or publishing."""
+    """Render a few samples with label outlines, without orchestration or publishing (an earlier preview's files in
+    --out are kept unless --overwrite)."""
     from flows.preview import run_preview
 
     if n < 1:
         raise SpecError(f"-n must be at least 1, not {n}")
-    paths = run_preview(source, out_dir, n, seed)
+    paths = run_preview(source, out_dir, n, seed, overwrite=overwrite)
     for p in paths:
         out.print(str(p))
 
@@ -224,14 +232,37 @@ def _store(root: Optional[str]):
     return DatasetStore(root)
 
 
+@app.command("root")
+@handle_errors
+def root_(set_to: Optional[str] = typer.Option(None, "--set", help="make PATH (or an fsspec URL) your default root, "
+                                                                    "in the user config"),
+          verbose: bool = VerboseOpt) -> None:
+    """Show which dataset root commands use here, and where that choice comes from.
+
+    Order: --root, then $PAIRFORGE_ROOT, then root = "..." in the nearest pairforge.toml in this folder or above,
+    then the user config (~/.config/pairforge/config.toml), then ~/.local/share/pairforge/datasets."""
+    from store.config import HOW_TO_CHANGE, choose_root, describe, set_user_root
+
+    if set_to is not None:
+        path = set_user_root(set_to)
+        out.print(f"wrote {path}")
+    choice = choose_root(None)
+    out.print(describe(choice))
+    if set_to is None:
+        out.print(HOW_TO_CHANGE)
+
+
 @app.command("ls")
 @handle_errors
 def ls_(root: Optional[str] = RootOpt, verbose: bool = VerboseOpt) -> None:
     """List datasets and their published versions."""
     st = _store(root)
+    if st.root.local and not os.path.exists(st.root.path):
+        out.print(f"no datasets under {st.url} (the folder does not exist yet); {st.root.origin}")
+        return
     names = st.list_datasets()
     if not names:
-        out.print(f"no datasets under {st.url}")
+        out.print(f"no datasets under {st.url}; {st.root.origin}")
         return
     t = Table("dataset", "versions", "latest", "samples", "created (UTC)")
     for name in names:
@@ -248,9 +279,16 @@ def ls_(root: Optional[str] = RootOpt, verbose: bool = VerboseOpt) -> None:
 @handle_errors
 def show(ref: str = typer.Argument(..., help="NAME, NAME@vN or NAME@latest"), root: Optional[str] = RootOpt,
          as_json: bool = typer.Option(False, "--json", help="print the whole manifest as JSON"),
+         card: bool = typer.Option(False, "--card", help="print the dataset card (README.md) of the version"),
          verbose: bool = VerboseOpt) -> None:
-    """Show a published version (the latest when none is given)."""
+    """Show a published version (the latest when none is given): counts, findings by kind, where its card is."""
     st = _store(root)
+    if card:
+        name, version = st.resolve(ref)
+        uri = st.root.uri(name, f"v{version}", "README.md")
+        typer.echo(st.root.read_bytes(st.root.join(name, f"v{version}", "README.md")).decode("utf-8"))
+        err.print(f"(card: {uri}; its plots are in the card/ folder beside it)")
+        return
     if as_json:
         name, version = st.resolve(ref)
         typer.echo(st.manifest(name, version).model_dump_json(indent=2))
@@ -270,19 +308,32 @@ def pull(ref: str = typer.Argument(..., help="NAME@vN"), dest: Path = typer.Argu
 @app.command()
 @handle_errors
 def verify(target: str = typer.Argument(..., help="an image file (reads its watermark) or NAME@vN (checks every file)"),
-           root: Optional[str] = RootOpt, verbose: bool = VerboseOpt) -> None:
-    """Verify an image's watermark and provenance, or every checksum of a published version (exit 1 if it fails)."""
+           root: Optional[str] = RootOpt,
+           as_json: bool = typer.Option(False, "--json", help="the result as one JSON object, with its verdict"),
+           verbose: bool = VerboseOpt) -> None:
+    """Identify an image by its watermark, or check every checksum of a published version.
+
+    Exit codes, from any folder: 0 identified (an image whose mark names a dataset version and sample, intact,
+    re-encoded or a modified copy: the verdict says which) or a version whose files all match; 1 no mark found, a
+    mark the dataset contradicts (tampered), or a version with a missing or changed file; 2 bad input."""
     import store
 
     if os.path.isfile(target):
         res = store.verify_image(target, root=root)
-        ok = res.watermark_found and res.file_matches is not False and res.pixels_match is not False
+        ok = res.identified
+        data = res.as_dict()
     else:
         if "@" not in target and (os.sep in target or Path(target).suffix):
             raise SpecError(f"{target!r} is neither an existing file nor a dataset reference NAME@vN")
         res = store.verify_version(target, root=root)
         ok = res.ok
-    out.print(str(res), soft_wrap=True)
+        data = {"ref": res.ref, "files_checked": res.files_checked, "problems": res.problems,
+                "verdict": "intact" if ok else "tampered"}
+    if as_json:
+        typer.echo(json.dumps({**data, "exit_code": EXIT_OK if ok else EXIT_FAILURE}, default=str))
+    else:
+        verdict = f" [{res.verdict}]" if hasattr(res, "verdict") else ""
+        out.print(str(res) + verdict, soft_wrap=True)
     if not ok:
         raise typer.Exit(EXIT_FAILURE)
 
@@ -417,6 +468,60 @@ def train(spec: Path = typer.Argument(..., help="training spec (.yaml/.json)"),
               f"({summary['device']}, {summary['precision']}), final loss {summary['final_loss']}"
               + (f", {rate:.1f} images/s" if rate else ""))
     out.print(f"model: {summary['model']}")
+
+
+# --------------------------------------------------------------------------------------------------- evaluate
+@app.command()
+@handle_errors
+def evaluate(ref: str = typer.Argument(..., help="NAME@vN to evaluate"),
+             real: Optional[str] = typer.Option(None, "--real", help="reference: a folder (NIfTI/DICOM/PNG), NAME@vM, "
+                                                "or standin[:N] (the domain's differently-configured stand-in)"),
+             against: Optional[str] = typer.Option(None, "--against", help="NAME@vM to evaluate the same way and "
+                                                   "print side by side"),
+             train_ref: Optional[str] = typer.Option(None, "--train-ref", help="the generator's training data "
+                                                     "(memorisation check)"),
+             features: Optional[str] = typer.Option(None, "--features", help="feature extractor on disk: "
+                                                    "weights.safetensors with weights.safetensors.json"),
+             steps: int = typer.Option(400, "--steps", help="segmenter training steps"),
+             limit: Optional[int] = typer.Option(None, "--limit", help="at most this many samples per set"),
+             utility: bool = typer.Option(True, "--utility/--no-utility", help="TSTR and augmentation study"),
+             ks: str = typer.Option("10,50,200", "--ks", help="real training sizes of the augmentation study"),
+             seeds: int = typer.Option(3, "--seeds", help="seeds per arm"),
+             n_synthetic: int = typer.Option(200, "--n-synthetic", help="synthetic images added per arm"),
+             device: str = typer.Option("auto", "--device", help="auto | cpu | cuda"),
+             root: Optional[str] = RootOpt, verbose: bool = VerboseOpt) -> None:
+    """Evaluate a version: label fidelity, realism, utility, memorisation; writes evaluation.json and a card."""
+    _quiet_prefect(verbose)
+    try:
+        k_list = tuple(int(x) for x in ks.split(",") if x.strip())
+    except ValueError:
+        raise SpecError(f"--ks {ks!r}: write comma-separated numbers, e.g. 10,50,200") from None
+    options = {"steps": steps, "limit": limit, "utility": utility, "ks": k_list, "seeds": tuple(range(seeds)),
+               "n_synthetic": n_synthetic, "device": device, "features": features, "train_ref": train_ref}
+    from flows.evaluate import options_from
+    from store import DatasetStore
+
+    options_from(options)
+    st = DatasetStore(root)
+    for r in (ref, against):
+        if r:
+            st.resolve(r)
+    with settings.prefect_api(verbose):
+        from flows.evaluate import evaluate_dataset, side_by_side
+
+        reports = evaluate_dataset(ref, real=real, against=against, root=root, options=options)
+    a = reports["evaluated"]
+    lf = a["label_fidelity"]
+    out.print(f"{a['version']}: label fidelity {'passed' if lf['passed'] else 'FAILED'} "
+              f"({lf['failing']} of {lf['findings']} findings fail)")
+    if "against" in reports:
+        b = reports["against"]
+        t = Table("metric", a["version"], b["version"])
+        for row in side_by_side(a, b):
+            t.add_row(*row)
+        out.print(t)
+        out.print(f"written: {b['folder']}")
+    out.print(f"written: {a['folder']}")
 
 
 def main() -> None:

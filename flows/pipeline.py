@@ -38,6 +38,7 @@ def _finish(spec: BaseSpec, request: SampleRequest, layout: Layout, image: np.nd
         seed={"spec_hash": digest, "index": request.index, "attempt": attempt, "seed": spec.seed},
         generator={"name": backend.name, "version": backend.version},
         bboxes=ann.bboxes if (ann.bboxes or not layout.findings) else instance_boxes(layout.instance),
+        group=request.params.get("group"),
     )
     return sample, ann.passed
 

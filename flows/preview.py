@@ -58,12 +58,24 @@ def _json_default(o):
     raise TypeError(type(o).__name__)
 
 
-def run_preview(source: str, out_dir: str | Path, n: int = 4, seed: int | None = None) -> list[Path]:
-    """Generate n samples of a spec (or shorthand text) and write image, label, overlay and JSON per sample."""
+PREVIEW_SUFFIXES = ("_image.png", "_label.png", "_overlay.png", ".json")
+
+
+def run_preview(source: str, out_dir: str | Path, n: int = 4, seed: int | None = None,
+                overwrite: bool = False) -> list[Path]:
+    """Generate n samples of a spec (or shorthand text) and write image, label, overlay and JSON per sample.
+    Files of an earlier preview in ``out_dir`` are kept (SpecError) unless ``overwrite``."""
     if n < 1:
         raise SpecError(f"-n must be at least 1, not {n}")
     spec = spec_from_source(source, n, seed)
     out = Path(out_dir)
+    from schemas.plan import sample_id
+
+    taken = [out / f"{sample_id(i)}{suf}" for i in range(n) for suf in PREVIEW_SUFFIXES
+             if (out / f"{sample_id(i)}{suf}").exists()]
+    if taken and not overwrite:
+        raise SpecError(f"{str(out)!r} already holds {len(taken)} files of an earlier preview (e.g. {taken[0].name}); "
+                        "pass --overwrite to replace them, or choose another --out folder")
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:

@@ -29,6 +29,8 @@ def init_pool_worker(preload: tuple[str, ...] = ()) -> None:
     from flows.settings import die_with_parent
 
     die_with_parent(signal.SIGKILL)
+    # A terminal's Ctrl-C reaches the whole process group: the build process decides, and stops its workers.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     import_modules(preload)
 
 
@@ -153,10 +155,9 @@ def make_task_runner(kind: str = "local", workers: int | None = None, dask_addre
         return _process_pool_class()(max_workers=n, preload=preload)
     if kind == "ray":
         return _ray_runner(n)
-    try:
-        from prefect_dask import DaskTaskRunner
-    except ImportError as e:  # pragma: no cover - prefect-dask is a declared dependency
-        raise SpecError(f"--runner dask needs prefect-dask installed ({e})") from None
+    from schemas.extras import import_extra
+
+    DaskTaskRunner = import_extra("prefect_dask", "--runner dask", "dask").DaskTaskRunner
     if dask_address:
         return DaskTaskRunner(address=dask_address)
     # Dask's nanny sets MALLOC_TRIM_THRESHOLD_=65536 in its workers, so every large numpy temporary becomes a fresh

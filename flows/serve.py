@@ -54,9 +54,9 @@ def deployments_for(spec_paths: list[str], root: str | None = None, runner: str 
 
 def _absolute_root(root: str | None) -> str | None:
     """Served runs may start in another working directory: pin a relative local root to an absolute path."""
-    root = root or os.environ.get("PAIRFORGE_ROOT")
-    if root is None:
-        return str(Path("datasets").resolve())
+    from store.config import choose_root
+
+    root = choose_root(root).url  # the root a build started here would use (see store/config.py)
     if "://" in root:
         return root
     return str(Path(root).expanduser().resolve())

@@ -20,6 +20,8 @@ from flows import prefect_compat as compat
 PREFECT_DEFAULTS = {
     # No network here and no reason to phone home from a data pipeline.
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    # The client's usage data too, and with it the "Prefect collects anonymous usage data" notice of a first run.
+    "DO_NOT_TRACK": "1",
     # The ephemeral SQLite server takes ~15 s to start on a slow 2-core machine; Prefect's default is tighter.
     "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
     # The CLI prints its own summary; Prefect's per-task INFO lines would drown it.
@@ -139,7 +141,11 @@ class LocalServer:
             [sys.executable, "-m", "uvicorn", "--factory", compat.SERVER_APP_FACTORY, "--host",
              "127.0.0.1", "--port", str(self.port), "--log-level", "error", "--lifespan", "on"],
             env=env, stdout=out, stderr=out, stdin=subprocess.DEVNULL,
-            preexec_fn=_pdeathsig_setter())
+            # Its own session: a terminal's Ctrl-C reaches the build, which stops the server after its workers.
+            start_new_session=True, preexec_fn=_pdeathsig_setter())
+        from flows import interrupt
+
+        interrupt.register_service(self.process)
         return self
 
     def wait(self, timeout: float | None = None) -> str:
@@ -167,6 +173,10 @@ class LocalServer:
                            "(PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS)")
 
     def stop(self) -> None:
+        if self.process is not None:
+            from flows import interrupt
+
+            interrupt.unregister_service(self.process)
         if self.process is not None and self.process.poll() is None:
             self.process.terminate()
             try:
@@ -223,6 +233,9 @@ def prefect_api(verbose: bool = False, services: bool = False,
         exported = True
         if while_starting is not None:
             while_starting()
+        from flows import interrupt
+
+        interrupt.hold("api")
         url = server.wait()
         if os.environ.get("PREFECT_API_URL") != url:  # restarted on another port (the first was taken meanwhile)
             os.environ["PREFECT_API_URL"] = url

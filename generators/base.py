@@ -74,6 +74,10 @@ def _load(names: list[str]) -> None:
             importlib.import_module(mod)
         except ModuleNotFoundError as e:
             if e.name != mod:  # a real missing dependency inside the module, not an absent optional module
+                from schemas.extras import EXTRA_OF_MODULE, missing_extra
+
+                if (e.name or "").split(".")[0] in EXTRA_OF_MODULE:
+                    raise missing_extra(f"{mod.rsplit('.', 1)[-1]} rendering", e.name) from None
                 raise
 
 

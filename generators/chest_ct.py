@@ -16,7 +16,7 @@ import numpy as np
 from generators.base import register_layout
 from schemas.chest_ct import CT_IDS, DOMAIN, LOBE_NAMES, LOBES
 from schemas.errors import PlacementError, SpecError
-from schemas.findings import LOBE_LEVELS
+from schemas.findings import LOBE_LEVELS, SIDE_LOBES
 from schemas.sample import Layout, SampleRequest
 
 C = CT_IDS
@@ -398,7 +398,9 @@ def place_nodules(label: np.ndarray, lobes: np.ndarray, instance: np.ndarray, fi
         ys, xs = np.nonzero(patch)
         reach = float(np.hypot(xs - ox, ys - oy).max()) + 0.75
         margin_px = max(1.5, 1.5 / sp)
-        choices = present if f["location"] == "any" else [f["location"]]
+        loc = f["location"]
+        choices = present if loc == "any" else [n for n in SIDE_LOBES[loc] if n in present] if loc in SIDE_LOBES \
+            else [loc]
         region = ((lobes > 0) & ~edges & (taken == 0)).astype(np.uint8)
         dist = cv2.distanceTransform(region, cv2.DIST_L2, 5)
         if f.get("juxtapleural"):
@@ -408,7 +410,7 @@ def place_nodules(label: np.ndarray, lobes: np.ndarray, instance: np.ndarray, fi
         cands = [ok & (lobes == LOBES[name]) for name in choices]
         sizes = np.array([cv2.countNonZero(c.view(np.uint8)) for c in cands], float)
         if sizes.sum() == 0:
-            where = "any lobe" if f["location"] == "any" else f["location"]
+            where = "any lobe" if loc == "any" else loc
             raise PlacementError(f"no room for a {f['diameter_mm']:.1f} mm nodule in {where} on this slice")
         # "any" picks a lobe in proportion to the room it has for this nodule.
         li = int(rng.choice(len(choices), p=sizes / sizes.sum())) if len(choices) > 1 else 0
@@ -462,12 +464,12 @@ def choose_level(request: SampleRequest, spec_levels: tuple[float, float], rng: 
 # Levels where each lobe is at its largest on the phantom: later placement tries draw from here.
 LOBE_CORE_LEVELS: dict[str, tuple[float, float]] = {
     "RUL": (0.12, 0.4), "RML": (0.7, 0.9), "RLL": (0.65, 0.95), "LUL": (0.2, 0.6), "LLL": (0.65, 0.95),
-    "any": (0.45, 0.8),
+    "any": (0.45, 0.8), "right": (0.45, 0.8), "left": (0.45, 0.8),
 }
 LEVEL_TRIES = 4
 
 
-@register_layout(DOMAIN)
+# Registered for the domain by generators.ct_insert (phantom or the user's scan).
 def chest_ct_layout(spec, request: SampleRequest, rng: np.random.Generator) -> Layout:
     """Anatomy at the planned level, then the findings; when they do not fit, a bounded, recorded resample of the
     level inside the range where the requested lobes are largest (and still inside the spec's slice range)."""

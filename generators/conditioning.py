@@ -97,7 +97,9 @@ def canny_image(label: np.ndarray, domain: str, annotator: str = "controlnet_aux
     seg = segmentation_image(label, domain)
     _check_grid(seg)
     if annotator == "controlnet_aux":
-        from controlnet_aux.canny import CannyDetector
+        from schemas.extras import import_extra
+
+        CannyDetector = import_extra("controlnet_aux.canny", "annotator: controlnet_aux").CannyDetector
 
         side = min(seg.shape[:2])
         return CannyDetector()(seg, low_threshold=low, high_threshold=high, detect_resolution=side,
@@ -112,7 +114,10 @@ def lineart_image(label: np.ndarray, domain: str, annotator: str = "controlnet_a
     seg = segmentation_image(label, domain)
     _check_grid(seg)
     if annotator == "controlnet_aux":
-        from controlnet_aux.lineart_standard import LineartStandardDetector
+        from schemas.extras import import_extra
+
+        LineartStandardDetector = import_extra("controlnet_aux.lineart_standard",
+                                               "annotator: controlnet_aux").LineartStandardDetector
 
         return LineartStandardDetector()(seg, guassian_sigma=LINEART_SIGMA, intensity_threshold=LINEART_THRESHOLD,
                                          detect_resolution=min(seg.shape[:2]), output_type="np")

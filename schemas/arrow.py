@@ -93,6 +93,7 @@ SAMPLE_SCHEMA = pa.schema(
         pa.field("watermark_payload", pa.string()),  # 16 hex digits, null when the spec turns the mark off
         pa.field("provenance", PROVENANCE),
         pa.field("image_codec", CODEC),  # added in schema 2; absent from version-1 files
+        pa.field("group", pa.string()),  # source id of samples from a user's scan/photo; null otherwise (added later)
     ],
     metadata={b"pairforge.schema": SCHEMA_VERSION.encode()},
 )

@@ -15,6 +15,7 @@ from schemas.classes import ClassTable
 from schemas.domain import Domain, register_domain
 from schemas.findings import LOBE_LEVELS, MAX_DIAMETER_MM, NoduleFinding
 from schemas.plan import uniform
+from schemas.source import CTSource, unit_for_sample
 from schemas.spec import BaseSpec, ImageSpec
 from schemas.units import UnitRange
 from schemas.wording import expand_mixture
@@ -50,6 +51,10 @@ CT_CLASSES = ClassTable(
         22: "liver",
         23: "spinal_canal",
         24: "upper_abdomen",
+        # Real scans (source:): a lung known only by its side, and body tissue the user's labels leave unnamed.
+        25: "lung_right",
+        26: "lung_left",
+        27: "tissue_unlabelled",
     },
     colors={
         0: (0, 0, 0), 1: (90, 90, 90), 2: (255, 200, 160), 3: (240, 220, 120), 4: (200, 80, 80),
@@ -57,6 +62,7 @@ CT_CLASSES = ClassTable(
         10: (60, 200, 255), 11: (180, 120, 90), 12: (70, 130, 255), 13: (60, 220, 140), 14: (150, 90, 255),
         15: (255, 170, 60), 16: (255, 90, 200), 17: (200, 30, 30), 18: (120, 230, 255), 19: (0, 150, 200),
         20: (255, 255, 0), 21: (0, 255, 255), 22: (150, 70, 40), 23: (120, 120, 255), 24: (170, 110, 80),
+        25: (80, 140, 230), 26: (240, 150, 80), 27: (110, 110, 110),
     },
 )
 
@@ -67,7 +73,7 @@ LOBE_NAMES: dict[str, str] = {
     "RUL": "right upper lobe", "RML": "right middle lobe", "RLL": "right lower lobe",
     "LUL": "left upper lobe (lingula included)", "LLL": "left lower lobe",
 }
-LUNG_CLASS_IDS = frozenset(LOBES.values()) | {17, 18, 19, 20, 21}
+LUNG_CLASS_IDS = frozenset(LOBES.values()) | {17, 18, 19, 20, 21, 25, 26}
 NODULE_CLASS_IDS = frozenset({20, 21})
 
 
@@ -99,6 +105,8 @@ class ChestCTSpec(BaseSpec):
     slice_level: UnitRange("slice_level") = Field(
         (0.15, 0.95), description="axial level, 0 = lung apex, 1 = lung base: value or [min, max]")
     findings: CTFindings = Field(default_factory=CTFindings)
+    source: CTSource | None = Field(None, exclude_if=lambda v: v is None, description="the user's CT scans to insert findings into (instead of the "
+                                                      "phantom); see docs/insertion.md")
 
     @field_validator("slice_level")
     @classmethod
@@ -109,6 +117,18 @@ class ChestCTSpec(BaseSpec):
 
     @model_validator(mode="after")
     def _fits(self) -> "ChestCTSpec":
+        if self.source is not None:  # real scans: their own geometry; locations must be ones the source can honour
+            for i, f in enumerate(self.findings.mixture):
+                if not self.source.allows(f.location):
+                    raise ValueError(
+                        f"findings.mixture[{i}]: location {f.location} needs lobes, and source {self.source.path!r} "
+                        "has no lobe map; accepted: right, left or any, or source.lobes: approximate (a geometric "
+                        "rule, recorded as approximate), or lobe classes in source.mask_classes with lobes: masks")
+            return self
+        for i, f in enumerate(self.findings.mixture):
+            if f.juxtavascular:
+                raise ValueError(f"findings.mixture[{i}]: juxtavascular placement is for real scans (source:); the "
+                                 "phantom places nodules off vessels")
         # A finding must fit in a lung at the smallest field of view the spec allows.
         fov_mm = self.image.size * self.image.spacing_mm[0]
         limit = 0.18 * fov_mm
@@ -130,7 +150,7 @@ class ChestCTSpec(BaseSpec):
         return self
 
 
-assert set(MAX_DIAMETER_MM) - {"any"} == set(LOBES)
+assert set(MAX_DIAMETER_MM) - {"any", "right", "left"} == set(LOBES)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -143,8 +163,19 @@ def plan_frame(spec: ChestCTSpec, rng: np.random.Generator) -> tuple[float, tupl
 
 
 def plan_finding(spec: ChestCTSpec, f: NoduleFinding, k: int, rng: np.random.Generator) -> dict[str, Any]:
-    return {"kind": f.kind, "diameter_mm": round(uniform(rng, f.diameter_mm), 3), "location": f.location,
-            "margin": f.margin, "juxtapleural": f.juxtapleural, "mixture_entry": k}
+    out = {"kind": f.kind, "diameter_mm": round(uniform(rng, f.diameter_mm), 3), "location": f.location,
+           "margin": f.margin, "juxtapleural": f.juxtapleural, "mixture_entry": k}
+    if f.juxtavascular:
+        out["juxtavascular"] = True
+    return out
+
+
+def plan_source(spec: ChestCTSpec, index: int) -> dict[str, Any]:
+    """Real scans: which source this sample starts from (contiguous blocks) and its id as the sample's group."""
+    if spec.source is None:
+        return {}
+    u = unit_for_sample(index, spec.samples, len(spec.source.units))
+    return {"source_unit": u, "group": spec.source.units[u].source_id}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -162,9 +193,11 @@ def one_finding_spec(parsed: dict[str, Any], n: int, seed: int) -> dict[str, Any
 
 CHEST_CT = register_domain(Domain(
     name=DOMAIN, spec_model=ChestCTSpec, classes=CT_CLASSES, plan_frame=plan_frame, plan_finding=plan_finding,
+    plan_source=plan_source,
     codec="hu16", findings_field="findings", parse_finding=parse_text, one_finding_spec=one_finding_spec,
-    layout_module="generators.chest_ct", annotator_module="annotators.ct",
-    renderers={"procedural": "generators.ct_render", "controlnet": "generators.controlnet", "learned": "generators.learned"},
+    layout_module="generators.ct_insert", annotator_module="annotators.ct_insertion",
+    renderers={"procedural": "generators.ct_insert", "controlnet": "generators.controlnet",
+               "learned": "generators.learned"},
     hooks_module="annotators.ct", display_window=(-600.0, 1500.0), outline_classes=tuple(sorted(LOBES.values())),
     controlnet_module="generators.chest_ct", default=True,
     description="axial chest-CT slices (HU) with pulmonary nodules"))

@@ -57,6 +57,9 @@ class Domain:
     classes: Any  # schemas.classes.ClassTable
     plan_frame: Callable[[Any, Any], tuple[float, tuple[int, int], dict]]
     plan_finding: Callable[[Any, Any, int, Any], dict]
+    # Real sources (spec ``source:``): per-sample choice of the source by index, merged into the request params
+    # (e.g. {"source_unit": 3, "group": "src-..."}); None for domains without sources.
+    plan_source: Callable[[Any, int], dict] | None = None
     codec: str = "u8"  # image codec name (store.codec registry)
     codec_params: dict[str, Any] = field(default_factory=dict)
     codec_module: str | None = None  # module that registers the codec, if it is not a built-in one

@@ -8,19 +8,22 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from schemas.units import MmRange
 
 NoduleKind = Literal["solid", "part_solid", "ground_glass"]
-Lobe = Literal["RUL", "RML", "RLL", "LUL", "LLL", "any"]
+Lobe = Literal["RUL", "RML", "RLL", "LUL", "LLL", "any", "right", "left"]
+# A lung side: the lobes it holds ("right"/"left" are how a scan without a lobe map is addressed).
+SIDE_LOBES: dict[str, tuple[str, ...]] = {"right": ("RUL", "RML", "RLL"), "left": ("LUL", "LLL")}
 Margin = Literal["smooth", "lobulated", "spiculated"]
 
 # Largest diameter (mm) a lobe holds on one axial slice of the pairforge phantom with room to spare off the
 # pleura and fissures. Larger requests are rejected up front instead of failing placement later.
-MAX_DIAMETER_MM: dict[str, float] = {"RUL": 40.0, "RML": 28.0, "RLL": 45.0, "LUL": 40.0, "LLL": 45.0, "any": 45.0}
+MAX_DIAMETER_MM: dict[str, float] = {"RUL": 40.0, "RML": 28.0, "RLL": 45.0, "LUL": 40.0, "LLL": 45.0, "any": 45.0,
+                                   "right": 45.0, "left": 45.0}
 MIN_DIAMETER_MM = 2.0
 
 # Axial levels (0 = apex, 1 = base) at which the phantom shows each lobe with room for a finding. The RUL/RML
 # switch follows the horizontal fissure; the lower lobes start below the top of the oblique fissures.
 LOBE_LEVELS: dict[str, tuple[float, float]] = {
     "RUL": (0.0, 0.44), "RML": (0.6, 0.95), "RLL": (0.4, 1.0), "LUL": (0.0, 0.85), "LLL": (0.4, 1.0),
-    "any": (0.0, 1.0),
+    "any": (0.0, 1.0), "right": (0.0, 1.0), "left": (0.0, 1.0),
 }
 
 
@@ -36,6 +39,8 @@ class NoduleFinding(BaseModel):
     weight: float = Field(1.0, gt=0, description="relative weight in the findings mixture")
     margin: Margin = "smooth"
     juxtapleural: bool = Field(False, description="allow the finding to touch the pleura or a fissure")
+    juxtavascular: bool = Field(False, exclude_if=lambda v: not v,  # omitted when off: spec hashes stay as they were
+                                description="place the finding against a vessel (real scans, source:)")
 
     @model_validator(mode="after")
     def _sizes_possible(self) -> "NoduleFinding":

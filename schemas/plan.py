@@ -23,7 +23,8 @@ def sample_id(index: int) -> str:
 
 
 def draw_split(spec: BaseSpec, rng: np.random.Generator) -> str:
-    """The split of one sample: the one place split assignment happens (one uniform draw per sample)."""
+    """A per-sample split draw. Its value is no longer used (``split_table`` assigns splits over the whole plan:
+    exact counts, stratified, grouped); the draw stays so that the request stream after it is unchanged."""
     u = rng.random()
     fr = [spec.splits.train, spec.splits.val, spec.splits.test]
     acc = 0.0
@@ -61,6 +62,8 @@ def plan_with(domain: Any, spec: BaseSpec, index: int, rng: np.random.Generator)
         for _ in range(entry.count):
             findings.append(domain.plan_finding(spec, entry, k, rng))
     params = dict(params, negative=negative)
+    if domain.plan_source is not None:
+        params.update(domain.plan_source(spec, index))
     return SampleRequest(index=index, sample_id=sample_id(index), split=split, domain=domain.name,
                          spacing_mm=spacing, size=(int(size[0]), int(size[1])), findings=findings, params=params)
 
@@ -68,7 +71,36 @@ def plan_with(domain: Any, spec: BaseSpec, index: int, rng: np.random.Generator)
 def plan_sample(spec: BaseSpec, index: int, digest: str | None = None) -> SampleRequest:
     digest = digest or spec_hash(spec)
     rng = sample_rng(digest, index, STREAM_REQUEST)
-    return plan_with(get_domain(spec.domain), spec, index, rng)
+    request = plan_with(get_domain(spec.domain), spec, index, rng)
+    # The split comes from the whole plan (exact counts, stratified, grouped); ``plan_with`` still draws its own,
+    # unused, so that every other value of the request stream (and every image) stays what it was.
+    request.split = split_table(spec, digest)[index]
+    return request
+
+
+_SPLIT_TABLES: dict[tuple[str, int], list[str]] = {}
+
+
+def split_table(spec: BaseSpec, digest: str | None = None) -> list[str]:
+    """The split of every sample of ``spec`` (see schemas.splits.assign_splits): strata are the (kind, location, size
+    band) of each sample's largest planned finding; a request's ``params["group"]`` (e.g. its source scan) keeps
+    samples together. Planned once per process and spec."""
+    from schemas.splits import assign_splits, finding_stratum
+
+    digest = digest or spec_hash(spec)
+    key = (digest, int(spec.samples))
+    table = _SPLIT_TABLES.get(key)
+    if table is None:
+        domain = get_domain(spec.domain)
+        requests = [plan_with(domain, spec, i, sample_rng(digest, i, STREAM_REQUEST)) for i in range(spec.samples)]
+        fractions = {name: float(getattr(spec.splits, name)) for name in SPLITS}
+        table = assign_splits(list(range(spec.samples)), fractions,
+                              strata=[finding_stratum(r.findings) for r in requests],
+                              groups=[r.params.get("group") for r in requests], seed=digest)
+        if len(_SPLIT_TABLES) >= 8:
+            _SPLIT_TABLES.clear()
+        _SPLIT_TABLES[key] = table
+    return table
 
 
 def plan_shards(n_samples: int, shard_size: int) -> list[range]:

@@ -52,6 +52,7 @@ class Sample:
     seed: dict[str, Any]  # {"spec_hash", "index", "attempt"}: enough to rebuild the sample alone
     generator: dict[str, str]  # {"name", "version"}
     bboxes: list[dict[str, Any]] = field(default_factory=list)
+    group: str | None = None  # samples from one real source share a group (e.g. its source id): keep it in one split
 
     @property
     def height(self) -> int:

@@ -123,7 +123,41 @@ def spec_json_schema() -> dict:
     return schema
 
 
-def format_validation_error(e: ValidationError) -> str:
+def _fields_at(model: Any, loc: tuple) -> list[str]:
+    """Field names of the (nested) model at ``loc`` (the parent of an unknown field), [] when not a model."""
+    for part in loc:
+        field = getattr(model, "model_fields", {}).get(part) if isinstance(part, str) else None
+        ann = getattr(field, "annotation", None)
+        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+            return []
+        model = ann
+    return list(getattr(model, "model_fields", {}))
+
+
+def _unknown_field(e: ValidationError, model: Any) -> str | None:
+    """"unknown field 'sampels' (did you mean 'samples'?)" for the first misspelt field; None when there is none."""
+    import difflib
+
+    errors = e.errors()
+    extra = next((x for x in errors if x["type"] == "extra_forbidden"), None)
+    if extra is None:
+        return None
+    *parent, name = [p for p in extra["loc"] if not (isinstance(p, str) and p in set(known_domains()))]
+    missing = [str(x["loc"][-1]) for x in errors if x["type"] == "missing" and list(x["loc"][:-1]) == parent]
+    candidates = missing or _fields_at(model, tuple(parent)) if model is not None else missing
+    close = difflib.get_close_matches(str(name), candidates or [], n=1, cutoff=0.6)
+    where = ".".join(str(p) for p in parent)
+    what = f"unknown field {where + '.' if where else ''}{name!r}".replace(f"{where}.'", f"'{where}.")
+    hint = f" (did you mean {close[0]!r}?)" if close else "; check the spelling against `pairforge schema`"
+    rest = [x for x in errors if x is not extra and not (close and x["type"] == "missing" and
+                                                           str(x["loc"][-1]) == close[0])]
+    return what + hint + (f" (and {len(rest)} more)" if rest else "")
+
+
+def format_validation_error(e: ValidationError, model: Any = None) -> str:
+    unknown = _unknown_field(e, model)
+    if unknown is not None:
+        return unknown
     err = e.errors()[0]
     domains = set(known_domains())
     loc = ".".join(str(x) for x in err["loc"] if not (isinstance(x, str) and x in domains))
@@ -149,19 +183,92 @@ def validate_spec(data: Any) -> BaseSpec:
     try:
         return model.model_validate(data)
     except ValidationError as e:
-        raise SpecError(f"invalid spec: {format_validation_error(e)}") from None
+        raise SpecError(f"invalid spec: {format_validation_error(e, model)}") from None
     except SpecError as e:
         raise SpecError(f"invalid spec: {e}") from None
 
 
-def load_spec_text(text: str, source: str = "<spec>") -> BaseSpec:
+# Limits on a spec document, checked before anything is validated or allocated: a spec is a few dozen values, so
+# these only stop hostile input (YAML alias bombs, thousands of nested brackets, numbers of thousands of digits).
+MAX_SPEC_DEPTH = 32
+MAX_SPEC_VALUES = 100_000
+MAX_SPEC_CHARS = 1_000_000
+
+
+class _SpecLoader(yaml.SafeLoader):
+    """YAML's safe loader that refuses a key given twice in one mapping (YAML would keep the last one silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: set = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            try:
+                dup = key in seen
+                seen.add(key)
+            except TypeError:  # an unhashable key: the base constructor names it
+                break
+            if dup:
+                raise yaml.constructor.ConstructorError(None, None, f"the key {key!r} is given twice",
+                                                        key_node.start_mark)
+        return super().construct_mapping(node, deep=deep)
+
+
+def _check_size(data: Any, source: str) -> None:
+    """Refuse documents nested deeper than MAX_SPEC_DEPTH or holding more than MAX_SPEC_VALUES values once aliases
+    are expanded (iterative: no recursion on hostile input)."""
+    stack = [(data, 1)]
+    count = 0
+    while stack:
+        value, depth = stack.pop()
+        count += 1
+        if count > MAX_SPEC_VALUES:
+            raise SpecError(f"{source}: the spec expands to more than {MAX_SPEC_VALUES:,} values (YAML aliases?); "
+                            "a spec is a few dozen fields")
+        if depth > MAX_SPEC_DEPTH:
+            raise SpecError(f"{source}: the spec is nested more than {MAX_SPEC_DEPTH} levels deep")
+        if isinstance(value, dict):
+            stack.extend((v, depth + 1) for v in value.values())
+            stack.extend((k, depth + 1) for k in value)
+        elif isinstance(value, (list, tuple)):
+            stack.extend((v, depth + 1) for v in value)
+
+
+def _parse_yaml(text: str, source: str) -> Any:
+    if len(text) > MAX_SPEC_CHARS:
+        raise SpecError(f"{source}: the spec is {len(text):,} characters long; a spec is at most "
+                        f"{MAX_SPEC_CHARS:,}")
+    depth = deepest = 0
+    for ch in text:  # flow brackets, counted before YAML's recursive parser sees thousands of them
+        if ch in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif ch in "]}":
+            depth -= 1
+    if deepest > 2 * MAX_SPEC_DEPTH:
+        raise SpecError(f"{source}: the spec is nested more than {MAX_SPEC_DEPTH} levels deep")
+    if "\x00" in text:
+        raise SpecError(f"{source}: the spec contains a NUL character; write it as plain text")
     try:
-        data = yaml.safe_load(text)  # JSON is YAML
+        data = yaml.load(text, Loader=_SpecLoader)  # JSON is YAML
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(e, "problem", None) or "not valid YAML"
         raise SpecError(f"{source}: invalid YAML{where}: {problem}") from None
+    except RecursionError:
+        raise SpecError(f"{source}: the spec is nested more than {MAX_SPEC_DEPTH} levels deep") from None
+    except ValueError as e:  # int() refuses numbers of thousands of digits
+        if "digits" in str(e):
+            raise SpecError(f"{source}: a number in the spec has thousands of digits; no field accepts that") from None
+        raise SpecError(f"{source}: a value in the spec cannot be read: {e}") from None
+    _check_size(data, source)
+    return data
+
+
+def load_spec_text(text: str, source: str = "<spec>") -> BaseSpec:
+    data = _parse_yaml(text, source)
     if data is None:
         raise SpecError(f"{source}: the spec is empty")
     try:

@@ -51,6 +51,34 @@ class PhotoSpec(BaseModel):
     foreground: Literal["otsu", "none"] = Field("otsu", description="foreground when no mask is given")
 
 
+class SurfaceSource(BaseModel):
+    """``source:`` for surfaces: a folder of the user's part photos and, optionally, masks of where defects may go
+    (non-zero = allowed, named like the photos). The same route as CT scans: samples go to photos in contiguous
+    blocks, each sample's ``group`` is its photo's id (``src-`` + the start of its sha256), and the spec hash covers
+    the photos' bytes."""
+
+    model_config = ConfigDict(extra="forbid")
+    path: str = Field(description="folder of PNG/JPEG photos of good parts")
+    masks: str | None = Field(None, description="folder of masks (non-zero = where defects may go)")
+    content_sha256: str | None = Field(None, description="filled in by pairforge: sha256 over every photo and mask")
+
+    @model_validator(mode="after")
+    def _hash(self) -> "SurfaceSource":
+        from schemas.source import file_sha256
+
+        h = __import__("hashlib").sha256()
+        for f in list_photos(self.path):
+            h.update(file_sha256(str(f)).encode())
+        if self.masks is not None:
+            mdir = Path(self.masks).expanduser()
+            if not mdir.is_dir():
+                raise ValueError(f"source.masks {self.masks!r} is not a readable folder")
+            for f in sorted(p for p in mdir.iterdir() if p.is_file()):
+                h.update(file_sha256(str(f)).encode())
+        self.content_sha256 = h.hexdigest()
+        return self
+
+
 class SurfaceDefects(BaseModel):
     model_config = ConfigDict(extra="forbid")
     negatives: float = Field(0.2, ge=0, le=1, description="share of defect-free samples (empty mask)")
@@ -88,6 +116,9 @@ class SurfaceSpec(BaseSpec):
     field_of_view_mm: MmRange("field_of_view_mm") = Field((50.0, 50.0), description="mm across the image width")
     image: SurfaceImageSpec = Field(default_factory=SurfaceImageSpec)
     photos: PhotoSpec | None = None
+    source: SurfaceSource | None = Field(None, exclude_if=lambda v: v is None,
+                                         description="the user's part photos (and masks of where defects may go); "
+                                                     "sets material 'image'")
     defects: SurfaceDefects = Field(default_factory=SurfaceDefects)
     qc: SurfaceQCSpec = Field(default_factory=SurfaceQCSpec)
 
@@ -96,6 +127,15 @@ class SurfaceSpec(BaseSpec):
     def _material_from_shorthand(cls, data: Any):
         if not isinstance(data, dict):
             return data
+        src = data.get("source")
+        if isinstance(src, dict):  # source: is the photos route, read the same way as CT sources
+            if data.get("photos") is not None:
+                raise ValueError("give the photos once: source: or photos:, not both")
+            if data.get("material") not in (None, "image"):
+                raise ValueError(f"source: photos make the material 'image', not {data['material']!r}")
+            data = {**data, "material": "image",
+                    "photos": {"folder": src.get("path"), "masks_folder": src.get("masks"),
+                               "foreground": "otsu" if src.get("masks") is None else "none"}}
         mats = set()
         defects = data.get("defects")
         if isinstance(defects, dict) and isinstance(defects.get("mixture"), list):
@@ -315,6 +355,28 @@ def plan_frame(spec: SurfaceSpec, rng: np.random.Generator) -> tuple[float, tupl
     return fov / w, (h, w), params
 
 
+def plan_source(spec: SurfaceSpec, index: int) -> dict[str, Any]:
+    """``source:`` photos: this sample's photo (contiguous blocks, so a shard reads one or two) and its id."""
+    if spec.source is None:
+        return {}
+    from schemas.source import file_sha256, unit_for_sample
+
+    photos = list_photos(spec.photos.folder)
+    photo = photos[unit_for_sample(index, spec.samples, len(photos))]
+    return {"photo": str(photo), "group": f"src-{_cached_sha(str(photo), file_sha256)[:12]}"}
+
+
+_SHA_CACHE: dict[tuple[str, float, int], str] = {}
+
+
+def _cached_sha(path: str, fn) -> str:
+    st = Path(path).stat()
+    key = (path, st.st_mtime, st.st_size)
+    if key not in _SHA_CACHE:
+        _SHA_CACHE[key] = fn(path)
+    return _SHA_CACHE[key]
+
+
 def plan_finding(spec: SurfaceSpec, d: SurfaceDefect, k: int, rng: np.random.Generator) -> dict[str, Any]:
     f: dict[str, Any] = {"kind": d.kind, "mixture_entry": k,
                          "location": d.location if isinstance(d.location, str) else d.location.model_dump()}
@@ -352,6 +414,7 @@ def one_finding_spec(parsed: dict[str, Any], n: int, seed: int) -> dict[str, Any
 
 SURFACE = register_domain(Domain(
     name=DOMAIN, spec_model=SurfaceSpec, classes=SURFACE_CLASSES, plan_frame=plan_frame, plan_finding=plan_finding,
+    plan_source=plan_source,
     codec="u8", findings_field="defects", parse_finding=parse_text, claims_text=claims_text,
     one_finding_spec=one_finding_spec, layout_module="generators.surface", annotator_module="annotators.surface",
     renderers={"procedural": "generators.surface", "controlnet": "generators.controlnet", "learned": "generators.learned"},

@@ -25,7 +25,8 @@ ACCEPTED_LOCATIONS = ("top-left, top-right, bottom-left, bottom-right, center, t
 
 _NUM = r"(?:\d+(?:\.\d+)?|\.\d+)"
 _FILLER = {"on", "in", "at", "the", "a", "an", "of", "with", "near", "surface", "part", "region", "corner", "side",
-           "and", "one", "single", "defect", "defects", "area", "-", "x", "along", "from", "to", "located"}
+           "and", "one", "single", "defect", "defects", "area", "-", "x", "along", "from", "to", "located",
+           "quadrant", "quarter"}
 _WORD_NUMBERS = {"two": 2, "three": 3, "four": 4, "five": 5, "six": 6, "seven": 7, "eight": 8, "nine": 9, "ten": 10}
 
 _KIND_WORDS = [

@@ -1,6 +1,7 @@
 """Physical quantities in specs: millimetre values or ranges, given as 8, "8mm", "0.8 cm", [4, 6] or "4-6 mm"."""
 from __future__ import annotations
 
+import math
 import re
 from typing import Annotated, Any
 
@@ -46,6 +47,8 @@ def to_range(value: Any, what: str = "value") -> tuple[float, float]:
         lo, hi = float(value[0]), float(value[1])
     else:
         raise SpecError(f"{what} must be a number or a [min, max] range, not {value!r}")
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        raise SpecError(f"{what} must be a finite number or range, not {value!r}")
     if lo > hi:
         raise SpecError(f"{what} range [{lo:g}, {hi:g}] has min above max; write [min, max]")
     return lo, hi

@@ -1,7 +1,7 @@
 """pairforge store: the versioned dataset layout under a root (local folder or fsspec URL), shard writing with
 resume, atomic publish, watermarking and provenance, loaders, pull and verify.
 
-    st = DatasetStore(root)                       # None -> $PAIRFORGE_ROOT or ./datasets
+    st = DatasetStore(root)                       # None -> the configured root (store/config.py)
     b = st.open_build(spec, spec_text, digest, code_version)
     b.write_shard(i, samples); b.publish(run_id)
     st.load("name@v3").monai()
@@ -105,11 +105,10 @@ def verify_version(ref: str, root: str | None = None, storage_options: dict | No
 def verify_image(path: str | os.PathLike, root: str | None = None,
                  storage_options: dict | None = None) -> ImageVerification:
     """Recover dataset, version and sample from the watermark; with a reachable root, also whether the pixels still
-    match the stored hash. ``root=None`` tries $PAIRFORGE_ROOT / ./datasets if it exists, else decodes only."""
+    match the stored hash. ``root=None`` tries the configured root (store/config.py) if it exists, else decodes only."""
     r = None
-    candidate = root if root is not None else os.environ.get("PAIRFORGE_ROOT") or "./datasets"
     try:
-        r = resolve_root(candidate, storage_options)
+        r = resolve_root(root, storage_options)
         if r.local and not os.path.isdir(r.path):
             r = None
     except StoreError:

@@ -79,9 +79,24 @@ def git_state() -> tuple[str | None, bool | None]:
         return None, None
 
 
+# The module each pixel library is imported as: its ``__version__`` is what this interpreter actually ran.
+PIXEL_MODULES = {"numpy": "numpy", "opencv": "cv2", "torch": "torch", "diffusers": "diffusers", "monai": "monai",
+                 "scipy": "scipy", "pillow": "PIL", "pyarrow": "pyarrow"}
+
+
 def library_versions() -> dict[str, str | None]:
+    """Versions of the libraries that shaped pixels: the imported module's ``__version__`` where this process has
+    imported it (what actually ran, e.g. ``cv2.__version__``), else the installed distribution's version, else None.
+    Nothing is imported here (torch stays unloaded on the lean install)."""
+    import sys
+
     out: dict[str, str | None] = {}
     for key, dist in PIXEL_LIBRARIES.items():
+        mod = sys.modules.get(PIXEL_MODULES[key])
+        version = getattr(mod, "__version__", None) if mod is not None else None
+        if isinstance(version, str):
+            out[key] = version
+            continue
         candidates = [dist] + (["opencv-python-headless", "opencv-contrib-python"] if key == "opencv" else [])
         out[key] = None
         for d in candidates:
@@ -179,6 +194,7 @@ def encode_sample(name: str, version: int, sample: Sample, code_version: str,
         "provenance": {k: prov[k] for k in ("dataset", "version", "spec_hash", "code_version", "pairforge_version",
                                             "generator", "watermark_scheme", "synthetic")},
         "image_codec": image_codec.record(),
+        "group": getattr(sample, "group", None),
     }
     return files, row
 

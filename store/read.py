@@ -50,7 +50,7 @@ def resolve_version(root: Root, ref: str) -> tuple[str, int]:
     if not versions:
         names = list_dataset_names(root)
         there = ", ".join(names) if names else "none"
-        raise StoreError(f"no dataset {name!r} at {root.url}; datasets there: {there}")
+        raise StoreError(f"no dataset {name!r} at {root.url}; datasets there: {there} ({root.origin})")
     if version is None:
         return name, versions[-1]
     if version not in versions:
@@ -86,12 +86,14 @@ def read_index(root: Root, name: str, version: int, manifest: Manifest | None = 
 def show_text(root: Root, ref: str) -> str:
     name, version = resolve_version(root, ref)
     m = read_manifest(root, name, version)
-    top = sorted(((k, v) for k, v in m.counts.class_samples.items()), key=lambda kv: -kv[1])[:8]
+    top = sorted(((k, v) for k, v in m.counts.class_samples.items()), key=lambda kv: -kv[1])
     lines = [
         f"{m.name}@v{m.version}  ({m.domain}, {m.counts.samples} samples, created {m.created_at})",
         f"  splits: {', '.join(f'{k} {v}' for k, v in m.counts.splits.items())}",
         f"  findings measured: {m.counts.findings}; QC-failed samples kept: {m.counts.qc_failed}",
+        *[f"    {line}" for line in findings_summary(root, name, version, m)],
         f"  classes (samples containing): {', '.join(f'{k} {v}' for k, v in top)}",
+        f"  card: {root.uri(name, f'v{version}', 'README.md')} (pairforge show {name}@v{version} --card)",
         f"  spec hash {m.spec_hash[:16]}; parent version: {m.parent_version or 'none'}",
         f"  code: pairforge {m.code.pairforge_version} ({m.code.code_version}), git {m.code.git_commit or 'unknown'}",
         f"  content digest: {m.content_digest}",
@@ -100,6 +102,30 @@ def show_text(root: Root, ref: str) -> str:
         f"{', '.join(f'v{v}' for v in published_versions(root, name))}",
     ]
     return "\n".join(lines)
+
+
+def findings_summary(root: Root, name: str, version: int, m: Manifest | None = None) -> list[str]:
+    """One line per measured finding kind: count, size range and where, from the version's index."""
+    table = read_index(root, name, version, m)
+    kinds: dict[str, dict[str, Any]] = {}
+    for row in table.column("measured").to_pylist():
+        for f in row or []:
+            k = kinds.setdefault(str(f.get("kind") or "?"), {"n": 0, "sizes": [], "where": {}})
+            k["n"] += 1
+            size = next((f.get(key) for key in ("equivalent_diameter_mm", "diameter_mm", "length_mm", "long_axis_mm")
+                         if f.get(key) is not None), None)
+            if size is not None:
+                k["sizes"].append(float(size))
+            loc = f.get("lobe") or f.get("location") or f.get("region")
+            if isinstance(loc, str) and loc:
+                k["where"][loc] = k["where"].get(loc, 0) + 1
+    out = []
+    for kind, k in sorted(kinds.items(), key=lambda kv: -kv[1]["n"]):
+        sizes = f", {min(k['sizes']):.1f}-{max(k['sizes']):.1f} mm" if k["sizes"] else ""
+        where = sorted(k["where"].items(), key=lambda kv: -kv[1])
+        at = f"; {', '.join(f'{w} {c}' for w, c in where)}" if where else ""
+        out.append(f"{kind}: {k['n']}{sizes}{at}")
+    return out
 
 
 # ---------------------------------------------------------------- the loader
@@ -188,8 +214,9 @@ class VersionDataset(Sequence):
 
     def torch(self) -> Iterator[dict[str, Any]]:
         """Sample dicts with torch tensors: image float32 (C, H, W), label int64 (H, W), instance int64 (H, W)."""
-        import torch
+        from schemas.extras import import_extra
 
+        torch = import_extra("torch", "VersionDataset.torch()", "monai")
         for d in self:
             img = d["image"].astype(np.float32)
             img = img[None] if img.ndim == 2 else np.moveaxis(img, -1, 0)
@@ -269,8 +296,9 @@ class VersionDataset(Sequence):
 
     def monai(self, transform=None):
         """A ``monai.data.Dataset`` over this version (items loaded lazily, transforms applied by MONAI)."""
-        from monai.data import Dataset
+        from schemas.extras import import_extra
 
+        Dataset = import_extra("monai.data", "VersionDataset.monai()", "monai").Dataset
         return Dataset(data=_MonaiView(self), transform=transform)
 
 

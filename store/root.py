@@ -21,7 +21,7 @@ from fsspec.core import url_to_fs
 
 from store.errors import StoreError
 
-DEFAULT_ROOT = "./datasets"
+DEFAULT_ROOT = "./datasets"  # kept for imports; the default root now comes from store.config (not the cwd)
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 REF_RE = re.compile(r"^(?P<name>[^@]+?)(?:@(?:v(?P<version>\d+)|(?P<latest>latest)))?$")
 MANIFEST = "manifest.json"
@@ -60,6 +60,14 @@ class Root:
     fs: Any
     path: str
     local: bool
+    source: str = "--root"  # where the root came from (store.config.choose_root)
+
+    @property
+    def origin(self) -> str:
+        """"dataset root X (from ...); change it with ..." for error messages."""
+        from store.config import HOW_TO_CHANGE, source_words
+
+        return f"{source_words(self.source)}; {HOW_TO_CHANGE}"
 
     def join(self, *parts: str) -> str:
         return "/".join([self.path.rstrip("/")] + [p.strip("/") for p in parts if p])
@@ -155,8 +163,12 @@ def _unique() -> str:
 
 
 def resolve_root(root: str | os.PathLike | None = None, storage_options: dict | None = None) -> Root:
-    """None -> $PAIRFORGE_ROOT or ./datasets. A local path or any fsspec URL (s3://bucket/prefix)."""
-    url = os.fspath(root) if root is not None else os.environ.get("PAIRFORGE_ROOT") or DEFAULT_ROOT
+    """None -> the configured root (store.config: $PAIRFORGE_ROOT, pairforge.toml, user config, default).
+    A local path or any fsspec URL (s3://bucket/prefix)."""
+    from store.config import choose_root
+
+    choice = choose_root(root)
+    url = choice.url
     if not isinstance(url, str) or not url.strip():
         raise StoreError("dataset root is empty; give a folder or an fsspec URL such as s3://bucket/prefix")
     url = url.strip()
@@ -171,7 +183,7 @@ def resolve_root(root: str | os.PathLike | None = None, storage_options: dict | 
     local = "file" in protocols or "local" in protocols
     if local:
         path = os.path.abspath(path)
-    return Root(url=url, fs=fs, path=path.rstrip("/") or "/", local=local)
+    return Root(url=url, fs=fs, path=path.rstrip("/") or "/", local=local, source=choice.source)
 
 
 def ensure_writable(root: Root) -> None:
@@ -188,18 +200,18 @@ def ensure_writable(root: Root) -> None:
             root.fs.pipe_file(probe, b"ok")
             root.fs.rm(probe)
     except PermissionError as e:
-        raise StoreError(f"dataset root {root.url!r} is not writable ({_why(e)}); choose a writable {where}, "
-                         "or set PAIRFORGE_ROOT") from None
+        raise StoreError(f"dataset root {root.url!r} is not writable ({_why(e)}); choose a writable {where} "
+                         f"({root.origin})") from None
     except (NotADirectoryError, FileExistsError):
-        raise StoreError(f"dataset root {root.url!r} is not a folder (a file is in the way); choose a folder or "
-                         "set PAIRFORGE_ROOT") from None
+        raise StoreError(f"dataset root {root.url!r} is not a folder (a file is in the way); choose a folder "
+                         f"({root.origin})") from None
     except FileNotFoundError as e:
         what = "its parent folder cannot hold new folders" if root.local else "its bucket does not exist"
         raise StoreError(f"dataset root {root.url!r} cannot be created: {what} ({_why(e)}); choose a writable "
-                         f"{where}, or set PAIRFORGE_ROOT") from None
+                         f"{where} ({root.origin})") from None
     except Exception as e:  # object-store clients raise their own types (bad bucket names, endpoints, ...)
-        raise StoreError(f"dataset root {root.url!r} is not writable ({_why(e)}); choose a writable {where}, "
-                         "or set PAIRFORGE_ROOT") from None
+        raise StoreError(f"dataset root {root.url!r} is not writable ({_why(e)}); choose a writable {where} "
+                         f"({root.origin})") from None
 
 
 def _why(e: BaseException) -> str:
@@ -214,8 +226,7 @@ def ensure_readable(root: Root) -> None:
         raise StoreError(f"dataset root {root.url!r} cannot be read ({type(e).__name__}: {e})") from None
     if root.local and not ok:
         what = "is not a folder" if os.path.exists(root.path) else "does not exist"
-        raise StoreError(f"dataset root {root.url!r} {what}; give the folder that holds your datasets "
-                         "(default ./datasets, or set PAIRFORGE_ROOT)")
+        raise StoreError(f"dataset root {root.url!r} {what}; {root.origin}")
 
 
 def open_url(url: str, storage_options: dict | None = None):

@@ -34,6 +34,32 @@ class ImageVerification:
     file_matches: bool | None = None  # sha256 of the file == the stored image's (None: root not reachable)
     pixels_match: bool | None = None  # decoded pixels == the stored image's pixels
     notes: list[str] = field(default_factory=list)
+    tampered: bool = False  # the mark contradicts the dataset's own record of this sample
+
+    @property
+    def verdict(self) -> str:
+        """intact | re-encoded | modified copy | identified (not compared: no root) | tampered | no mark."""
+        if not self.watermark_found:
+            return "no mark"
+        if self.tampered:
+            return "tampered"
+        if self.file_matches:
+            return "intact"
+        if self.pixels_match:
+            return "re-encoded"
+        if self.file_matches is False:
+            return "modified copy"
+        return "identified"
+
+    @property
+    def identified(self) -> bool:
+        """The mark names a dataset version and sample and nothing contradicts it (``pairforge verify`` exits 0)."""
+        return self.verdict in ("intact", "re-encoded", "modified copy", "identified")
+
+    def as_dict(self) -> dict[str, Any]:
+        from dataclasses import asdict
+
+        return {**asdict(self), "ref": self.ref, "verdict": self.verdict, "identified": self.identified}
 
     @property
     def ref(self) -> str | None:
@@ -102,6 +128,7 @@ def verify_image_file(path: str | os.PathLike, root: Root | None) -> ImageVerifi
     row = rows[0]
     out.sample_id = row["sample_id"]
     if row["watermark_payload"] != pl.hex:
+        out.tampered = True
         out.notes.append(f"the index records payload {row['watermark_payload']} for this sample, not {pl.hex}")
     out.file_matches = codec.sha256(data) == row["image_sha256"]
     if out.file_matches:

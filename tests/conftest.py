@@ -22,6 +22,9 @@ os.environ["PREFECT_SERVER_LOGGING_LEVEL"] = "WARNING"
 for _k in ("PREFECT_API_URL", "PREFECT_API_KEY", "PREFECT_PROFILE"):
     os.environ.pop(_k, None)
 os.environ.pop("PAIRFORGE_ROOT", None)
+# The default root and the user config live under these: tests never read or write the developer's own.
+os.environ["XDG_CONFIG_HOME"] = os.path.join(_PREFECT_HOME, "xdg-config")
+os.environ["XDG_DATA_HOME"] = os.path.join(_PREFECT_HOME, "xdg-data")
 
 
 @pytest.fixture(scope="session")

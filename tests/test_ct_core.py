@@ -89,7 +89,7 @@ def test_json_schema_describes_the_spec():
     ({"findings": {"negatives": 0.1, "mixture": [{"kind": "solid", "diameter_mm": 8, "location": "LML"}]}}, "LML"),
     ({"findings": {"negatives": 0.5, "mixture": []}}, "mixture is empty"),
     ({"schedule": "every night"}, "not a 5-field cron"),
-    ({"colour": "red"}, "colour: unknown field"),
+    ({"colour": "red"}, "unknown field 'colour'"),
     ({"slice_level": [0.0, 0.3], "findings": {"negatives": 0, "mixture": ["8mm nodule RML"]}}, "RML does not appear"),
     ({"image": {"size": 128, "spacing_mm": 0.5}, "findings": {"negatives": 0, "mixture": ["20mm nodule RLL"]}},
      "larger than a lung can hold"),
