@@ -202,3 +202,187 @@ def contrast_to_noise_3d(image, instance, label, f, geom) -> float:
     med = float(np.median(around))
     sig = 1.4826 * float(np.median(np.abs(around - med)))
     return abs(float(np.median(img[m])) - med) / (sig + 1e-6)
+
+
+# ---------------------------------------------------------------- the chest_ct_volume domain: annotator and hooks
+from annotators import Annotation, box_record, check, register_annotator  # noqa: E402
+
+VOLUME_DOMAIN = "chest_ct_volume"
+
+
+@register_annotator(VOLUME_DOMAIN)
+def annotate_chest_ct_volume(image: np.ndarray, layout: Any, request: Any, qc: Any) -> Annotation:
+    """Measurements (volume, volume-equivalent diameter, Lung-RADS axes and category, lobe, centroid) and the
+    per-volume QC, from the 3D label and instance maps. Boxes are in-plane (x, y) extents over all slices."""
+    lay = layout.extras["volume"]
+    g = lay["geometry"]
+    measured = measure_volume_findings(lay["label"], lay["instance"], lay["lobes"], g, lay["nodules"])
+    q = volume_qc(image, lay["label"], lay["instance"], g, lay["nodules"], measured,
+                  size_tol_mm=float(getattr(qc, "size_tolerance_mm", 0.5)),
+                  min_in_lobe=float(getattr(qc, "min_in_region", 0.99)), cnr_min=float(getattr(qc, "cnr_min", 3.0)))
+    checks = [check(c["name"], c["passed"], None if c["value"] is None else float(c["value"]), c["rule"])
+              for c in q["checks"]]
+    if not lay["nodules"]:
+        checks.append(check("negative_empty", not np.any(lay["instance"])))
+    boxes = []
+    ins = lay["instance"]
+    for m in measured:
+        if m.get("voxels"):
+            x0, y0, z0, x1, y1, z1 = m["bbox_ijk"]  # a padded box round the finding: find its exact extent inside
+            _, ys, xs = np.nonzero(ins[z0:z1, y0:y1, x0:x1] == m["instance"])
+            boxes.append(box_record(m["instance"], ys + y0, xs + x0))
+    return Annotation(measured=measured, checks=checks, bboxes=boxes)
+
+
+def _through(instance: np.ndarray) -> list[tuple[int, tuple[int, int, int]]]:
+    """(instance id, centroid voxel (k, j, i)) of each finding; the volume centre when there is none."""
+    ids = [int(v) for v in np.unique(instance) if v]
+    if not ids:
+        return [(0, tuple(int(s) // 2 for s in instance.shape))]
+    out = []
+    objs = ndimage.find_objects(instance.astype(np.int32))
+    for k in ids:
+        sl = objs[k - 1]
+        sub = instance[sl] == k
+        c = np.argwhere(sub).mean(0) + [s.start for s in sl]
+        out.append((k, tuple(int(round(v)) for v in c)))
+    return out
+
+
+def _panel(img8: np.ndarray, lab: np.ndarray, ins: np.ndarray, table: Any, row_mm: float, col_mm: float,
+           px_mm: float) -> np.ndarray:
+    """One plane as RGB at square pixels of ``px_mm`` (labels nearest), lobes and findings outlined."""
+    from annotators.overlay import instance_outline, outline
+
+    h = max(1, int(round(img8.shape[0] * row_mm / px_mm)))
+    w = max(1, int(round(img8.shape[1] * col_mm / px_mm)))
+    v = cv2.resize(img8, (w, h), interpolation=cv2.INTER_LINEAR)
+    lb = cv2.resize(lab.astype(np.uint8), (w, h), interpolation=cv2.INTER_NEAREST)
+    ib = cv2.resize(ins.astype(np.uint16), (w, h), interpolation=cv2.INTER_NEAREST)
+    rgb = outline(v, lb, table, classes=list(LOBES.values()))
+    return instance_outline(rgb, ib)
+
+
+def triplanar(image: np.ndarray, label: np.ndarray, instance: np.ndarray, table: Any,
+              spacing_kji: tuple[float, float, float], window: tuple[float, float] = (-600.0, 1500.0)) -> np.ndarray:
+    """Axial, coronal and sagittal planes through each finding's centroid (one row per finding; the volume centre
+    when there is none), at square display pixels, lobes and findings outlined. Coronal and sagittal are shown
+    head up; sagittal anterior to the left."""
+    from annotators.overlay import display
+
+    sz, sy, sx = (float(v) for v in spacing_kji)
+    px = min(sy, sx)
+    rows = []
+    for _k, (kz, jy, ix) in _through(instance):
+        ax = _panel(display(image[kz], window), label[kz], instance[kz], table, sy, sx, px)
+        co = _panel(display(image[:, jy, :], window), label[:, jy, :], instance[:, jy, :], table, sz, sx, px)
+        sa = _panel(display(image[:, :, ix], window), label[:, :, ix], instance[:, :, ix], table, sz, sy, px)
+        h = max(p.shape[0] for p in (ax, co, sa))
+        pad = [np.pad(p, ((0, h - p.shape[0]), (0, 4), (0, 0))) for p in (ax, co, sa)]
+        rows.append(np.concatenate(pad, axis=1))
+    w = max(r.shape[1] for r in rows)
+    return np.ascontiguousarray(np.concatenate([np.pad(r, ((0, 4), (0, w - r.shape[1]), (0, 0))) for r in rows]))
+
+
+def preview_overlay(image: np.ndarray, label: np.ndarray, instance: np.ndarray, table: Any,
+                    sample: Any = None) -> np.ndarray:
+    """Hook for `pairforge preview`: the tri-planar overlay at the sample's voxel spacing."""
+    geo = (((getattr(sample, "params", None) or {}).get("layout") or {}).get("geometry") or {})
+    return triplanar(image, label, instance, table, tuple(geo.get("spacing_kji_mm") or (1.0, 1.0, 1.0)))
+
+
+def _square(a: np.ndarray, row_mm: float, col_mm: float, px_mm: float, nearest: bool) -> np.ndarray:
+    h = max(1, int(round(a.shape[0] * row_mm / px_mm)))
+    w = max(1, int(round(a.shape[1] * col_mm / px_mm)))
+    if nearest:
+        return cv2.resize(a.astype(np.uint16), (w, h), interpolation=cv2.INTER_NEAREST)
+    return cv2.resize(a.astype(np.float32), (w, h), interpolation=cv2.INTER_LINEAR)
+
+
+def card_view(image: np.ndarray, label: np.ndarray, instance: np.ndarray,
+              meta: dict[str, Any] | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Hook for the card's sample grid: one tile of the axial, coronal and sagittal planes through the first
+    finding (or the volume centre), side by side at square pixels (spacing from the file's affine)."""
+    aff = np.asarray((meta or {}).get("affine", np.eye(4)), float)
+    sx, sy, sz = (float(v) for v in np.sqrt((aff[:3, :3] ** 2).sum(0)))
+    px = min(sx, sy)
+    kz, jy, ix = _through(instance)[0][1]
+    planes = [(image[kz], label[kz], instance[kz], sy, sx), (image[:, jy], label[:, jy], instance[:, jy], sz, sx),
+              (image[:, :, ix], label[:, :, ix], instance[:, :, ix], sz, sy)]
+    tiles = [[_square(a, r, c, px, nearest) for a, nearest in ((im, False), (lb, True), (ins, True))]
+             for im, lb, ins, r, c in planes]
+    # axial on the left; coronal above sagittal on the right (a near-square tile)
+    out = []
+    for j, fill in enumerate((-1024.0, 0, 0)):
+        ax, co, sa = (t[j] for t in tiles)
+        w = max(co.shape[1], sa.shape[1])
+        right = np.concatenate([np.pad(co, ((0, 2), (0, w - co.shape[1])), constant_values=fill),
+                                np.pad(sa, ((0, 0), (0, w - sa.shape[1])), constant_values=fill)])
+        h = max(ax.shape[0], right.shape[0])
+        out.append(np.concatenate([np.pad(ax, ((0, h - ax.shape[0]), (0, 2)), constant_values=fill),
+                                   np.pad(right, ((0, h - right.shape[0]), (0, 0)), constant_values=fill)], axis=1))
+    return out[0].astype(np.float32), out[1].astype(np.uint8), out[2].astype(np.uint16)
+
+
+def volume_statistics(rows: list[dict], measured: list[list[dict]]) -> dict[str, Any]:
+    """Volume-level statistics of a version (from its index rows): volumes, findings per volume, nodule volume and
+    diameter, Lung-RADS categories, lobes, QC pass rate."""
+    flat = [m for ms in measured for m in ms if m.get("voxels")]
+    per = [len([m for m in ms if m.get("voxels")]) for ms in measured]
+    vols = np.array([float(m.get("volume_mm3_exact", m.get("volume_mm3", 0.0))) for m in flat], float)
+    eqd = np.array([float(m.get("equivalent_diameter_mm", 0.0)) for m in flat], float)
+    lr: dict[str, int] = {}
+    lobes: dict[str, int] = {}
+    for m in flat:
+        lr[str(m.get("lung_rads"))] = lr.get(str(m.get("lung_rads")), 0) + 1
+        lobes[str(m.get("lobe"))] = lobes.get(str(m.get("lobe")), 0) + 1
+    qc = [bool((r.get("qc") or {}).get("passed", True)) for r in rows]
+    q = (lambda a, p: round(float(np.percentile(a, p)), 2) if a.size else None)
+    return {"volumes": len(rows), "volumes_with_findings": int(sum(1 for n in per if n)),
+            "findings": len(flat), "findings_per_volume_max": max(per) if per else 0,
+            "nodule_volume_mm3": {"min": q(vols, 0), "median": q(vols, 50), "max": q(vols, 100)},
+            "equivalent_diameter_mm": {"min": q(eqd, 0), "median": q(eqd, 50), "max": q(eqd, 100)},
+            "lung_rads": dict(sorted(lr.items())), "lobes": dict(sorted(lobes.items())),
+            "qc_pass_rate": round(float(np.mean(qc)), 4) if qc else None}
+
+
+def card_plots(rows: list[dict], requested: list[list[dict]], measured: list[list[dict]]):
+    """Hook for the dataset card: one figure of volume-level statistics (nodule volumes, findings per volume,
+    Lung-RADS categories, lobes) with the numbers in its title."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    st = volume_statistics(rows, measured)
+    flat = [m for ms in measured for m in ms if m.get("voxels")]
+    fig, axes = plt.subplots(1, 4, figsize=(13, 2.8))
+    vols = [float(m.get("volume_mm3_exact", 0.0)) for m in flat]
+    axes[0].hist(vols or [0], bins=12, color="#4c72b0")
+    axes[0].set(title="nodule volume (mm³)", xlabel="mm³", ylabel="findings")
+    per = [len([m for m in ms if m.get("voxels")]) for ms in measured]
+    ks = sorted(set(per)) or [0]
+    axes[1].bar([str(k) for k in ks], [per.count(k) for k in ks], color="#55a868")
+    axes[1].set(title="findings per volume", ylabel="volumes")
+    axes[2].bar(list(st["lung_rads"]) or ["-"], list(st["lung_rads"].values()) or [0], color="#c44e52")
+    axes[2].set(title="Lung-RADS category (measured)")
+    axes[3].bar(list(st["lobes"]) or ["-"], list(st["lobes"].values()) or [0], color="#8172b2")
+    axes[3].set(title="lobe (by overlap)")
+    fig.suptitle(f"{st['volumes']} volumes, {st['findings']} findings, median volume "
+                 f"{st['nodule_volume_mm3']['median']} mm³, QC pass {st['qc_pass_rate']}", fontsize=9)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=80, metadata={"Software": None})
+    plt.close(fig)
+    return [("volume_statistics", "volume_statistics.png", buf.getvalue())]
+
+
+def card_text(rows: list[dict], requested: list[list[dict]], measured: list[list[dict]]) -> list[str]:
+    """Hook for the dataset card: volume-level statistics as Markdown lines."""
+    st = volume_statistics(rows, measured)
+    return ["## Volume statistics", "", "| statistic | value |", "| --- | --- |",
+            *[f"| {k.replace('_', ' ').replace(' mm3', ' (mm³)').replace(' mm', ' (mm)')} | "
+              f"{', '.join(f'{a} {b}' for a, b in v.items()) if isinstance(v, dict) else v} |" for k, v in st.items()],
+            ""]

@@ -231,7 +231,8 @@ def plot_grid(fs, base: str, rows: list[dict], domain) -> bytes | None:
     import cv2
 
     from annotators.overlay import instance_outline, outline
-    from store.codec import decode_png
+    from schemas.domain import import_hook
+    from store.codecs import codec_for_row
 
     if not rows:
         return None
@@ -240,11 +241,17 @@ def plot_grid(fs, base: str, rows: list[dict], domain) -> bytes | None:
     class_table = domain.classes if domain is not None else None
     outline_ids = list(domain.outline_classes) if domain is not None and domain.outline_classes else None
     pick = [pool[int(i)] for i in np.linspace(0, len(pool) - 1, min(GRID_SAMPLES, len(pool))).round()]
+    # A domain whose samples are not planes (volumes) makes the plane to show:
+    # ``card_view(stored image, label, instance, meta) -> (image, label, instance)``, meta from the codec's file.
+    plane = import_hook(domain, domain.hooks_module, "card_view") if domain is not None else None
     tiles = []
     for r in pick:
-        img = decode_png(fs.cat_file(f"{base}/{r['image_path']}"))
-        lab = decode_png(fs.cat_file(f"{base}/{r['label_path']}"))
-        ins = decode_png(fs.cat_file(f"{base}/{r['instance_path']}"))
+        c = codec_for_row(r)
+        img, meta = c.read_meta(fs.cat_file(f"{base}/{r['image_path']}"))
+        lab = c.map_from_bytes(fs.cat_file(f"{base}/{r['label_path']}"))
+        ins = c.map_from_bytes(fs.cat_file(f"{base}/{r['instance_path']}"))
+        if plane is not None:
+            img, lab, ins = plane(img, lab, ins, meta)
         view = _view(img, r, domain)
         # Outline at thumbnail size (labels resized nearest-neighbour) so the outlines stay crisp.
         scale = THUMB_PX / max(view.shape[:2])
@@ -416,6 +423,12 @@ def card(version_dir: str, manifest: Any) -> list[str]:
 
     written += write_browser(fs, base, manifest, domain)
     readme = render_readme(manifest, rows, requested, measured, plots, size_stats, regions, per_check, per_split)
+    # A domain's own statistics: ``card_text(rows, requested, measured) -> Markdown lines``, before "More plots".
+    text = import_hook(domain, domain.hooks_module, "card_text") if domain is not None else None
+    if text is not None:
+        more = "## More plots"
+        lines = "\n".join(text(rows, requested, measured)) + "\n"
+        readme = readme.replace(more, lines + more, 1) if more in readme else readme.rstrip("\n") + "\n\n" + lines
     fs.pipe_file(f"{base}/README.md", readme.encode())
     written.append("README.md")
     return written

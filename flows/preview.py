@@ -1,6 +1,7 @@
 """`pairforge parse` and `pairforge preview`: look at a spec's samples without building a dataset version."""
 from __future__ import annotations
 
+import inspect
 import json
 from pathlib import Path
 from typing import Any
@@ -89,12 +90,15 @@ def run_preview(source: str, out_dir: str | Path, n: int = 4, seed: int | None =
     for s in samples:
         base = out / s.sample_id
         stored = codec.encode(np.asarray(s.image))
-        Path(f"{base}_image{codec.suffix}").write_bytes(codec.to_bytes(stored))
+        context = codec.sample_context(s)  # {} for PNG codecs; e.g. a volume's affine
+        Path(f"{base}_image{codec.suffix}").write_bytes(codec.to_bytes(stored, text=context or None))
         if overlay is not None:
-            view = overlay(s.image, s.label, s.instance, table)
+            # A hook that takes ``sample`` gets the whole sample too (e.g. a volume's voxel spacing).
+            takes_sample = "sample" in inspect.signature(overlay).parameters
+            view = overlay(s.image, s.label, s.instance, table, **({"sample": s} if takes_sample else {}))
         else:
             view = instance_outline(display(s.image, domain.display_window), s.instance)
-        Path(f"{base}_label.png").write_bytes(png.encode_png(np.asarray(s.label, np.uint8)))
+        Path(f"{base}_label{codec.label_suffix}").write_bytes(codec.label_to_bytes(s.label, context))
         Path(f"{base}_overlay.png").write_bytes(png.encode_png(view))
         meta = {
             "sample_id": s.sample_id, "split": s.split, "domain": s.domain, "pixel_spacing_mm": s.spacing_mm,
@@ -104,5 +108,6 @@ def run_preview(source: str, out_dir: str | Path, n: int = 4, seed: int | None =
             "spec": normalised_spec(spec), "spec_hash": digest,
         }
         Path(f"{base}.json").write_text(json.dumps(meta, indent=1, default=_json_default))
-        written += [Path(f"{base}{suf}") for suf in (f"_image{codec.suffix}", "_label.png", "_overlay.png", ".json")]
+        written += [Path(f"{base}{suf}") for suf in (f"_image{codec.suffix}", f"_label{codec.label_suffix}",
+                                                     "_overlay.png", ".json")]
     return written

@@ -61,3 +61,44 @@ def render_volume_request(lay: dict[str, Any], rng: np.random.Generator) -> tupl
 def public_findings(placed: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Placed findings without the in-memory raster (for provenance)."""
     return [{k: v for k, v in f.items() if not k.startswith("_")} for f in placed]
+
+
+# ---------------------------------------------------------------- the chest_ct_volume domain's layout and renderer
+from generators.base import Renderer, register_layout, register_renderer  # noqa: E402
+from schemas.sample import Layout, SampleRequest  # noqa: E402
+
+VOLUME_DOMAIN = "chest_ct_volume"
+
+
+def request_from_sample(request: SampleRequest) -> VolumeRequest:
+    """The volume request of a shared-planner sample request (grid in ``params``, findings as planned)."""
+    p = request.params
+    return VolumeRequest(shape=tuple(int(v) for v in p["volume_size"]),
+                         spacing=tuple(float(v) for v in p["spacing_zyx_mm"]),
+                         z_center_level=float(p.get("z_center_level", 0.5)), findings=list(request.findings))
+
+
+@register_layout(VOLUME_DOMAIN)
+def chest_ct_volume_layout(spec: Any, request: SampleRequest, rng: np.random.Generator) -> Layout:
+    """One volume's layout: label [k, j, i] uint8, instance uint16; the in-memory phantom in ``extras['volume']``
+    (what the renderer and the annotator read); geometry and RAS affine in ``params``."""
+    lay = layout_volume(request_from_sample(request), rng)
+    g = lay["geometry"]
+    params = {"geometry": {"shape_kji": list(g.shape), "spacing_kji_mm": list(g.spacing), "center_mm": list(g.center),
+                           "orientation": "RAS+ (NIfTI); i = patient left, j = posterior, k = inferior"},
+              "affine_ras": g.ras_affine().tolist(), "anatomy": lay["anatomy"],
+              "trees": {"vessel_segments": len(lay["trees"]["vessel"]), "airway_segments": len(lay["trees"]["airway"])}}
+    return Layout(label=lay["label"], instance=lay["instance"].astype(np.uint16), spacing_mm=float(g.spacing[1]),
+                  findings=public_findings(lay["nodules"]), params=params, extras={"volume": lay})
+
+
+@register_renderer
+class ChestCTVolumeRenderer(Renderer):
+    """The 3D HU renderer (partial volume, slice profile, PSF, correlated noise) of ``ct_volume_render``."""
+
+    name = "procedural"
+    version = "volume-1.0"
+    domains = (VOLUME_DOMAIN,)
+
+    def render(self, layout: Layout, rng: np.random.Generator) -> tuple[np.ndarray, dict[str, Any]]:
+        return render_volume_request(layout.extras["volume"], rng)

@@ -34,7 +34,7 @@ from typing import Any, Callable
 from schemas.errors import SpecError
 
 # Built-in domains: the schema module of each registers its Domain on import.
-BUILTIN_DOMAIN_MODULES: tuple[str, ...] = ("schemas.chest_ct", "schemas.surface")
+BUILTIN_DOMAIN_MODULES: tuple[str, ...] = ("schemas.chest_ct", "schemas.surface", "schemas.chest_ct_volume")
 ENTRY_POINT_GROUP = "pairforge.domains"
 PLUGINS_ENV = "PAIRFORGE_PLUGINS"
 

@@ -50,6 +50,14 @@ class VolumeFindings(BaseModel):
     negatives: float = Field(0.2, ge=0, le=1)
     mixture: list[VolumeNoduleFinding] = Field(default_factory=list)
 
+    @field_validator("mixture", mode="before")
+    @classmethod
+    def _shorthand(cls, v):
+        from schemas.shorthand import parse_finding
+        from schemas.wording import expand_mixture
+
+        return expand_mixture(v, lambda text: parse_finding(text).model_dump(), "findings.mixture", "findings")
+
     @model_validator(mode="after")
     def _mixture_needed(self):
         if self.negatives < 1 and not self.mixture:

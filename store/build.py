@@ -154,27 +154,31 @@ def encode_sample(name: str, version: int, sample: Sample, code_version: str,
     payload_hex = None
     if watermark:
         payload = wm.payload_for(name, version, sample.index)
-        stored = image_codec.watermark(stored, payload, keep_out=wm.keep_out_mask(sample.instance))
+        stored = image_codec.watermark(stored, payload, keep_out=image_codec.keep_out(np.asarray(sample.instance)))
         payload_hex = payload.hex
     prov = _provenance(name, version, sample, code_version, payload_hex, encoding)
     sid = sample.sample_id
-    image_path = f"images/{sid}{image_codec.suffix}"  # .png for every codec so far; a volume codec brings its own
+    image_path = f"images/{sid}{image_codec.suffix}"  # .png for PNG codecs; a volume codec brings its own
+    label_path, instance_path = f"labels/{sid}{image_codec.label_suffix}", f"instances/{sid}{image_codec.label_suffix}"
+    context = image_codec.sample_context(sample)  # {} for PNG codecs: their bytes are as before
     files = {
-        image_path: image_codec.to_bytes(stored, text=prov),
-        f"labels/{sid}.png": codec.encode_png(np.asarray(sample.label, dtype=np.uint8)),
-        f"instances/{sid}.png": codec.encode_png(np.asarray(sample.instance, dtype=np.uint16)),
+        image_path: image_codec.to_bytes(stored, text={**prov, **context}),
+        label_path: image_codec.label_to_bytes(sample.label, context),
+        instance_path: image_codec.instance_to_bytes(sample.instance, context),
     }
-    h, w = sample.label.shape[:2]
-    if stored.shape[:2] != (h, w):
-        raise ValueError(f"sample {sid}: image {stored.shape[:2]} and label {(h, w)} differ in size")
+    h, w, channels = image_codec.plane_shape(stored)
+    label_dims = np.asarray(sample.label).ndim
+    if stored.shape[:label_dims] != np.asarray(sample.label).shape:
+        raise ValueError(f"sample {sid}: image {stored.shape[:label_dims]} and label {np.asarray(sample.label).shape} "
+                         "differ in size")
     row = {
         "sample_id": sid, "index": int(sample.index), "split": sample.split, "domain": sample.domain,
-        "image_path": image_path, "label_path": f"labels/{sid}.png", "instance_path": f"instances/{sid}.png",
+        "image_path": image_path, "label_path": label_path, "instance_path": instance_path,
         "image_sha256": codec.sha256(files[image_path]),
-        "label_sha256": codec.sha256(files[f"labels/{sid}.png"]),
-        "instance_sha256": codec.sha256(files[f"instances/{sid}.png"]),
+        "label_sha256": codec.sha256(files[label_path]),
+        "instance_sha256": codec.sha256(files[instance_path]),
         "image_encoding": encoding, "width": int(w), "height": int(h),
-        "channels": int(stored.shape[2]) if stored.ndim == 3 else 1,
+        "channels": channels,
         "pixel_spacing_mm": float(sample.spacing_mm),
         "requested": [finding_row(f) for f in sample.requested],
         "measured": [finding_row(f) for f in sample.measured],
@@ -363,8 +367,8 @@ class BuildStaging:
                                          "left unmarked")
         image_codec = codecs.codec_for_domain(self.spec.domain)
         encodings = {"image": image_codec.manifest_description,
-                     "label": codec.LABEL_ENCODING, "instance": codec.INSTANCE_ENCODING,
-                     "provenance": "iTXt chunk 'pairforge' (JSON) in every image PNG"}
+                     "label": image_codec.label_encoding, "instance": image_codec.instance_encoding,
+                     "provenance": image_codec.provenance_encoding}
         return Manifest(
             name=self.name, version=self.version, domain=self.spec.domain, spec=normalised_spec(self.spec),
             spec_text=self.spec_text, spec_hash=self.digest, parent_version=self._parent(), counts=counts,

@@ -79,6 +79,39 @@ class Codec:
     def read(self, data: bytes) -> np.ndarray:
         return self.decode(self.from_bytes(data))
 
+    # ---- label and instance maps (stored in the image's format: PNG for 2D codecs, e.g. NIfTI for volumes)
+    label_suffix: ClassVar[str] = ".png"
+    label_encoding: ClassVar[str] = png.LABEL_ENCODING
+    instance_encoding: ClassVar[str] = png.INSTANCE_ENCODING
+    provenance_encoding: ClassVar[str] = "iTXt chunk 'pairforge' (JSON) in every image PNG"
+    spatial_dims: ClassVar[int] = 2
+
+    def sample_context(self, sample: Any) -> dict[str, Any]:
+        """What this codec's files need from a sample beyond its pixels (e.g. a volume's affine); {} for PNG."""
+        return {}
+
+    def keep_out(self, instance: np.ndarray) -> np.ndarray | None:
+        """Pixels the watermark must not touch (findings, dilated)."""
+        return wm.keep_out_mask(instance)
+
+    def label_to_bytes(self, label: np.ndarray, context: dict[str, Any] | None = None) -> bytes:
+        return png.encode_png(np.asarray(label, dtype=np.uint8))
+
+    def instance_to_bytes(self, instance: np.ndarray, context: dict[str, Any] | None = None) -> bytes:
+        return png.encode_png(np.asarray(instance, dtype=np.uint16))
+
+    def map_from_bytes(self, data: bytes) -> np.ndarray:
+        """A stored label or instance map."""
+        return png.decode_png(data)
+
+    def read_meta(self, data: bytes) -> tuple[np.ndarray, dict[str, Any]]:
+        """(stored array, metadata the file carries beyond pixels, e.g. {"affine": 4x4}); {} for PNG."""
+        return self.from_bytes(data), {}
+
+    def plane_shape(self, stored: np.ndarray) -> tuple[int, int, int]:
+        """(height, width, channels) recorded in the index for one stored image."""
+        return int(stored.shape[0]), int(stored.shape[1]), int(stored.shape[2]) if stored.ndim == 3 else 1
+
     # ---- the record
     def record(self) -> dict[str, Any]:
         return {"name": self.name, "version": int(self.version),
@@ -107,6 +140,9 @@ def known_codecs() -> list[str]:
 def get_codec(name: str, version: int | None = None, params: dict[str, Any] | None = None) -> Codec:
     """The codec ``name`` (newest version unless ``version``), built with ``params``."""
     versions = sorted(v for n, v in _CODECS if n == name)
+    if not versions:  # a codec that lives in a domain's module (e.g. NIfTI volumes): import those modules, look again
+        _load_domain_codecs()
+        versions = sorted(v for n, v in _CODECS if n == name)
     if not versions:
         raise StoreError(f"image codec {name!r} is not known; known: {', '.join(known_codecs())}")
     v = versions[-1] if version is None else int(version)
@@ -114,6 +150,14 @@ def get_codec(name: str, version: int | None = None, params: dict[str, Any] | No
         raise StoreError(f"image codec {name!r} version {v} is not known; known versions: "
                          f"{', '.join(map(str, versions))}")
     return _CODECS[(name, v)](**(params or {}))
+
+
+def _load_domain_codecs() -> None:
+    from schemas.domain import all_domains
+
+    for d in all_domains():
+        if d.codec_module:
+            importlib.import_module(d.codec_module)
 
 
 def codec_for_domain(domain: str) -> Codec:

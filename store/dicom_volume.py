@@ -123,3 +123,36 @@ def read_seg_labels(seg_path: Path, ct_paths: list[Path]) -> tuple[np.ndarray, n
         lut[s] = c
     pos = np.array([[float(v) for v in d.ImagePositionPatient] for d in cts])
     return lut[arr], pos
+
+
+# ---------------------------------------------------------------- `pairforge export dicom`
+from store.export import register_exporter, selected, staged_folder  # noqa: E402
+
+RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
+
+
+@register_exporter("dicom", summary="DICOM per volume: DEST/<name>/<sample_id>/ct/CT_XXXX.dcm (CT Image Storage "
+                   "series, int16 HU) and seg.dcm (DICOM SEG, one segment per class, tracking id class:<id>)")
+def export_version_dicom(version: Any, dest: Path, *, split=None, classes=None, overwrite: bool = False) -> dict[str, Any]:
+    """A published volume version as DICOM CT series + SEG, read through the sha-verified reader. UIDs derive
+    from ``name@vN/sample_id`` (the same version exports to the same UIDs). 2D versions are refused."""
+    from schemas.errors import SpecError
+    from store.codecs import codec_for_row
+
+    indices = selected(version, split, classes)
+    flat = [i for i in indices if codec_for_row(version.row(i)).spatial_dims != 3]
+    if flat:
+        raise SpecError(f"{version.ref} holds 2D images (codec {version.row(flat[0])['image_codec']['name']}); "
+                        "the dicom format exports volumes only (e.g. domain chest_ct_volume)")
+    names = {int(k): str(v) for k, v in version.manifest.class_table.items()}
+    final = Path(dest) / version.name
+    out_files = segments = 0
+    with staged_folder(final, overwrite=overwrite) as out:
+        for i in indices:
+            d = version[i]
+            lps = RAS_TO_LPS @ np.asarray(d["affine"], float)
+            res = write_dicom(d["image"], np.asarray(d["label"], np.uint8), lps, names, out / d["sample_id"],
+                              key=f"{version.ref}/{d['sample_id']}")
+            out_files += len(res["ct"]) + 1
+            segments += len(res["segments"])
+    return {"path": str(final), "counts": {"volumes": len(indices), "files": out_files, "segments": segments}}

@@ -32,8 +32,8 @@ from store.read import VersionDataset, resolve_version
 from store.root import Root, resolve_root
 
 # Modules that register the built-in formats; imported on the first look-up.
-EXPORTER_MODULES: tuple[str, ...] = ("store.mvtec", "store.nnunet", "store.coco", "store.monai_export", "store.hf",
-                                         "store.croissant", "store.yolo")
+EXPORTER_MODULES: tuple[str, ...] = ("store.mvtec", "store.dicom_volume", "store.nnunet", "store.coco",
+                                     "store.monai_export", "store.hf", "store.croissant", "store.yolo")
 ENTRY_POINT_GROUP = "pairforge.exporters"
 
 ExportFn = Callable[..., dict[str, Any]]

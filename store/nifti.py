@@ -105,3 +105,39 @@ class NiftiHU(Codec):
 
     def from_bytes(self, data: bytes) -> np.ndarray:
         return read_nifti(data)[0]
+
+    # ---- labels and instances: NIfTI with the same affine (uint8 class ids, uint16 instance ids); never marked
+    label_suffix = ".nii.gz"
+    label_encoding = "uint8 NIfTI-1 (.nii.gz) of class ids, same affine as the image (never watermarked)"
+    instance_encoding = "uint16 NIfTI-1 (.nii.gz) of finding instance ids (0 = none), same affine"
+    provenance_encoding = "NIfTI comment extension (JSON) in every image .nii.gz"
+    spatial_dims = 3
+
+    def sample_context(self, sample: Any) -> dict[str, Any]:
+        aff = ((sample.params or {}).get("layout") or {}).get("affine_ras")
+        if aff is None:
+            raise ValueError(f"sample {sample.sample_id}: a nifti_hu16 volume needs params.layout.affine_ras")
+        return {"affine_ras": [[float(v) for v in r] for r in aff]}
+
+    def keep_out(self, instance: np.ndarray) -> np.ndarray | None:
+        if not np.any(instance):
+            return None
+        return np.stack([np.zeros(s.shape, bool) if not s.any() else wm.keep_out_mask(s) for s in instance])
+
+    def label_to_bytes(self, label: np.ndarray, context: dict[str, Any] | None = None) -> bytes:
+        aff = np.asarray((context or {}).get("affine_ras", np.eye(4)), float)
+        return nifti_bytes(np.asarray(label, np.uint8), aff, "pairforge chest CT labels (class ids)")
+
+    def instance_to_bytes(self, instance: np.ndarray, context: dict[str, Any] | None = None) -> bytes:
+        aff = np.asarray((context or {}).get("affine_ras", np.eye(4)), float)
+        return nifti_bytes(np.asarray(instance, np.uint16), aff, "pairforge chest CT finding instances")
+
+    def map_from_bytes(self, data: bytes) -> np.ndarray:
+        return read_nifti(data)[0]
+
+    def read_meta(self, data: bytes) -> tuple[np.ndarray, dict[str, Any]]:
+        arr, aff = read_nifti(data)
+        return arr, {"affine": np.asarray(aff, np.float64)}
+
+    def plane_shape(self, stored: np.ndarray) -> tuple[int, int, int]:
+        return int(stored.shape[1]), int(stored.shape[2]), 1

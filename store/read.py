@@ -174,11 +174,13 @@ class VersionDataset(Sequence):
         if isinstance(i, slice):
             return [self[j] for j in range(*i.indices(len(self)))]
         r = self._rows[i]
-        image = codecs.codec_for_row(r).read(self._read(r["image_path"], r["image_sha256"]))
+        c = codecs.codec_for_row(r)
+        stored, meta = c.read_meta(self._read(r["image_path"], r["image_sha256"]))
         return {
-            "image": image,
-            "label": codec.decode_png(self._read(r["label_path"], r["label_sha256"])),
-            "instance": codec.decode_png(self._read(r["instance_path"], r["instance_sha256"])),
+            "image": c.decode(stored),
+            "label": c.map_from_bytes(self._read(r["label_path"], r["label_sha256"])),
+            "instance": c.map_from_bytes(self._read(r["instance_path"], r["instance_sha256"])),
+            **meta,  # e.g. "affine" (4x4, voxel (i, j, k) -> RAS+ mm) for volume codecs
             "sample_id": r["sample_id"], "index": r["index"], "split": r["split"], "domain": r["domain"],
             "spacing_mm": r["pixel_spacing_mm"],
             "requested": [finding_dict(f) for f in r["requested"] or []],
@@ -224,8 +226,12 @@ class VersionDataset(Sequence):
 
     def monai_item(self, i: int) -> dict[str, Any]:
         """MONAI-style dict: channel-first "image" (C, H, W) float32, "label" and "instance" (1, H, W), plus metadata
-        that batches with MONAI's default collate (findings as JSON text, since their count varies per sample)."""
+        that batches with MONAI's default collate (findings as JSON text, since their count varies per sample).
+        Volumes (samples whose file carries an affine): MONAI ``MetaTensor`` s (1, X, Y, Z) with the RAS affine, as
+        ``LoadImaged`` + ``EnsureChannelFirstd`` would give from the NIfTI files, and ``pixdim`` (x, y, z) mm."""
         d = self[i]
+        if d.get("affine") is not None:
+            return self._monai_volume(d)
         img = d["image"].astype(np.float32)
         img = img[None] if img.ndim == 2 else np.moveaxis(img, -1, 0)
         return {"image": np.ascontiguousarray(img), "label": d["label"][None], "instance": d["instance"][None],
@@ -233,6 +239,60 @@ class VersionDataset(Sequence):
                 "spacing_mm": d["spacing_mm"], "pixdim": (d["spacing_mm"], d["spacing_mm"]),
                 "qc_passed": bool(d["qc_passed"]), "watermark_payload": d["watermark_payload"] or "",
                 "requested_json": dumps(d["requested"]), "measured_json": dumps(d["measured"])}
+
+    @staticmethod
+    def _volume_xyz(d: dict[str, Any]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """(image, label, instance) as (1, X, Y, Z) arrays from [k, j, i] volumes, and the 4x4 RAS affine."""
+        def xyz(a, dtype):
+            return np.ascontiguousarray(np.asarray(a).transpose(2, 1, 0)[None].astype(dtype))
+
+        return (xyz(d["image"], np.float32), xyz(d["label"], np.int64), xyz(d["instance"], np.int64),
+                np.asarray(d["affine"], np.float64))
+
+    def _monai_volume(self, d: dict[str, Any]) -> dict[str, Any]:
+        import torch
+        from monai.data import MetaTensor
+
+        img, lab, ins, aff = self._volume_xyz(d)
+        pixdim = tuple(float(v) for v in np.sqrt((aff[:3, :3] ** 2).sum(0)))
+        aff_t = torch.as_tensor(aff)
+        meta = {"pixdim": pixdim, "space": "RAS"}
+        return {"image": MetaTensor(torch.from_numpy(img), affine=aff_t, meta=dict(meta)),
+                "label": MetaTensor(torch.from_numpy(lab), affine=aff_t, meta=dict(meta)),
+                "instance": MetaTensor(torch.from_numpy(ins), affine=aff_t, meta=dict(meta)),
+                "sample_id": d["sample_id"], "index": d["index"], "split": d["split"], "domain": d["domain"],
+                "spacing_mm": d["spacing_mm"], "pixdim": pixdim,
+                "qc_passed": bool(d["qc_passed"]), "watermark_payload": d["watermark_payload"] or "",
+                "requested_json": dumps(d["requested"]), "measured_json": dumps(d["measured"])}
+
+    def torchio_subject(self, i: int):
+        """Sample ``i`` as a ``torchio.Subject``: ``image`` (ScalarImage, HU), ``label`` and ``instance`` (LabelMap),
+        each (1, X, Y, Z) with the RAS affine (2D samples: (C, W, H, 1) at their pixel spacing), plus metadata."""
+        import torch
+        import torchio as tio
+
+        d = self[i]
+        if d.get("affine") is not None:
+            img, lab, ins, aff = self._volume_xyz(d)
+        else:
+            sp = float(d["spacing_mm"])
+            aff = np.diag([sp, sp, 1.0, 1.0])
+            im = d["image"].astype(np.float32)
+            im = im[None] if im.ndim == 2 else np.moveaxis(im, -1, 0)
+            img = np.ascontiguousarray(im.transpose(0, 2, 1)[..., None])
+            lab = np.ascontiguousarray(d["label"].astype(np.int64).T[None, ..., None])
+            ins = np.ascontiguousarray(d["instance"].astype(np.int64).T[None, ..., None])
+        return tio.Subject(image=tio.ScalarImage(tensor=torch.from_numpy(img), affine=aff),
+                           label=tio.LabelMap(tensor=torch.from_numpy(lab), affine=aff),
+                           instance=tio.LabelMap(tensor=torch.from_numpy(ins), affine=aff),
+                           sample_id=d["sample_id"], index=d["index"], split=d["split"], domain=d["domain"],
+                           requested_json=dumps(d["requested"]), measured_json=dumps(d["measured"]))
+
+    def torchio(self, transform=None):
+        """A ``torchio.SubjectsDataset`` over this version (subjects read when the dataset is built)."""
+        import torchio as tio
+
+        return tio.SubjectsDataset([self.torchio_subject(i) for i in range(len(self))], transform=transform)
 
     def monai(self, transform=None):
         """A ``monai.data.Dataset`` over this version (items loaded lazily, transforms applied by MONAI)."""

@@ -196,7 +196,7 @@ SHARED = ["schemas/spec.py", "schemas/plan.py", "schemas/classes.py", "generator
 
 
 def _domain_literals(path: Path) -> list[str]:
-    names = {"chest_ct", "surface"}
+    names = {"chest_ct", "surface", "chest_ct_volume"}
     names |= {f"{layer}.{n}" for layer in ("schemas", "generators", "annotators", "store") for n in names}
     found = []
     for node in ast.walk(ast.parse(path.read_text())):

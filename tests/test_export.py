@@ -157,7 +157,7 @@ def test_a_corrupted_file_fails_the_export_naming_it_and_writes_nothing(built, t
 def test_bad_export_requests_exit_2_with_one_line_and_write_nothing(built, tmp_path):
     dest = tmp_path / "d"
     assert_bad_input(run_cli("export", "coco-ish", "plates@v1", dest, "--root", built),
-                     contains="unknown export format 'coco-ish'; accepted: coco, croissant, hf, monai, mvtec, nnunet, yolo")
+                     contains="unknown export format 'coco-ish'; accepted: coco, croissant, dicom, hf, monai, mvtec, nnunet, yolo")
     assert_bad_input(run_cli("export", "mvtec", "plates@v1", dest, "--root", built, "--option", "colour=red"),
                      contains="no option 'colour'; accepted: class_name (str), include_failed (bool)")
     assert_bad_input(run_cli("export", "mvtec", "plates@v1", dest, "--root", built, "--option", "include_failed"),
@@ -215,7 +215,7 @@ def test_a_format_registered_outside_the_project_reaches_the_command_line(built,
     assert lines[0] == "sample_id sha256"
     assert lines[1:] == [f"{r['sample_id']} {r['image_sha256']}" for r in (ds.row(i) for i in range(len(ds)))]
     assert_bad_input(run_cli("export", "nope", "plates@v1", tmp_path / "x", "--root", built),
-                     contains="accepted: coco, croissant, hf, id-list, monai, mvtec, nnunet, yolo")
+                     contains="accepted: coco, croissant, dicom, hf, id-list, monai, mvtec, nnunet, yolo")
 
 
 FIXTURE = Path(__file__).resolve().parent / "fixtures" / "v1"  # versions published before image codecs existed
