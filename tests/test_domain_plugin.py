@@ -183,6 +183,18 @@ def test_cli_honours_pairforge_plugins_for_a_third_domain(prefect_api, tmp_path)
     assert r.returncode == 0 and "toy_thermal" in r.stdout, r.stderr
     r = cli("verify", "toy-thermal@v1", "--root", root)
     assert r.returncode == 0 and "OK" in r.stdout, r.stdout + r.stderr
+    # Export through a built-in format (nnU-Net raw: float images as NIfTI), read back with nibabel.
+    r = cli("export", "nnunet", "toy-thermal@v1", str(tmp_path / "nn"), "--root", root)
+    assert r.returncode == 0, r.stdout + r.stderr
+    import nibabel as nib
+    from store import DatasetStore
+
+    ds = DatasetStore(root).load("toy-thermal@v1")
+    images = sorted((tmp_path / "nn").rglob("*_0000.nii.gz"))
+    assert len(images) == len(ds) == 3
+    exported = sorted(float(np.asarray(nib.load(str(f)).dataobj, np.float32).sum()) for f in images)
+    published = sorted(float(np.asarray(s["image"], np.float32).sum()) for s in ds)
+    assert np.allclose(exported, published, rtol=1e-5), (exported, published)
     # Without the plug-in the same spec is bad input: one line, exit 2, naming the known domains.
     env.pop("PAIRFORGE_PLUGINS")
     r = cli("validate", str(spec))
