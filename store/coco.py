@@ -19,8 +19,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from schemas.errors import SpecError
-from store.export import Option, finding_kinds, register_exporter, selected, staged_folder
+from store.export import Option, finding_kinds, register_exporter, exported, staged_folder
 from store.export_meta import instance_array, write_provenance
 from store.read import VersionDataset
 
@@ -48,10 +47,7 @@ def export_coco(version: VersionDataset, dest: Path, *, split: Sequence[str] | N
                 include_failed: bool = False) -> dict[str, Any]:
     from pycocotools import mask as mask_utils
 
-    indices = [i for i in selected(version, split, classes)
-               if include_failed or bool((version.row(i).get("qc") or {}).get("passed", True))]
-    if not indices:
-        raise SpecError(f"{version.ref}: no sample is selected for export (check --split / --classes)")
+    indices = exported(version, split, classes, include_failed)
     cats = categories(version)
     cat_id = {c["name"]: c["id"] for c in cats}
     final = Path(dest) / f"{version.name}_v{version.version}"

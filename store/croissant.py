@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from schemas.errors import SpecError
-from store.export import Option, finding_kinds, register_exporter, selected, staged_folder
+from store.export import Option, finding_kinds, register_exporter, exported, staged_folder
 from store.export_meta import SYNTHETIC, write_provenance
 from store.read import VersionDataset
 
@@ -92,10 +92,7 @@ def export_croissant(version: VersionDataset, dest: Path, *, split: Sequence[str
                      include_failed: bool = False) -> dict[str, Any]:
     import mlcroissant as mlc
 
-    indices = [i for i in selected(version, split, classes)
-               if include_failed or bool((version.row(i).get("qc") or {}).get("passed", True))]
-    if not indices:
-        raise SpecError(f"{version.ref}: no sample is selected for export (check --split / --classes)")
+    indices = exported(version, split, classes, include_failed)
     final = Path(dest) / f"{version.name}_v{version.version}"
     with staged_folder(final, overwrite=overwrite) as out:
         rows = []

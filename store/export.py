@@ -180,6 +180,16 @@ def selected(version: VersionDataset, split: Sequence[str] | None = None,
     return out
 
 
+def exported(version: VersionDataset, split: Sequence[str] | None = None, classes: Sequence[str] | None = None,
+             include_failed: bool = False) -> list[int]:
+    """``selected`` less the samples that failed QC (unless ``include_failed``); a SpecError if none is left."""
+    out = [i for i in selected(version, split, classes)
+           if include_failed or bool((version.row(i).get("qc") or {}).get("passed", True))]
+    if not out:
+        raise SpecError(f"{version.ref}: no sample is selected for export (check --split / --classes)")
+    return out
+
+
 @contextlib.contextmanager
 def staged_folder(final: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
     """Yield an empty folder beside ``final`` to write into; on success it becomes ``final`` in one rename (an

@@ -18,8 +18,7 @@ import json
 from pathlib import Path
 from typing import Any, Sequence
 
-from schemas.errors import SpecError
-from store.export import Option, finding_kinds, register_exporter, selected, staged_folder
+from store.export import Option, finding_kinds, register_exporter, exported, staged_folder
 from store.export_meta import license_of, write_provenance
 from store.read import VersionDataset
 
@@ -41,10 +40,7 @@ def export_hf(version: VersionDataset, dest: Path, *, split: Sequence[str] | Non
               include_failed: bool = False) -> dict[str, Any]:
     import datasets as hfd
 
-    indices = [i for i in selected(version, split, classes)
-               if include_failed or bool((version.row(i).get("qc") or {}).get("passed", True))]
-    if not indices:
-        raise SpecError(f"{version.ref}: no sample is selected for export (check --split / --classes)")
+    indices = exported(version, split, classes, include_failed)
     kinds = sorted({k for i in range(len(version)) for k in finding_kinds(version.row(i))})
     keys = _numeric_keys(version, indices)
     kind_label = hfd.ClassLabel(names=kinds or ["none"])

@@ -19,8 +19,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from schemas.errors import SpecError
-from store.export import Option, register_exporter, selected, staged_folder
+from store.export import Option, register_exporter, exported, staged_folder
 from store.export_meta import image_array, label_array, write_provenance
 from store.nnunet import nifti_2d_bytes
 from store.read import VersionDataset
@@ -34,10 +33,7 @@ FOLDERS = {"train": ("training", "Tr"), "val": ("validation", "Val"), "test": ("
 def export_monai(version: VersionDataset, dest: Path, *, split: Sequence[str] | None = None,
                  classes: Sequence[str] | None = None, overwrite: bool = False,
                  include_failed: bool = False) -> dict[str, Any]:
-    indices = [i for i in selected(version, split, classes)
-               if include_failed or bool((version.row(i).get("qc") or {}).get("passed", True))]
-    if not indices:
-        raise SpecError(f"{version.ref}: no sample is selected for export (check --split / --classes)")
+    indices = exported(version, split, classes, include_failed)
     final = Path(dest) / f"{version.name}_v{version.version}"
     lists: dict[str, list[dict[str, Any]]] = {"training": [], "validation": [], "test": []}
     with staged_folder(final, overwrite=overwrite) as out:

@@ -27,7 +27,7 @@ import numpy as np
 
 from schemas.errors import SpecError
 from store import codec
-from store.export import Option, register_exporter, selected, staged_folder
+from store.export import Option, register_exporter, exported, staged_folder
 from store.export_meta import consecutive_ids, image_array, label_array, remap, write_provenance
 from store.read import VersionDataset
 
@@ -72,10 +72,7 @@ def export_nnunet(version: VersionDataset, dest: Path, *, split: Sequence[str] |
         raise SpecError(f"option dataset_id={dataset_id} is out of range; accepted: 1 to 999")
     name = nnunet_name(version.name)
     folder = f"Dataset{int(dataset_id):03d}_{name}"
-    indices = [i for i in selected(version, split, classes)
-               if include_failed or bool((version.row(i).get("qc") or {}).get("passed", True))]
-    if not indices:
-        raise SpecError(f"{version.ref}: no sample is selected for export (check --split / --classes)")
+    indices = exported(version, split, classes, include_failed)
     mapping = consecutive_ids(version)
     table = version.manifest.class_table
     first = image_array(version, indices[0])

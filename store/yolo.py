@@ -21,7 +21,7 @@ import numpy as np
 
 from schemas.errors import SpecError
 from store import codecs
-from store.export import Option, finding_kinds, register_exporter, selected, staged_folder
+from store.export import Option, finding_kinds, register_exporter, exported, staged_folder
 from store.export_meta import instance_array, write_provenance
 from store.read import VersionDataset
 
@@ -51,10 +51,7 @@ def export_yolo(version: VersionDataset, dest: Path, *, split: Sequence[str] | N
                 include_failed: bool = False) -> dict[str, Any]:
     import yaml
 
-    indices = [i for i in selected(version, split, classes)
-               if include_failed or bool((version.row(i).get("qc") or {}).get("passed", True))]
-    if not indices:
-        raise SpecError(f"{version.ref}: no sample is selected for export (check --split / --classes)")
+    indices = exported(version, split, classes, include_failed)
     for i in indices:
         c = codecs.codec_for_row(version.row(i))
         if c.name != "u8":

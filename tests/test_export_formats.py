@@ -70,6 +70,8 @@ def test_nnunet_export_passes_nnunets_integrity_check_and_reads_back_exactly(roo
     for var, sub in (("nnUNet_raw", raw), ("nnUNet_preprocessed", tmp_path / "pre"),
                      ("nnUNet_results", tmp_path / "res")):
         monkeypatch.setenv(var, str(sub))
+    pytest.importorskip("nnunetv2", reason="nnunetv2 is not in the dev extra (it pulls the argparse backport that "
+                                           "breaks Prefect's local server); install it on its own to run this check")
     out = export_version(root, f"{name}@v1", "nnunet", raw, dataset_id=17)
     folder = Path(out["path"])
     from nnunetv2.experiment_planning.verify_dataset_integrity import verify_dataset_integrity
