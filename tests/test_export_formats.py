@@ -4,6 +4,7 @@ consumer's own library (nnU-Net's integrity check and readers, pycocotools, MONA
 from __future__ import annotations
 
 import json
+import sys
 import os
 from pathlib import Path
 
@@ -58,6 +59,22 @@ def check_provenance(folder: Path, ds: VersionDataset) -> None:
     assert prov["watermark"]["dataset_id"] == ds.manifest.watermark.dataset_id and prov["license"]
     readme = (folder / "README.md").read_text()
     assert prov["manifest_sha256"] in readme and "Synthetic data" in readme and "watermark" in readme
+
+
+@pytest.fixture(autouse=True)
+def _no_leaked_log_handlers():
+    """mlcroissant imports absl, whose logging handler on the root logger keeps the stream pytest captured for this
+    test; once pytest closes it, any later log line (Prefect's, in other test files) fails. Drop handlers a test added."""
+    import logging
+
+    before = list(logging.root.handlers)
+    yield
+    for h in list(logging.root.handlers):
+        if h not in before:
+            logging.root.removeHandler(h)
+    absl_logging = sys.modules.get("absl.logging")
+    if absl_logging is not None:  # its handler was built on the stream pytest captured during this test
+        absl_logging.get_absl_handler().python_handler.stream = sys.__stderr__
 
 
 def test_every_format_is_registered():
