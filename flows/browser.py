@@ -65,6 +65,8 @@ def write_browser(fs, base: str, manifest: Any, domain) -> list[str]:
     with fs.open(f"{base}/samples.parquet", "rb") as f:
         pf = pq.ParquetFile(f)
         rows = pf.read(columns=[c for c in COLUMNS if c in pf.schema_arrow.names]).to_pylist()
+    if any(not str(r["image_path"]).endswith(".png") for r in rows):
+        return []  # the browser shows 2-D PNG images; other codecs (NIfTI volumes) have the card's tri-planar views
     class_table = domain.classes if domain is not None else None
     outline_ids = list(domain.outline_classes) if domain is not None and domain.outline_classes else None
     lut = _colours(class_table)
