@@ -230,6 +230,8 @@ def pull_between(src: Root, ref: str, dest: Root, *, workers: int = 8, limit_rat
 
     # ---- commit: the manifest, last
     if dest.local:
+        for rel in set(_sizes(dest, stage)) - set(files):  # e.g. a temporary file of a killed pull
+            os.remove(f"{stage}/{rel}")
         _write(dest, f"{stage}/{MANIFEST}", manifest_bytes)
         try:
             os.rename(stage, final)  # the one atomic step that makes the version visible
