@@ -2,7 +2,7 @@
 baseline a user would run instead: a recursive fsspec copy (``s3fs`` ``put``/``get``, what ``aws s3 sync`` does)
 that checks nothing.
 
-    OMP_NUM_THREADS=1 python bench/bench_pull.py --samples 16 --out docs/pull_bench.json
+    OMP_NUM_THREADS=1 python bench/bench_pull.py --samples 16 --repeat 3 --out docs/pull_bench.json
 
 Measures, on one published chest-CT version (``--samples`` images of 512 x 512 plus labels and instances):
 local -> S3, S3 -> local, S3 -> S3 with ``pairforge pull`` (every sha256 checked, staged, committed atomically) and
@@ -34,6 +34,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--samples", type=int, default=16)
     ap.add_argument("--workers", type=int, default=8)
+    ap.add_argument("--repeat", type=int, default=3, help="runs per case (fresh destinations); the median is reported")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     args = ap.parse_args()
 
@@ -73,33 +74,41 @@ def main() -> None:
         nfiles = sum(1 for p in vdir.rglob("*") if p.is_file())
         rows = []
 
-        def timed(label: str, fn) -> None:
-            t = time.perf_counter()
-            res = fn()
-            s = time.perf_counter() - t
-            rows.append({"case": label, "seconds": round(s, 3), "MB_per_s": round(nbytes / s / 1e6, 2),
-                         "files_per_s": round(nfiles / s, 1),
+        def timed(label: str, fn, repeat: int) -> None:
+            times, res = [], None
+            for k in range(repeat):
+                t = time.perf_counter()
+                res = fn(k)
+                times.append(time.perf_counter() - t)
+            s = sorted(times)[len(times) // 2]
+            rows.append({"case": label, "median_seconds": round(s, 3), "seconds": [round(x, 3) for x in times],
+                         "MB_per_s": round(nbytes / s / 1e6, 2), "files_per_s": round(nfiles / s, 1),
                          "reused_files": getattr(res, "reused_files", None)})
-            print(f"{label:48s} {s:7.2f} s  {nbytes / s / 1e6:7.1f} MB/s  {nfiles / s:7.1f} files/s")
+            print(f"{label:46s} median {s:6.2f} s of {len(times)}  {nbytes / s / 1e6:6.1f} MB/s  "
+                  f"{nfiles / s:6.1f} files/s", flush=True)
 
-        w = args.workers
-        timed("pairforge pull local -> S3", lambda: local.pull_to("bench-pull@v1", "s3://bench/a", opts, workers=w))
-        timed("baseline s3fs put -r (no checks)", lambda: fs.put(str(vdir), "bench/base-a/v1", recursive=True))
-        s3a = DatasetStore("s3://bench/a", opts)
-        timed("pairforge pull S3 -> local", lambda: s3a.pull_to("bench-pull@v1", str(tmp / "dl"), workers=w))
-        timed("baseline s3fs get -r (no checks)", lambda: fs.get("bench/base-a/v1", str(tmp / "base-dl") + "/",
-                                                                 recursive=True))
-        timed("pairforge pull S3 -> S3", lambda: s3a.pull_to("bench-pull@v1", "s3://bench/b", opts, workers=w))
-        timed("baseline s3fs copy -r (no checks)", lambda: fs.copy("bench/base-a/v1", "bench/base-b/v1",
-                                                                   recursive=True))
-        # a resumed pull with everything staged: the manifest taken away, the pull re-run
-        fs.rm("bench/b/bench-pull/v1/manifest.json")
-        timed("pairforge pull S3 -> S3, resumed, all staged", lambda: s3a.pull_to("bench-pull@v1", "s3://bench/b",
-                                                                                  opts, workers=w))
-        shutil.rmtree(tmp / "dl" / "bench-pull" / "v1")
-        timed("pairforge pull S3 -> local, fresh again", lambda: s3a.pull_to("bench-pull@v1", str(tmp / "dl"),
-                                                                            workers=w))
-        result = {"samples": args.samples, "files": nfiles, "bytes": nbytes, "workers": w,
+        w, n = args.workers, args.repeat
+        for k in range(n):  # the published copy every S3 case reads from (not timed)
+            fs.put(str(vdir), f"bench/src{k}/bench-pull/v1", recursive=True)
+        timed("pairforge pull local -> S3", lambda k: local.pull_to("bench-pull@v1", f"s3://bench/a{k}", opts,
+                                                                    workers=w), n)
+        timed("baseline s3fs put -r (no checks)", lambda k: fs.put(str(vdir), f"bench/pa{k}/v1", recursive=True), n)
+        timed("pairforge pull S3 -> local", lambda k: DatasetStore(f"s3://bench/src{k}", opts).pull_to(
+            "bench-pull@v1", str(tmp / f"dl{k}"), workers=w), n)
+        timed("baseline s3fs get -r (no checks)", lambda k: fs.get(f"bench/src{k}/bench-pull/v1",
+                                                                   str(tmp / f"gl{k}") + "/", recursive=True), n)
+        timed("pairforge pull S3 -> S3", lambda k: DatasetStore(f"s3://bench/src{k}", opts).pull_to(
+            "bench-pull@v1", f"s3://bench/b{k}", opts, workers=w), n)
+        timed("baseline s3fs copy -r (no checks)", lambda k: fs.copy(f"bench/src{k}/bench-pull/v1", f"bench/pb{k}/v1",
+                                                                     recursive=True), n)
+
+        def resumed(k: int):  # every file staged already: the manifest taken away, the pull run again
+            fs.rm(f"bench/b{k}/bench-pull/v1/manifest.json")
+            return DatasetStore(f"s3://bench/src{k}", opts).pull_to("bench-pull@v1", f"s3://bench/b{k}", opts,
+                                                                    workers=w)
+
+        timed("pairforge pull S3 -> S3, resumed, all staged", resumed, n)
+        result = {"samples": args.samples, "files": nfiles, "bytes": nbytes, "workers": w, "repeat": n,
                   "server": "moto ThreadedMotoServer on 127.0.0.1", "cpu_count": os.cpu_count(),
                   "load_avg_1min": round(os.getloadavg()[0], 2), "rows": rows}
         if args.out:

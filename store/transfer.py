@@ -22,7 +22,7 @@ import json
 import os
 import threading
 import time
-from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -52,8 +52,8 @@ class PullResult:
             return f"{self.ref} is already at {self.uri} (all {self.files} files verified)"
         reused = f", {self.reused_files} already there from an earlier pull" if self.reused_files else ""
         rate = (self.bytes - self.reused_bytes) / max(self.seconds, 1e-9) / 1e6
-        return (f"pulled {self.ref} to {self.uri}: {self.files} files, {self.bytes / 1e6:.1f} MB{reused}, "
-                f"{self.seconds:.1f} s ({rate:.1f} MB/s), every sha256 checked")
+        return (f"pulled {self.ref} to {self.uri}: {self.files} files, {self.bytes / 1e6:.2f} MB{reused}, "
+                f"{self.seconds:.1f} s ({rate:.2f} MB/s), every sha256 checked")
 
 
 class RateLimit:
@@ -219,7 +219,7 @@ def pull_between(src: Root, ref: str, dest: Root, *, workers: int = 8, limit_rat
     try:
         pending = {pool.submit(copy, rel) for rel in sorted(files)}
         while pending:
-            done, pending = wait(pending, return_when=FIRST_EXCEPTION)
+            done, pending = wait(pending, return_when=FIRST_COMPLETED)
             for fut in done:
                 rel, n, reused = fut.result()  # raises the first failure; the rest is cancelled below
                 reused_files += reused
