@@ -174,6 +174,20 @@ def test_pull_local_to_local_and_s3_to_s3_and_refusals(s3_server, ct_samples, tm
     assert out == f"{s3b}/store-ct/v1"
     assert _hashes(DatasetStore(s3b, opts), "store-ct", 1) == want
 
+    # the command off a terminal: no bar, one summary line; --json: the events and the result, one object a line
+    env = _env(opts, tmp_path)
+    r = subprocess.run(PAIRFORGE + ["pull", "store-ct@v1", str(tmp_path / "d"), "--root", str(a)], cwd=tmp_path,
+                       env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("pulled store-ct@v1 to ") and "every sha256 checked" in r.stdout
+    assert len(r.stdout.strip().splitlines()) == 1 and "━" not in r.stdout + r.stderr
+    r = subprocess.run(PAIRFORGE + ["pull", "store-ct@v1", str(tmp_path / "e"), "--root", str(a), "--json"],
+                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    evs = [json.loads(line) for line in r.stdout.splitlines()]
+    assert [e["event"] for e in evs] == ["plan"] + ["file"] * res.files + ["done", "result"]
+    assert evs[-1]["files"] == res.files and evs[-1]["bytes"] == sum(e["bytes"] for e in evs if e["event"] == "file")
+    assert _hashes(DatasetStore(str(tmp_path / "e")), "store-ct", 1) == want
+
     # a destination whose v1 is reserved by a build refuses in one line
     other = tmp_path / "c"
     (other / "store-ct" / "_versions").mkdir(parents=True)
