@@ -308,11 +308,31 @@ def show(ref: str = typer.Argument(..., help="NAME, NAME@vN or NAME@latest"), ro
 
 @app.command()
 @handle_errors
-def pull(ref: str = typer.Argument(..., help="NAME@vN"), dest: Path = typer.Argument(..., help="destination folder"),
-         root: Optional[str] = RootOpt, verbose: bool = VerboseOpt) -> None:
-    """Copy a published version to DEST/NAME/vN, checking every sha256."""
-    folder = _store(root).pull(ref, dest)
-    out.print(f"pulled {ref} to {folder}")
+def pull(ref: str = typer.Argument(..., help="NAME@vN (or NAME / NAME@latest)"),
+         dest: str = typer.Argument(..., help="destination root: a folder or an fsspec URL (s3://bucket/prefix)"),
+         root: Optional[str] = typer.Option(None, "--root", help="source root: a folder or fsspec URL (default: see "
+                                                                 "`pairforge root`)"),
+         workers: int = typer.Option(8, "--workers", min=1, max=256, help="files transferred at once"),
+         limit_rate: Optional[str] = typer.Option(None, "--limit-rate", help="at most this many bytes/s, e.g. 20M"),
+         quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bar"),
+         as_json: bool = typer.Option(False, "--json", help="progress events and the result as JSON lines"),
+         verbose: bool = VerboseOpt) -> None:
+    """Copy a published version to DEST/NAME/vN, from any root to any root (local or S3), checking every sha256.
+
+    Resumable: run it again after an interruption and the files already copied (sha256 checked) are kept. The version
+    appears at DEST whole or not at all. Storage options (endpoints, keys) of s3:// roots come from [storage.s3] in
+    pairforge.toml or the user config, or $PAIRFORGE_STORAGE_OPTIONS (see docs/store.md)."""
+    from flows.transfer_progress import pull_reporter
+    from store.transfer import parse_rate
+
+    parse_rate(limit_rate)  # a bad rate is one line before anything is read
+    st = _store(root)
+    with pull_reporter(out, quiet=quiet, as_json=as_json) as rep:
+        res = st.pull_to(ref, dest, workers=workers, limit_rate=limit_rate, progress=rep)
+    if as_json:
+        typer.echo(json.dumps({"event": "result", **res.__dict__}))
+    elif not quiet:
+        out.print(str(res))
 
 
 @app.command()
