@@ -15,7 +15,7 @@ from typing import Callable
 from schemas.manifest import Manifest
 from schemas.spec import BaseSpec
 from store.build import BuildStaging, PublishedVersion, open_build, published_versions
-from store.errors import IntegrityError, PublishError, StoreError
+from store.errors import IntegrityError, NoSpaceError, PublishError, StoreError
 from store.read import (VersionDataset, VersionReport, list_dataset_names, pull_version, read_index, read_manifest,
                         resolve_version, show_text, verify_version_at)
 from store.root import Root, check_name, parse_ref, resolve_root
@@ -82,6 +82,12 @@ class DatasetStore:
     def verify_image(self, path: str | os.PathLike) -> ImageVerification:
         return verify_image_file(path, self.root)
 
+    def gc(self, older_than_s: float = 3600.0, remove: bool = False):
+        """Staging areas (and unpublished object-store prefixes) of dead builds; removed only with ``remove``."""
+        from store.gc import collect
+
+        return collect(self.root, older_than_s, remove)
+
 
 def list_datasets(root: str | None = None, storage_options: dict | None = None) -> dict[str, list[int]]:
     """{dataset name: published versions} under a root."""
@@ -119,5 +125,5 @@ def verify_image(path: str | os.PathLike, root: str | None = None,
 CardFn = Callable[[str, Manifest], None]
 
 __all__ = ["DatasetStore", "BuildStaging", "PublishedVersion", "VersionDataset", "VersionReport",
-           "ImageVerification", "StoreError", "IntegrityError", "PublishError", "list_datasets", "show", "pull",
+           "ImageVerification", "StoreError", "IntegrityError", "PublishError", "NoSpaceError", "list_datasets", "show", "pull",
            "verify_version", "verify_image", "parse_ref", "CardFn"]

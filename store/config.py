@@ -89,6 +89,51 @@ def choose_root(root: str | os.PathLike | None = None) -> RootChoice:
     return RootChoice(default_root(), "default")
 
 
+STORAGE_ENV = "PAIRFORGE_STORAGE_OPTIONS"
+
+
+def _read_storage_options(path: Path) -> dict | None:
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
+        return None
+    value = data.get("storage_options")
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise StoreError(f"{path}: storage_options must be a table, e.g. [storage_options] with key = \"...\" and "
+                         f"[storage_options.client_kwargs] endpoint_url = \"http://host:9000\"; got {value!r}")
+    return value
+
+
+def configured_storage_options() -> dict | None:
+    """fsspec options for an object-store root when the caller gave none: ``$PAIRFORGE_STORAGE_OPTIONS`` (JSON), else
+    the ``[storage_options]`` table of the nearest pairforge.toml, else of the user config. None if none is set."""
+    import json
+
+    env = os.environ.get(STORAGE_ENV)
+    if env and env.strip():
+        try:
+            value = json.loads(env)
+        except ValueError as e:
+            raise StoreError(f"${STORAGE_ENV} is not JSON ({e}); write e.g. "
+                             '{"client_kwargs": {"endpoint_url": "http://host:9000"}, "key": "...", "secret": "..."}') \
+                from None
+        if not isinstance(value, dict):
+            raise StoreError(f"${STORAGE_ENV} must be a JSON object of fsspec options, not {type(value).__name__}")
+        return value
+    here = Path(os.getcwd()).resolve()
+    for folder in (here, *here.parents):
+        for name in PROJECT_FILES:
+            p = folder / name
+            if p.is_file():
+                found = _read_storage_options(p)
+                if found is not None:
+                    return found
+    u = user_config_path()
+    return _read_storage_options(u) if u.is_file() else None
+
+
 def set_user_root(value: str) -> Path:
     """Write ``root = value`` to the user config (other keys kept); returns the file."""
     path = user_config_path()
