@@ -280,7 +280,10 @@ class BuildStaging:
         """Take ``_staging/<key>/publish.lease`` (exclusive create). False while another live process holds it
         (its heartbeat fresh, or the lease younger than LEASE_STALE_S); a stale lease is removed and taken over."""
         lease = f"{self.staging_dir}/publish.lease"
-        body = json.dumps({"token": token, "time": time.time()}, sort_keys=True).encode()
+        import socket
+
+        body = json.dumps({"token": token, "time": time.time(), "host": socket.gethostname(), "pid": os.getpid()},
+                          sort_keys=True).encode()
         if self.root.create_exclusive(lease, body):
             return True
         try:
@@ -289,7 +292,9 @@ class BuildStaging:
             return False  # released or half-visible a moment ago: look again
         now = time.time()
         beat = last_heartbeat(self.root, self.staging_dir, token=held.get("token"))
-        if now - float(held.get("time", 0)) < LEASE_STALE_S or (beat is not None and now - beat < LEASE_STALE_S):
+        gone = held.get("host") == socket.gethostname() and not _pid_alive(held.get("pid"))  # died on this host
+        if not gone and (now - float(held.get("time", 0)) < LEASE_STALE_S
+                         or (beat is not None and now - beat < LEASE_STALE_S)):
             return False
         self.root.rm(lease)  # its holder stopped beating: take over
         return self.root.create_exclusive(lease, body)
@@ -493,6 +498,20 @@ class _suppress:
         return kind is not None and issubclass(kind, Exception)
 
 
+def _pid_alive(pid: Any) -> bool:
+    if not isinstance(pid, int) or pid <= 0:
+        return True  # unknown: judge by time
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    return True
+
+
 def _accepts_storage_options(fn: Callable) -> bool:
     import inspect
 
@@ -666,9 +685,23 @@ def _reserve(root: Root, name: str, key: str, digest: str, code_version: str) ->
     """The lowest number no reservation or version folder holds (a number given back by a process that joined
     another one's build is taken again, so concurrent builds leave no gaps). Reservations of builds that wrote
     anything are never removed, so a number that may be inside a watermark is never reused."""
-    taken = _taken_numbers(root, name)
-    v = 1
     body = json.dumps({"key": key, "digest": digest, "code_version": code_version}, sort_keys=True).encode()
+    folders = {int(e[1:]) for e in root.listdir_names(root.dataset_dir(name)) if e.startswith("v") and e[1:].isdigit()}
+    reserved = {int(e[1:-5]) for e in root.listdir_names(root.join(name, "_versions"))
+                if e.startswith("v") and e.endswith(".json") and e[1:-5].isdigit()}
+    # A process of this very build (same key) reserved a number a moment ago and nothing is published under it:
+    # share it, so that same-spec builds started together take one number, not one each.
+    for n in sorted(reserved - folders if root.local else reserved):
+        if n in folders and root.exists(root.join(name, f"v{n}", MANIFEST)):
+            continue
+        try:
+            if root.read_bytes(root.join(name, "_versions", f"v{n}.json")) == body and \
+                    not root.exists(root.join(name, f"v{n}", MANIFEST)):
+                return n
+        except FileNotFoundError:
+            continue
+    taken = folders | reserved
+    v = 1
     for _ in range(1000):
         while v in taken:
             v += 1

@@ -197,20 +197,32 @@ class Root:
 
     def _create_once(self, path: str, data: bytes) -> bool:
         if self.local:
+            # Written to a temp name, then hard-linked to ``path`` (link fails if it exists): the file appears
+            # whole, so a reader never sees it empty or half-written.
             os.makedirs(os.path.dirname(path), exist_ok=True)
-            self._inject("write", path)
+            tmp = f"{path}.tmp-{_unique()}"
             try:
-                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-            except FileExistsError:
-                return False
-            try:
-                with os.fdopen(fd, "wb") as f:
+                self._inject("write", tmp)
+                with open(tmp, "wb") as f:
                     f.write(data)
-            except BaseException:
+                self._inject("rename", path)
+                try:
+                    os.link(tmp, path)
+                except FileExistsError:
+                    return False
+                except OSError as e:  # a filesystem without hard links: exclusive open, then write
+                    if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK):
+                        raise
+                    try:
+                        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+                    except FileExistsError:
+                        return False
+                    with os.fdopen(fd, "wb") as f:
+                        f.write(data)
+                return True
+            finally:
                 with _suppress_oserror():
-                    os.remove(path)
-                raise
-            return True
+                    os.remove(tmp)
         try:
             with self.fs.open(path, "xb") as f:
                 f.write(data)

@@ -88,6 +88,8 @@ def _reader(url, opts, stop: threading.Event, seen: dict, errors: list) -> None:
 
 def test_concurrent_builds_of_same_and_different_specs_with_readers(root, samples, tmp_path):
     url, opts = root
+    if opts is None:
+        os.makedirs(url)  # the readers start before any build has created the root
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     script = tmp_path / "builder.py"
     script.write_text(BUILDER.format(repo=repo))
