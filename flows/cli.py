@@ -369,6 +369,34 @@ def verify(target: str = typer.Argument(..., help="an image file (reads its wate
 
 
 # --------------------------------------------------------------------------------------------------- serve
+@app.command("gc")
+@handle_errors
+def gc_(root: Optional[str] = RootOpt,
+        older_than: str = typer.Option("1h", "--older-than", help="only builds with no sign of life for this long "
+                                       "(90s, 30m, 1h, 2d)"),
+        yes: bool = typer.Option(False, "--yes", help="remove them (without it: list only, a dry run)"),
+        verbose: bool = VerboseOpt) -> None:
+    """List the staging areas of dead builds (no heartbeat, lease or write for --older-than); --yes removes them.
+    A live build's staging is never listed. Published versions and reserved numbers are never touched."""
+    from store.gc import collect, parse_duration
+
+    threshold = parse_duration(older_than)
+    st = _store(root)
+    if st.root.local and not os.path.isdir(st.root.path):
+        out.print(f"nothing to collect under {st.url} (the folder does not exist); {st.root.origin}")
+        return
+    rep = collect(st.root, threshold, remove=yes)
+    for g in rep.dead:
+        out.print(("removed " if g.removed else ("kept (live again) " if yes else "dead ")) + g.describe())
+    live = f"; {len(rep.live)} live build{'s' if len(rep.live) != 1 else ''} left alone" if rep.live else ""
+    if not rep.dead:
+        out.print(f"no dead builds older than {older_than} under {st.url}{live}")
+    elif yes:
+        out.print(f"removed {rep.removed} of {len(rep.dead)} dead build leftovers under {st.url}{live}")
+    else:
+        out.print(f"{len(rep.dead)} dead build leftovers under {st.url}{live}; dry run: rerun with --yes to remove")
+
+
 @app.command()
 @handle_errors
 def serve(specs: List[str] = typer.Argument(..., help="spec files; each becomes one scheduled deployment"),

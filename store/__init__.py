@@ -15,7 +15,7 @@ from typing import Callable
 from schemas.manifest import Manifest
 from schemas.spec import BaseSpec
 from store.build import BuildStaging, PublishedVersion, open_build, published_versions
-from store.errors import IntegrityError, PublishError, StoreError
+from store.errors import IntegrityError, NoSpaceError, PublishError, StoreError
 from store.read import (VersionDataset, VersionReport, list_dataset_names, read_index, read_manifest,
                         resolve_version, show_text, verify_version_at)
 from store.root import Root, check_name, parse_ref, resolve_root
@@ -92,6 +92,12 @@ class DatasetStore:
     def verify_image(self, path: str | os.PathLike) -> ImageVerification:
         return verify_image_file(path, self.root)
 
+    def gc(self, older_than_s: float = 3600.0, remove: bool = False):
+        """Staging areas (and unpublished object-store prefixes) of dead builds; removed only with ``remove``."""
+        from store.gc import collect
+
+        return collect(self.root, older_than_s, remove)
+
 
 def destination_root(src: DatasetStore, dest: str | os.PathLike, storage_options: dict | None = None) -> Root:
     from store.config import storage_options_for
@@ -145,5 +151,6 @@ def verify_image(path: str | os.PathLike, root: str | None = None,
 CardFn = Callable[[str, Manifest], None]
 
 __all__ = ["DatasetStore", "BuildStaging", "PublishedVersion", "VersionDataset", "VersionReport",
-           "ImageVerification", "StoreError", "IntegrityError", "PublishError", "PullResult", "list_datasets", "show", "pull",
+           "ImageVerification", "StoreError", "IntegrityError", "PublishError", "NoSpaceError", "PullResult",
+           "list_datasets", "show", "pull",
            "verify_version", "verify_image", "parse_ref", "CardFn"]

@@ -102,6 +102,23 @@ def choose_root(root: str | os.PathLike | None = None) -> RootChoice:
     return RootChoice(default_root(), "default")
 
 
+STORAGE_ENV = "PAIRFORGE_STORAGE_OPTIONS"
+
+
+def _read_storage_options(path: Path) -> dict | None:
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
+        return None
+    value = data.get("storage_options")
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise StoreError(f"{path}: storage_options must be a table, e.g. [storage_options] with key = \"...\" and "
+                         f"[storage_options.client_kwargs] endpoint_url = \"http://host:9000\"; got {value!r}")
+    return value
+
+
 def set_user_root(value: str) -> Path:
     """Write ``root = value`` to the user config (other keys kept); returns the file."""
     path = user_config_path()
@@ -146,11 +163,22 @@ def _pick(tables: dict, url: str) -> dict | None:
     return None
 
 
+def _keyed(tables: dict) -> bool:
+    """True when a JSON/TOML table holds option tables keyed by protocol or URL prefix ({"s3": {...}}), False when it
+    is itself one flat set of fsspec options ({"key": ..., "client_kwargs": {...}})."""
+    from fsspec.registry import known_implementations
+
+    return bool(tables) and all(isinstance(v, dict) and ("://" in k or k in known_implementations)
+                                for k, v in tables.items())
+
+
 def storage_options_for(url: str) -> dict | None:
-    """fsspec storage options for a remote ``url``: $PAIRFORGE_STORAGE_OPTIONS (JSON), then ``[storage...]`` in
-    the nearest pairforge.toml, then in the user config; the longest matching URL prefix, else the protocol.
+    """fsspec storage options for a remote ``url``: $PAIRFORGE_STORAGE_OPTIONS (JSON), then the nearest
+    pairforge.toml, then the user config. Each may key option tables by protocol or URL prefix (``[storage.s3]``,
+    ``[storage."s3://bucket/prefix"]``, ``{"s3": {...}}``; the longest matching prefix wins, else the protocol) or
+    give one flat set for every remote root (``[storage_options]``, ``{"key": ..., "client_kwargs": {...}}``).
     None for local paths or when nothing is configured."""
-    if "://" not in url or url.startswith("file://"):
+    if "://" not in url or url.startswith(("file://", "local://")):
         return None
     env = os.environ.get(STORAGE_ENV)
     if env and env.strip():
@@ -159,9 +187,12 @@ def storage_options_for(url: str) -> dict | None:
         except json.JSONDecodeError as e:
             raise StoreError(f"${STORAGE_ENV} is not valid JSON ({e.msg}); write e.g. "
                              '{"s3": {"client_kwargs": {"endpoint_url": "http://host:9000"}}}') from None
-        if not isinstance(tables, dict) or not all(isinstance(v, dict) for v in tables.values()):
-            raise StoreError(f"${STORAGE_ENV} must be a JSON object of objects keyed by protocol or URL prefix, e.g. "
-                             '{"s3": {"client_kwargs": {"endpoint_url": "http://host:9000"}}}')
+        if not isinstance(tables, dict):
+            raise StoreError(f"${STORAGE_ENV} must be a JSON object: fsspec options keyed by protocol or URL prefix, "
+                             'e.g. {"s3": {"client_kwargs": {"endpoint_url": "http://host:9000"}}}, '
+                             f"not {type(tables).__name__}")
+        if not _keyed(tables):
+            return dict(tables)
         got = _pick(tables, url)
         if got is not None:
             return got
@@ -171,6 +202,8 @@ def storage_options_for(url: str) -> dict | None:
         if p.is_file():
             tables = _storage_tables(p)
             got = _pick(tables, url) if tables else None
+            if got is None:
+                got = _read_storage_options(p)
             if got is not None:
                 return got
     return None

@@ -381,5 +381,10 @@ def _cat_many(root: Root, paths: list[str], batch: int = 256) -> dict[str, bytes
             got = root.fs.cat(chunk, on_error="return")
             for p in chunk:
                 v = got.get(p, got.get(root.fs._strip_protocol(p)))
+                if isinstance(v, BaseException) and not isinstance(v, FileNotFoundError):
+                    try:  # a transient error (5xx, timeout) is not a missing file: ask again, with back-off
+                        v = root.read_bytes(p)
+                    except FileNotFoundError:
+                        v = None
                 out[p] = v if isinstance(v, (bytes, bytearray)) else None
     return out
