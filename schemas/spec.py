@@ -5,6 +5,7 @@ A spec is a discriminated union on ``domain``; each domain registers its model i
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import re
@@ -113,10 +114,18 @@ def __getattr__(name: str):
 
 
 def spec_json_schema() -> dict:
+    """The JSON schema of every registered domain's spec (a fresh copy; built once per set of domains)."""
+    import copy
+
+    return copy.deepcopy(_spec_json_schema(tuple(d.spec_model for d in all_domains())))
+
+
+@functools.lru_cache(maxsize=4)
+def _spec_json_schema(models_key: tuple) -> dict:
     from pydantic import TypeAdapter
     from typing import Annotated, Union
 
-    models = tuple(d.spec_model for d in all_domains())
+    models = models_key
     union = Annotated[Union[models], Field(discriminator="domain")] if len(models) > 1 else models[0]
     schema = TypeAdapter(union).json_schema()
     schema["title"] = "pairforge dataset spec"
