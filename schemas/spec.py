@@ -288,14 +288,15 @@ def load_spec_text(text: str, source: str = "<spec>") -> BaseSpec:
 
 def load_spec(path: str | Path) -> BaseSpec:
     p = Path(path)
-    if not p.exists():
-        raise SpecError(f"spec file {str(p)!r} does not exist")
-    if p.is_dir():
-        raise SpecError(f"spec path {str(p)!r} is a folder; give a .yaml or .json file")
     try:
+        if not p.exists():
+            raise SpecError(f"spec file {str(p)[:200]!r} does not exist")
+        if p.is_dir():
+            raise SpecError(f"spec path {str(p)[:200]!r} is a folder; give a .yaml or .json file")
         text = p.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise SpecError(f"spec file {str(p)!r} cannot be read: {e}") from None
+    except (OSError, UnicodeDecodeError) as e:  # e.g. a name too long for the file system, a binary file
+        why = " ".join(str(getattr(e, "strerror", None) or e).split())
+        raise SpecError(f"spec file {str(p)[:200]!r} cannot be read: {why}") from None
     return load_spec_text(text, source=str(p))
 
 
