@@ -209,7 +209,7 @@ def main() -> None:
     print("\n".join(utility_table(study)))
     for n, rep in references.items():
         print(f"| {n} | " + " | ".join(f"{c} {w:.0f}" for c, w in rep["realism"]["wasserstein1_hu"].items())
-              + f" | NPS {rep['realism']['nps_distance_decades']} |")
+              + f" | NPS {rep['realism']['nps_distance_decades'] or float('nan'):.3f} decades |")
     print(f"written: {a.out}")
     print(f"total {study['seconds']} s on {study['machine']}; load average {study['load_average']}")
 
