@@ -540,7 +540,9 @@ MAX_EVAL_SEEDS = 100
 @handle_errors
 def evaluate(ref: str = typer.Argument(..., help="NAME@vN to evaluate"),
              real: Optional[str] = typer.Option(None, "--real", help="reference: a folder (NIfTI/DICOM/PNG), NAME@vM, "
-                                                "or standin[:N] (the domain's differently-configured stand-in)"),
+                                                "or a built-in reference set of the domain, NAME[:N] (chest_ct: "
+                                                "standin = differently-configured phantom, NOT real; "
+                                                "ct_small_inserted = real CT slice with synthetic nodules)"),
              against: Optional[str] = typer.Option(None, "--against", help="NAME@vM to evaluate the same way and "
                                                    "print side by side"),
              train_ref: Optional[str] = typer.Option(None, "--train-ref", help="the generator's training data "
@@ -565,10 +567,12 @@ def evaluate(ref: str = typer.Argument(..., help="NAME@vN to evaluate"),
         raise SpecError(f"--seeds must be 1 to {MAX_EVAL_SEEDS}, not {seeds}")
     options = {"steps": steps, "limit": limit, "utility": utility, "ks": k_list, "seeds": tuple(range(seeds)),
                "n_synthetic": n_synthetic, "device": device, "features": features, "train_ref": train_ref}
-    from flows.evaluate import options_from
+    from flows.evaluate import load_feature_extractor, options_from
     from store import DatasetStore
 
     options_from(options)
+    if features:  # refused files stop here, in one line, before the flow starts
+        load_feature_extractor(features)
     st = DatasetStore(root)
     for r in (ref, against):
         if r:
