@@ -17,12 +17,27 @@ from typing import Any, Callable, Iterator, TextIO
 ProgressFn = Callable[[dict[str, Any]], None]
 
 
+_CHANNELS: dict[str, "EventChannel"] = {}
+
+
+def channel(name: str) -> "EventChannel":
+    """The process's channel of that name (made on first use): what a pickled channel becomes in a worker."""
+    ch = _CHANNELS.get(name)
+    return ch if ch is not None else EventChannel(name)
+
+
 class EventChannel:
     """A flow's progress events go to the reporter set in the calling context (none: dropped). Context-local, so
-    flows run side by side (threads, tests) each report to their own caller."""
+    flows run side by side (threads, tests) each report to their own caller. Pickles by name (task runners ship
+    task arguments to worker processes, where no reporter is set)."""
 
     def __init__(self, name: str):
+        self.name = name
         self._fn: contextvars.ContextVar[ProgressFn | None] = contextvars.ContextVar(name, default=None)
+        _CHANNELS.setdefault(name, self)
+
+    def __reduce__(self):
+        return channel, (self.name,)
 
     @contextlib.contextmanager
     def reporting_to(self, fn: ProgressFn) -> Iterator[None]:
