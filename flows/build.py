@@ -208,6 +208,9 @@ def build_dataset(spec: Any, root: str | None = None, force_new: bool = False,
 
     t0 = time.perf_counter()
     model, text = resolve_spec(spec)
+    from schemas.memory import check_memory
+
+    check_memory(model, what=f"building {model.name}")  # one worker's shard at least; the CLI counts its workers
     digest = spec_hash(model)
     version = code_version()
     st = _store(root, storage_options)

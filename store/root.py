@@ -7,6 +7,7 @@ Layout under a root::
                                         samples.parquet, README.md, images/, labels/, instances/
     <root>/<name>/_versions/v<N>.json   the reservation of number N (exclusive create)
     <root>/<name>/_staging/<key>/       a build in progress (key = spec digest + code version)
+    <root>/<name>/_pull/v<N>-<sha>/     a pull in progress into a local root (store/transfer.py)
 """
 from __future__ import annotations
 
@@ -270,18 +271,18 @@ def _unique() -> str:
 
 def resolve_root(root: str | os.PathLike | None = None, storage_options: dict | None = None) -> Root:
     """None -> the configured root (store.config: $PAIRFORGE_ROOT, pairforge.toml, user config, default).
-    A local path or any fsspec URL (s3://bucket/prefix)."""
-    from store.config import choose_root
+    A local path or any fsspec URL (s3://bucket/prefix). Without ``storage_options``, a remote URL gets those of
+    the store config (store.config.storage_options_for: $PAIRFORGE_STORAGE_OPTIONS, [storage.s3] in pairforge.toml
+    or the user config)."""
+    from store.config import choose_root, storage_options_for
 
     choice = choose_root(root)
     url = choice.url
     if not isinstance(url, str) or not url.strip():
         raise StoreError("dataset root is empty; give a folder or an fsspec URL such as s3://bucket/prefix")
     url = url.strip()
-    if storage_options is None and "://" in url and not url.startswith(("file://", "local://")):
-        from store.config import configured_storage_options
-
-        storage_options = configured_storage_options()  # [storage_options] of pairforge.toml / the user config
+    if storage_options is None:
+        storage_options = storage_options_for(url)
     try:
         fs, path = url_to_fs(url, **(storage_options or {}))
     except (ValueError, ImportError) as e:
@@ -336,6 +337,11 @@ def _why(e: BaseException) -> str:
 def ensure_readable(root: Root) -> None:
     try:
         ok = root.fs.isdir(root.path) if root.local else (root.fs.exists(root.path) or True)
+        top = root.path.strip("/").split("/", 1)[0]
+        if not root.local and top and "://" in root.url and not root.fs.exists(root.path) and not root.fs.exists(top):
+            raise StoreError(f"dataset root {root.url!r} cannot be read: its bucket {top!r} does not exist (or these "
+                             f"credentials cannot see it); check the URL, the credentials and the endpoint "
+                             f"([storage.<protocol>] in the config, see `pairforge root`)")
     except (PermissionError, OSError) as e:
         raise StoreError(f"dataset root {root.url!r} cannot be read ({type(e).__name__}: {e})") from None
     if root.local and not ok:
