@@ -198,7 +198,7 @@ def build_dataset(spec: Any, root: str | None = None, force_new: bool = False,
     check_memory(model, what=f"building {model.name}")  # one worker's shard at least; the CLI counts its workers
     digest = spec_hash(model)
     version = code_version()
-    st = _store(root, storage_options)
+    st = _store(root) if storage_options is None else _store(root, storage_options)
     if not force_new:
         from flows.rebuild import check as check_rebuild
 
