@@ -92,7 +92,7 @@ def verify_image_file(path: str | os.PathLike, root: Root | None) -> ImageVerifi
         raise StoreError(f"image path {p!r} is a folder; give an image file (PNG, JPEG, ...)") from None
     try:
         pixels = codec.decode_png(data)
-    except ValueError:
+    except Exception:  # noqa: BLE001 - ValueError, or cv2.error for an empty or truncated buffer
         raise StoreError(f"{p!r} is not an image OpenCV can read (PNG, JPEG, TIFF, ...)") from None
     det = wm.decode(pixels)
     out = ImageVerification(p, det.found, sync_score=round(det.sync_score, 2), scale=det.scale,
