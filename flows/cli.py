@@ -313,11 +313,31 @@ def show(ref: str = typer.Argument(..., help="NAME, NAME@vN or NAME@latest"), ro
 
 @app.command()
 @handle_errors
-def pull(ref: str = typer.Argument(..., help="NAME@vN"), dest: Path = typer.Argument(..., help="destination folder"),
-         root: Optional[str] = RootOpt, verbose: bool = VerboseOpt) -> None:
-    """Copy a published version to DEST/NAME/vN, checking every sha256."""
-    folder = _store(root).pull(ref, dest)
-    out.print(f"pulled {ref} to {folder}")
+def pull(ref: str = typer.Argument(..., help="NAME@vN (or NAME / NAME@latest)"),
+         dest: str = typer.Argument(..., help="destination root: a folder or an fsspec URL (s3://bucket/prefix)"),
+         root: Optional[str] = typer.Option(None, "--root", help="source root: a folder or fsspec URL (default: see "
+                                                                 "`pairforge root`)"),
+         workers: int = typer.Option(8, "--workers", min=1, max=256, help="files transferred at once"),
+         limit_rate: Optional[str] = typer.Option(None, "--limit-rate", help="at most this many bytes/s, e.g. 20M"),
+         quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bar"),
+         as_json: bool = typer.Option(False, "--json", help="progress events and the result as JSON lines"),
+         verbose: bool = VerboseOpt) -> None:
+    """Copy a published version to DEST/NAME/vN, from any root to any root (local or S3), checking every sha256.
+
+    Resumable: run it again after an interruption and the files already copied (sha256 checked) are kept. The version
+    appears at DEST whole or not at all. Storage options (endpoints, keys) of s3:// roots come from [storage.s3] in
+    pairforge.toml or the user config, or $PAIRFORGE_STORAGE_OPTIONS (see docs/store.md)."""
+    from flows.transfer_progress import pull_reporter
+    from store.transfer import parse_rate
+
+    parse_rate(limit_rate)  # a bad rate is one line before anything is read
+    st = _store(root)
+    with pull_reporter(out, quiet=quiet, as_json=as_json) as rep:
+        res = st.pull_to(ref, dest, workers=workers, limit_rate=limit_rate, progress=rep)
+    if as_json:
+        typer.echo(json.dumps({"event": "result", **res.__dict__}))
+    elif not quiet:
+        out.print(str(res))
 
 
 @app.command()
@@ -357,6 +377,34 @@ def verify(target: str = typer.Argument(..., help="an image file (reads its wate
 
 
 # --------------------------------------------------------------------------------------------------- serve
+@app.command("gc")
+@handle_errors
+def gc_(root: Optional[str] = RootOpt,
+        older_than: str = typer.Option("1h", "--older-than", help="only builds with no sign of life for this long "
+                                       "(90s, 30m, 1h, 2d)"),
+        yes: bool = typer.Option(False, "--yes", help="remove them (without it: list only, a dry run)"),
+        verbose: bool = VerboseOpt) -> None:
+    """List the staging areas of dead builds (no heartbeat, lease or write for --older-than); --yes removes them.
+    A live build's staging is never listed. Published versions and reserved numbers are never touched."""
+    from store.gc import collect, parse_duration
+
+    threshold = parse_duration(older_than)
+    st = _store(root)
+    if st.root.local and not os.path.isdir(st.root.path):
+        out.print(f"nothing to collect under {st.url} (the folder does not exist); {st.root.origin}")
+        return
+    rep = collect(st.root, threshold, remove=yes)
+    for g in rep.dead:
+        out.print(("removed " if g.removed else ("kept (live again) " if yes else "dead ")) + g.describe())
+    live = f"; {len(rep.live)} live build{'s' if len(rep.live) != 1 else ''} left alone" if rep.live else ""
+    if not rep.dead:
+        out.print(f"no dead builds older than {older_than} under {st.url}{live}")
+    elif yes:
+        out.print(f"removed {rep.removed} of {len(rep.dead)} dead build leftovers under {st.url}{live}")
+    else:
+        out.print(f"{len(rep.dead)} dead build leftovers under {st.url}{live}; dry run: rerun with --yes to remove")
+
+
 @app.command()
 @handle_errors
 def serve(specs: List[str] = typer.Argument(..., help="spec files; each becomes one scheduled deployment"),
@@ -434,38 +482,6 @@ def export_mvtec_cmd(ref: str = typer.Argument(..., help="NAME@vN"),
 
 
 # --------------------------------------------------------------------------------------------------- train
-class TrainProgress:
-    """A rich progress bar fed by the training events: steps, loss, images/s, ETA."""
-
-    def __init__(self, console: Console, enabled: bool = True):
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-        self.console = console
-        self.progress = Progress(BarColumn(bar_width=24), MofNCompleteColumn(), TextColumn("steps"),
-                                 TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=console,
-                                 disable=not enabled, transient=False)
-        self.task = None
-
-    def __enter__(self):
-        self.progress.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        return self.progress.__exit__(*exc)
-
-    def __call__(self, ev: dict[str, Any]) -> None:
-        if ev["event"] == "start":
-            resumed = f", resuming at step {ev['resumed_from']}" if ev.get("resumed_from") is not None else ""
-            self.console.print(f"training on {ev['pairs']} pairs ({ev['device']}){resumed}")
-            self.task = self.progress.add_task("train", total=ev["steps"], completed=ev["step"], info="")
-        elif ev["event"] == "step" and self.task is not None:
-            eta = f"ETA {ev['eta_s']:.0f} s" if ev.get("eta_s") is not None else ""
-            self.progress.update(self.task, completed=ev["step"],
-                                 info=f"loss {ev['loss']:.4f}  {ev['images_per_s']:.1f} img/s  {eta}")
-        elif ev["event"] == "checkpoint":
-            self.progress.console.print(f"checkpoint {ev['step']}: validation grid {ev['grid']}")
-
-
 @app.command()
 @handle_errors
 def train(spec: Path = typer.Argument(..., help="training spec (.yaml/.json)"),
@@ -478,9 +494,10 @@ def train(spec: Path = typer.Argument(..., help="training spec (.yaml/.json)"),
     model, _ = resolve_train_spec(spec)  # bad input costs no server start
     check_inputs(model)
     with settings.prefect_api(verbose):
+        from flows.progress import TrainBar
         from flows.train import reporting_to, train_model
 
-        with TrainProgress(out, enabled=sys.stdout.isatty() or verbose) as progress, reporting_to(progress):
+        with TrainBar(out, enabled=sys.stdout.isatty() or verbose) as progress, reporting_to(progress):
             summary = train_model(str(spec), str(out_dir))
     rate = summary.get("steady_images_per_s")
     out.print(f"trained {summary['step']}/{summary['steps']} steps on {summary['data']['pairs']} pairs "
@@ -495,7 +512,9 @@ MAX_EVAL_SEEDS = 100
 @handle_errors
 def evaluate(ref: str = typer.Argument(..., help="NAME@vN to evaluate"),
              real: Optional[str] = typer.Option(None, "--real", help="reference: a folder (NIfTI/DICOM/PNG), NAME@vM, "
-                                                "or standin[:N] (the domain's differently-configured stand-in)"),
+                                                "or a built-in reference set of the domain, NAME[:N] (chest_ct: "
+                                                "standin = differently-configured phantom, NOT real; "
+                                                "ct_small_inserted = real CT slice with synthetic nodules)"),
              against: Optional[str] = typer.Option(None, "--against", help="NAME@vM to evaluate the same way and "
                                                    "print side by side"),
              train_ref: Optional[str] = typer.Option(None, "--train-ref", help="the generator's training data "
@@ -520,10 +539,12 @@ def evaluate(ref: str = typer.Argument(..., help="NAME@vN to evaluate"),
         raise SpecError(f"--seeds must be 1 to {MAX_EVAL_SEEDS}, not {seeds}")
     options = {"steps": steps, "limit": limit, "utility": utility, "ks": k_list, "seeds": tuple(range(seeds)),
                "n_synthetic": n_synthetic, "device": device, "features": features, "train_ref": train_ref}
-    from flows.evaluate import options_from
+    from flows.evaluate import load_feature_extractor, options_from
     from store import DatasetStore
 
     options_from(options)
+    if features:  # refused files stop here, in one line, before the flow starts
+        load_feature_extractor(features)
     st = DatasetStore(root)
     for r in (ref, against):
         if r:
