@@ -118,6 +118,8 @@ class Sandbox:
         for i, rng in enumerate(staging.shards):
             staging.write_shard(i, make_samples(spec, rng, digest=digest))
         staging.publish()
+        import flows.evaluate  # noqa: F401  (torch and friends: imported once here, not inside a timed input)
+
         f = self.files
         (f / "fz.yaml").write_text(FZ_SPEC)
         (f / "fz.json").write_text('{"name": "fz2", "samples": 1, "image": {"size": 64}, '
