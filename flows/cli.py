@@ -367,8 +367,11 @@ def verify(target: str = typer.Argument(..., help="an image file (reads its wate
     if as_json:
         typer.echo(json.dumps({**data, "exit_code": EXIT_OK if ok else EXIT_FAILURE}, default=str))
     else:
-        verdict = f" [{res.verdict}]" if hasattr(res, "verdict") else ""
-        out.print(str(res) + verdict, soft_wrap=True)
+        if hasattr(res, "verdict"):
+            out.print(f"{res} [{res.verdict}]", soft_wrap=True)
+        else:  # a version: the verdict, then one line per damaged file
+            for line in res.lines():
+                out.print(line, soft_wrap=True, markup=False)
     if not ok:
         raise typer.Exit(EXIT_FAILURE)
 

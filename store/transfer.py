@@ -30,7 +30,7 @@ from pydantic import ValidationError
 
 from schemas.manifest import Manifest
 from store.errors import IntegrityError, StoreError
-from store.read import _version_files, resolve_version, verify_version_at
+from store.read import _version_files, manifest_problems, read_index, resolve_version, verify_version_at
 from store.root import MANIFEST, Root, ensure_writable
 
 Progress = Callable[[dict[str, Any]], None]
@@ -152,6 +152,8 @@ def pull_between(src: Root, ref: str, dest: Root, *, workers: int = 8, limit_rat
         raise IntegrityError(f"cannot pull {ref}: manifest.json is not a valid manifest: {e.errors()[0]['msg']}",
                              [MANIFEST]) from None
     files, problems = _version_files(src, name, version, m)
+    if not problems:  # a manifest that contradicts its spec, its counts or the index
+        problems = manifest_problems(m, name, version, read_index(src, name, version, m, verify=True))
     if problems:
         raise IntegrityError(f"cannot pull {ref}: {problems[0]}", ["samples.parquet"])
     msha = _sha(manifest_bytes)
