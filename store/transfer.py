@@ -34,6 +34,7 @@ from store.read import _version_files, resolve_version, verify_version_at
 from store.root import MANIFEST, Root, ensure_writable
 
 Progress = Callable[[dict[str, Any]], None]
+MIN_RATE = 64_000.0  # bytes/s: below it a pull of even a small version takes hours
 
 
 @dataclass
@@ -91,6 +92,9 @@ def parse_rate(text: str | float | int | None) -> float | None:
             value = -1.0
     if not value > 0:
         raise StoreError(f"rate limit {text!r} is not a positive rate; write bytes per second, e.g. 500k, 20M or 1G")
+    if value < MIN_RATE:
+        raise StoreError(f"rate limit {text!r} is below the smallest accepted, 64k (64000 bytes per second); write "
+                         "e.g. 500k, 20M or 1G")
     return value
 
 
