@@ -58,7 +58,7 @@ def test_evaluation_profiles_are_named_by_each_domains_description():
     # Volume class 25 is the stomach, chest-CT slice class 25 the computed right lung: each profile has its own.
     assert 25 in profile_for("chest_ct").surround_ids and 25 not in profile_for("chest_ct_volume").surround_ids
     assert set(get_domain("chest_ct").reference_sets) == {"standin", "ct_small_inserted"}
-    from schemas.domain import Domain, register_domain, unregister_domain
+    from schemas.domain import register_domain, unregister_domain
 
     register_domain(replace(get_domain("toy_thermal"), name="toy_noeval", evaluation_module=None))
     try:
