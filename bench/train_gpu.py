@@ -1,7 +1,7 @@
 """Train the from-scratch learned backend on a "real" stand-in and measure what it learned (one GPU run).
 
     python bench/train_gpu.py --out bench_out/train_gpu.json            # GPU: 2,000 + 200 pairs at 128², 240 s
-    python bench/train_gpu.py --cpu-reduced --out bench_out/train_cpu.json  # no GPU: 64², 300 + 100 pairs, 900 s
+    python bench/train_gpu.py --cpu-reduced --out bench_out/train_cpu.json  # no GPU: 64², 300 + 40 pairs, 600 s
     python bench/train_gpu.py --tiny --out /tmp/train_tiny.json         # CPU check: 64², a few steps, < 2 min
 
 1. Pairs: the evaluation's "real" stand-in (``generators/standin.py``: another population, scanner calibration,
@@ -326,8 +326,8 @@ def main() -> None:
     ap.add_argument("--out", default="bench_out/train_gpu.json")
     ap.add_argument("--tiny", action="store_true", help="CPU check: 64 px, few pairs, a small model, a few steps")
     ap.add_argument("--cpu-reduced", action="store_true",
-                    help="the run at reduced size for a machine without a GPU: 64 px, 300 + 100 pairs, a smaller "
-                         "model, --train-s 900 unless given")
+                    help="the run at reduced size for a machine without a GPU: 64 px, 300 + 40 pairs, a small "
+                         "model (channels 8/16/32), 8 sampler steps, --train-s 600 unless given")
     ap.add_argument("--pairs", type=int, default=2000)
     ap.add_argument("--held-out", type=int, default=200)
     ap.add_argument("--size", type=int, default=128)
@@ -347,10 +347,10 @@ def main() -> None:
     small = a.tiny or a.cpu_reduced  # one residual block per level, narrow norms
     if a.cpu_reduced and not a.tiny:
         given = {x.split("=")[0] for x in sys.argv[1:]}
-        a.pairs, a.held_out, a.size, a.batch, a.lr = 300, 100, 64, 8, 1e-3
-        a.channels, a.sample_steps, a.checkpoint_every = "16,32,64", 16, 200
-        a.train_s = a.train_s if "--train-s" in given else 900.0
-        a.seg_s = a.seg_s if "--seg-s" in given else 90.0
+        a.pairs, a.held_out, a.size, a.batch, a.lr = 300, 40, 64, 8, 2e-3
+        a.channels, a.sample_steps, a.checkpoint_every = "8,16,32", 8, 100
+        a.train_s = a.train_s if "--train-s" in given else 600.0
+        a.seg_s = a.seg_s if "--seg-s" in given else 60.0
     if a.tiny:
         a.pairs, a.held_out, a.size, a.train_s, a.seg_s, a.batch = 40, 8, 64, min(a.train_s, 25.0), 4.0, 4
         a.channels, a.sample_steps, a.checkpoint_every = "16,32", 4, 6
@@ -389,8 +389,7 @@ def main() -> None:
         "size": a.size,
         "model": {"architecture": a.arch, "channels": ch, "attention_levels": [False] * (len(ch) - 1) + [True],
                   "num_res_blocks": 1 if small else 2, "num_head_channels": min(32, ch[-1]),
-                  "norm_num_groups": 8 if a.tiny else 16 if small else 32,
-                  "spade_hidden": 8 if a.tiny else 16 if small else 32},
+                  "norm_num_groups": 8 if small else 32, "spade_hidden": 8 if small else 32},
         "train": {"steps": 10_000_000, "max_seconds": a.train_s, "batch_size": a.batch, "lr": a.lr,
                   "ema_decay": 0.995 if small else 0.999, "checkpoint_every": a.checkpoint_every,
                   "sample_steps": a.sample_steps, "device": a.device, "compile": a.compile, "keep_checkpoints": 1}})
@@ -418,7 +417,7 @@ def main() -> None:
 
     # 3. render the held-out label maps with the learned model (the backend's own code path)
     held = data["held"]
-    r = LearnedRenderer("chest_ct", {"model": str(model_dir), "device": a.device, "batch_size": 256 if not a.tiny
+    r = LearnedRenderer("chest_ct", {"model": str(model_dir), "device": a.device, "batch_size": 256 if not small
                                      else 8})
     t0 = time.perf_counter()
     seeds = [1_000_003 * (i + 1) for i in range(len(held))]
@@ -462,7 +461,7 @@ def main() -> None:
     tests = {name: (np.stack([to_network(i, "hu") for i in imgs]), np.stack(labels))
              for name, imgs in (("standin_heldout", standin), ("learned", learned), ("procedural", proc))}
     report["label_fidelity"]["segmenter"] = segmenter_dice(tr_x, np.stack([t["label"] for t in data["train"]]),
-                                                           tests, a.seg_s, dev, a.tiny)
+                                                           tests, a.seg_s, dev, small)
     report["memorisation"] = nn_memorisation(tests["learned"][0], tr_x, tests["standin_heldout"][0],
                                              tests["standin_heldout"][0], dev)
     grid_png(out.with_name(out.stem + "_grid.png"), labels[:6], standin[:6], learned[:6], proc[:6])
