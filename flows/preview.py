@@ -68,6 +68,9 @@ def run_preview(source: str, out_dir: str | Path, n: int = 4, seed: int | None =
     if n < 1:
         raise SpecError(f"-n must be at least 1, not {n}")
     spec = spec_from_source(source, n, seed)
+    from schemas.memory import check_memory
+
+    check_memory(spec.model_copy(update={"shard_size": n}), what=f"previewing {n} sample(s)")  # all n made at once
     out = Path(out_dir)
     from schemas.plan import sample_id
 

@@ -1,11 +1,9 @@
-"""Reading published versions: listing, manifests, the sample loader (numpy, torch, MONAI-style dicts), pull with
-sha256 checks, and re-hashing a whole version. Readers only see versions whose manifest.json exists.
+"""Reading published versions: listing, manifests, the sample loader (numpy, torch, MONAI-style dicts), and
+re-hashing a whole version (pull is in store/transfer.py). Readers only see versions whose manifest.json exists.
 """
 from __future__ import annotations
 
 import io
-import os
-import shutil
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Sequence
 
@@ -19,7 +17,7 @@ from store import codec
 from store import codecs
 from store.build import content_digest, published_versions
 from store.errors import IntegrityError, StoreError
-from store.root import MANIFEST, SAMPLES, Root, check_name, ensure_readable, parse_ref, resolve_root
+from store.root import MANIFEST, SAMPLES, Root, check_name, ensure_readable, parse_ref
 
 
 # ---------------------------------------------------------------- listing and resolving
@@ -315,7 +313,7 @@ class _MonaiView(Sequence):
         return self.ds.monai_item(i)
 
 
-# ---------------------------------------------------------------- verify and pull
+# ---------------------------------------------------------------- verify (pull: store/transfer.py)
 @dataclass
 class VersionReport:
     ref: str
@@ -383,54 +381,10 @@ def _cat_many(root: Root, paths: list[str], batch: int = 256) -> dict[str, bytes
             got = root.fs.cat(chunk, on_error="return")
             for p in chunk:
                 v = got.get(p, got.get(root.fs._strip_protocol(p)))
+                if isinstance(v, BaseException) and not isinstance(v, FileNotFoundError):
+                    try:  # a transient error (5xx, timeout) is not a missing file: ask again, with back-off
+                        v = root.read_bytes(p)
+                    except FileNotFoundError:
+                        v = None
                 out[p] = v if isinstance(v, (bytes, bytearray)) else None
     return out
-
-
-def pull_version(root: Root, ref: str, dest: str | os.PathLike) -> str:
-    """Copy a version to ``<dest>/<name>/v<N>/`` verifying every sha256 (and the content digest) on the way; the
-    copy appears in one rename, so ``dest`` can serve as a local root. Returns the local version folder."""
-    name, version = resolve_version(root, ref)
-    m = read_manifest(root, name, version)
-    files, problems = _version_files(root, name, version, m)
-    if problems:
-        raise IntegrityError(f"cannot pull {name}@v{version}: {problems[0]}", [SAMPLES])
-    dest_root = os.path.abspath(os.fspath(dest))
-    final = os.path.join(dest_root, name, f"v{version}")
-    if os.path.exists(os.path.join(final, MANIFEST)):
-        rep = verify_version_at(resolve_root(dest_root), f"{name}@v{version}")
-        if rep.ok:
-            return final
-        raise IntegrityError(f"{final} already exists and does not match {name}@v{version}: {rep.problems[0]}",
-                             rep.problems)
-    try:
-        os.makedirs(os.path.join(dest_root, name), exist_ok=True)
-    except OSError as e:
-        raise StoreError(f"cannot write to pull destination {dest_root!r}: {e.strerror}") from None
-    tmp = os.path.join(dest_root, name, f".v{version}.partial-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    base = root.join(name, f"v{version}")
-    rels = sorted(files)
-    try:
-        for s in range(0, len(rels), 256):
-            chunk = rels[s:s + 256]
-            blobs = _cat_many(root, [f"{base}/{r}" for r in chunk])
-            for rel in chunk:
-                data = blobs[f"{base}/{rel}"]
-                if data is None:
-                    raise IntegrityError(f"cannot pull {name}@v{version}: {rel} is missing", [rel])
-                got = codec.sha256(data)
-                if got != files[rel]:
-                    raise IntegrityError(f"cannot pull {name}@v{version}: {rel}: sha256 mismatch (expected "
-                                         f"{files[rel][:12]}..., got {got[:12]}...); the file is corrupted", [rel])
-                path = os.path.join(tmp, *rel.split("/"))
-                os.makedirs(os.path.dirname(path), exist_ok=True)
-                with open(path, "wb") as f:
-                    f.write(data)
-        with open(os.path.join(tmp, MANIFEST), "wb") as f:
-            f.write(root.read_bytes(f"{base}/{MANIFEST}"))
-        os.rename(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return final
