@@ -129,21 +129,42 @@ def grid(quick: bool) -> list[tuple[str, str, tuple]]:
 GROUPS = ("CT lung window 512²", "surface 8-bit 512²", "CT lung window 256²", "surface 8-bit 256²")
 
 
-def images(n: int) -> dict[str, list[tuple[np.ndarray, np.ndarray, wm.Payload, np.ndarray]]]:
-    """group -> [(published copy as attacked: 8-bit, host before the mark (stored), payload, marked stored)]."""
+CACHE_KEYS = {"CT lung window 512²": "ct512", "surface 8-bit 512²": "sf512", "CT lung window 256²": "ct256",
+              "surface 8-bit 256²": "sf256"}
+
+
+def hosts(n: int, cache: str | None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """cache key -> (stored hosts before the mark, instance maps): rendered, or read from / written to ``cache``
+    (an .npz; rendering is the slow part on a busy machine)."""
+    if cache and os.path.exists(cache):
+        d = np.load(cache)
+        return {k: (d[k][:n], d[k + "_inst"][:n]) for k in CACHE_KEYS.values()}
     from flows.pipeline import make_samples
     from schemas.spec import load_spec_text
 
     out = {}
-    for g in GROUPS:
+    for g, key in CACHE_KEYS.items():
         size = 512 if "512" in g else 256
         ct = g.startswith("CT")
         spec = load_spec_text((CT_SPEC if ct else SURFACE_SPEC) % size)
+        samples = make_samples(spec, range(1000, 1000 + n))
+        out[key] = (np.stack([codec.hu_to_stored(s.image) if ct else s.image for s in samples]),
+                    np.stack([s.instance for s in samples]))
+    if cache:
+        np.savez_compressed(cache, **{k: v[0] for k, v in out.items()}, **{k + "_inst": v[1] for k, v in out.items()})
+    return out
+
+
+def images(n: int, cache: str | None = None) -> dict[str, list[tuple[np.ndarray, np.ndarray, wm.Payload, np.ndarray]]]:
+    """group -> [(published copy as attacked: 8-bit, host before the mark (stored), payload, marked stored)]."""
+    hs = hosts(n, cache)
+    out = {}
+    for g, key in CACHE_KEYS.items():
+        ct = g.startswith("CT")
         rows = []
-        for s in make_samples(spec, range(1000, 1000 + n)):
-            host = codec.hu_to_stored(s.image) if ct else s.image
-            p = wm.payload_for(f"bench-{g}", 7, s.index)
-            marked = wm.embed(host, p, wm.keep_out_mask(s.instance))
+        for k, (host, inst) in enumerate(zip(*hs[key])):
+            p = wm.payload_for(f"bench-{g}", 7, 1000 + k)
+            marked = wm.embed(host, p, wm.keep_out_mask(inst))
             rows.append((lung_window(marked) if ct else marked, host, p, marked))
         out[g] = rows
     return out
@@ -170,10 +191,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--quick", action="store_true", help="a few grid points only")
     ap.add_argument("--no-write", action="store_true", help="print only; leave docs/watermark.md alone")
+    ap.add_argument("--cache", help="an .npz of the rendered hosts: read if it exists, else written")
     args = ap.parse_args(argv)
     t_all = time.perf_counter()
     print(f"generating {args.images} images per group ...", flush=True)
-    imgs = images(args.images)
+    imgs = images(args.images, args.cache)
     cells = grid(args.quick)
     tasks, index = [], []
     for ci, (_, _, steps) in enumerate(cells):
@@ -191,8 +213,10 @@ def main(argv: list[str] | None = None) -> int:
             total[ci, gi] += 1
             dec_ms.append(dt * 1e3)
             reads.append(att)
-            if n_done % 200 == 0:
-                print(f"  {n_done}/{len(tasks)} decodes, {time.perf_counter() - t_all:.0f} s", flush=True)
+            if n_done + 1 == len(tasks) or index[n_done + 1] != ci:  # a cell is complete: print its row
+                print(f"  {cells[ci][0]} {cells[ci][1]}: " + ", ".join(f"{hits[ci, g]}/{total[ci, g]}" for g in
+                                                                     range(len(GROUPS))) +
+                      f"  ({n_done + 1}/{len(tasks)} decodes, {time.perf_counter() - t_all:.0f} s)", flush=True)
 
     # distortion and encode time (512², one core)
     ct = imgs["CT lung window 512²"]
@@ -236,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
            f"numpy {np.__version__}, OpenCV {cv2.__version__}; {args.images} images per cell and group; "
            f"{len(tasks)} decodes; run time {time.perf_counter() - t_all:.0f} s. Command: "
            f"`nice -n 15 python bench/bench_watermark.py --images {args.images} --workers {args.workers}"
-           f"{' --quick' if args.quick else ''}`.")
+           f"{' --quick' if args.quick else ''}{' --cache ' + args.cache if args.cache else ''}`.")
     block = "\n".join([env, ""] + lines + summary)
     print(block)
     if not args.no_write:

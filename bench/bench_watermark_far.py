@@ -1,8 +1,8 @@
 """False acceptance of the watermark decoder on unmarked images: measured, and the analytic bound beside it.
 Writes the table into docs/watermark.md (between the far markers).
 
-    nice -n 15 python bench/bench_watermark_far.py                 # 100,000+ tiles + 240 whole images
-    python bench/bench_watermark_far.py --tiles 5000 --images 20 --no-write   # a quick look
+    nice -n 15 python bench/bench_watermark_far.py                 # 100,000+ tiles + 120 whole images
+    python bench/bench_watermark_far.py --tiles 5000 --images 10 --renders 1 --no-write   # a quick look
 
 Two measurements:
 
@@ -69,19 +69,27 @@ def noise_field(rng: np.random.Generator, n: int = 256) -> np.ndarray:
     return jpeg(u, int(rng.integers(40, 95))) if rng.random() < 0.5 else u
 
 
-def sources(n_ct: int, n_sf: int, seed: int = 7):
-    """Yield (source name, image) of unmarked images."""
+def sources(n_ct: int, n_sf: int, seed: int = 7, cache: str | None = None):
+    """Yield (source name, image) of unmarked images. ``cache``: bench_watermark's .npz of unmarked hosts (its
+    512² renders are used instead of rendering new ones)."""
     from bench.scan_fixtures import ct_small_hu
-    from flows.pipeline import make_samples
-    from schemas.spec import load_spec_text
 
     rng = np.random.default_rng(seed)
-    for s in make_samples(load_spec_text(CT_SPEC % 512), range(50_000, 50_000 + n_ct)):
-        u16 = codec.hu_to_stored(s.image)
+    if cache:
+        d = np.load(cache)
+        cts, sfs = list(d["ct512"][:n_ct]), list(d["sf512"][:n_sf])
+    else:
+        from flows.pipeline import make_samples
+        from schemas.spec import load_spec_text
+
+        cts = [codec.hu_to_stored(s.image) for s in make_samples(load_spec_text(CT_SPEC % 512),
+                                                                 range(50_000, 50_000 + n_ct))]
+        sfs = [s.image for s in make_samples(load_spec_text(SURFACE_SPEC % 512), range(50_000, 50_000 + n_sf))]
+    for u16 in cts:
         yield "CT render 16-bit", u16
         yield "CT render lung window", lung_window(u16)
-    for s in make_samples(load_spec_text(SURFACE_SPEC % 512), range(50_000, 50_000 + n_sf)):
-        yield "surface render", s.image
+    for im in sfs:
+        yield "surface render", im
     hu, _ = ct_small_hu()
     for k in range(n_ct * 8):
         a = hu[::-1] if k % 2 else hu
@@ -93,7 +101,7 @@ def sources(n_ct: int, n_sf: int, seed: int = 7):
         yield "1/f noise", noise_field(rng)
 
 
-def measure_tiles(n_tiles: int, n_ct: int, n_sf: int):
+def measure_tiles(n_tiles: int, n_ct: int, n_sf: int, cache: str | None = None):
     rng = np.random.default_rng(1)
     counts: dict[str, dict[str, float]] = {}
     batch, names = [], []
@@ -119,12 +127,14 @@ def measure_tiles(n_tiles: int, n_ct: int, n_sf: int):
         batch.clear()
         names.clear()
 
+    imgs = list(sources(n_ct, n_sf, cache=cache))  # rendered once; every pass cuts tiles from new random views of them
     done = 0
     while done < n_tiles:
-        for name, img in sources(n_ct, n_sf, seed=int(rng.integers(1 << 30))):
+        for name, img in imgs:
             for v in views(img, rng):
                 g = wm.to_grey_float(v)
-                for t in tiles_of(g, 64 if min(g.shape) > 300 else 32):
+                off = int(rng.integers(0, 32))
+                for t in tiles_of(g[off:, off:], 64 if min(g.shape) > 300 else 32):
                     batch.append(wm._residual(np.ascontiguousarray(t)))
                     names.append(name)
                     done += 1
@@ -133,14 +143,16 @@ def measure_tiles(n_tiles: int, n_ct: int, n_sf: int):
             if done >= n_tiles:
                 break
         flush()
-    return counts, np.array(z_all), np.array(z_v1_all)
+    return counts, np.array(z_all), np.array(z_v1_all), imgs
 
 
-def measure_images(n: int):
+def measure_images(n: int, imgs: list):
+    """Full blind decodes of whole unmarked images (each source in turn, as it is and as a rescaled, rotated copy)."""
     rng = np.random.default_rng(3)
     accepted, ts, zs, reads = 0, [], [], []
     k = 0
-    for name, img in sources(max(2, n // 8), max(1, n // 16), seed=99):
+    order = rng.permutation(len(imgs))
+    for name, img in (imgs[i] for i in order):
         for v in views(img, rng):
             det = wm.decode(v)
             accepted += det.found
@@ -160,13 +172,15 @@ def gauss_tail(z: float) -> float:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tiles", type=int, default=100_000)
-    ap.add_argument("--images", type=int, default=240)
+    ap.add_argument("--images", type=int, default=120, help="whole unmarked images given a full blind decode")
+    ap.add_argument("--renders", type=int, default=4, help="unmarked chest-CT renders (surface: half as many)")
     ap.add_argument("--no-write", action="store_true")
+    ap.add_argument("--cache", help="bench_watermark's .npz of unmarked hosts, instead of rendering")
     a = ap.parse_args(argv)
     t0 = time.perf_counter()
-    counts, z, z1 = measure_tiles(a.tiles, n_ct=12, n_sf=6)
+    counts, z, z1, imgs = measure_tiles(a.tiles, n_ct=a.renders, n_sf=max(1, a.renders // 2), cache=a.cache)
     t_tiles = time.perf_counter() - t0
-    n_img, acc_img, ts, zs, reads = measure_images(a.images)
+    n_img, acc_img, ts, zs, reads = measure_images(a.images, imgs)
     total = {k: sum(c[k] for c in counts.values()) for k in ("tiles", "sync", "check", "accepted", "v1_sync")}
     n = total["tiles"]
     up95 = 3.0 / n  # rule of three: 95 % upper limit when 0 of n
@@ -203,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     env = (f"Measured {time.strftime('%Y-%m-%d', time.gmtime())} on {platform.machine()} ({os.cpu_count()} cores "
            f"shared, one used), numpy {np.__version__}, OpenCV {cv2.__version__}; tiles {t_tiles:.0f} s, total "
            f"{time.perf_counter() - t0:.0f} s. Command: `nice -n 15 python bench/bench_watermark_far.py --tiles "
-           f"{a.tiles} --images {a.images}`.")
+           f"{a.tiles} --images {a.images} --renders {a.renders}{' --cache ' + a.cache if a.cache else ''}`.")
     block = "\n".join([env, ""] + lines + summary)
     print(block)
     if not a.no_write:

@@ -342,7 +342,8 @@ def pull(ref: str = typer.Argument(..., help="NAME@vN (or NAME / NAME@latest)"),
 
 @app.command()
 @handle_errors
-def verify(target: str = typer.Argument(..., help="an image file (reads its watermark) or NAME@vN (checks every file)"),
+def verify(target: str = typer.Argument(..., help="an image file (PNG, JPEG, ... or one .nii.gz volume: reads its "
+                                                    "watermark) or NAME@vN (checks every file)"),
            root: Optional[str] = RootOpt,
            as_json: bool = typer.Option(False, "--json", help="the result as one JSON object, with its verdict"),
            verbose: bool = VerboseOpt) -> None:

@@ -181,7 +181,12 @@ def verify_image_file(path: str | os.PathLike, root: Root | None) -> ImageVerifi
     if len(names) > 1:
         out.notes.append(f"dataset id {out.dataset_id} is shared by {', '.join(names)}; reporting {names[0]}")
     out.dataset = names[0]
-    table = read_index(root, out.dataset, pl.version, read_manifest(root, out.dataset, pl.version))
+    manifest = read_manifest(root, out.dataset, pl.version)
+    table = read_index(root, out.dataset, pl.version, manifest)
+    recorded = getattr(getattr(manifest, "watermark", None), "scheme", None) or ""
+    if det.scheme == 1 and recorded and not recorded.startswith("pairforge-ss-v1"):
+        out.tampered = True
+        out.notes.append(f"a scheme-v1 mark, but {out.ref} was marked with {recorded.split(' ')[0]}")
     rows = table.filter(np.array(table.column("index").to_pylist()) == pl.index).to_pylist()
     if not rows:
         out.notes.append(f"{out.ref} has no sample {pl.index}")

@@ -10,14 +10,14 @@ No global random state: every pattern comes from a fixed key through a numpy Gen
 
 Layout of the v2 mark (one 128x128 tile, repeated over the image)
 -----------------------------------------------------------------
-* *Cells*: a 32x32 grid of 4x4-pixel cells, each adding ``+c`` or ``-c``. 612 cells carry the 204 coded bits
-  (each bit in 3 cells, XOR a keyed pseudo-noise sign); 412 cells are a fixed *pilot* that gives the tile phase.
+* *Cells*: a 32x32 grid of 4x4-pixel cells, each adding ``+c`` or ``-c``. 816 cells carry the 204 coded bits
+  (each bit in 4 cells, XOR a keyed pseudo-noise sign); 208 cells are a fixed *pilot* that gives the tile phase.
 * 204 coded bits = rate-1/2, K=7 convolutional code of 96 bits = 64 payload bits + a 32-bit keyed check
   (the first 4 bytes of sha256(key || payload)). Soft-decision Viterbi decoding.
-* *Template*: six sinusoids at fixed lattice frequencies of the tile (radius 0.11-0.15 cycles/px, angles 20-160 deg,
-  none near an axis), keyed phases, scaled so the sum stays within ``+-t``. In the Fourier magnitude of a copy they
-  are six peaks whose positions move with the copy's scale and rotation only (not with crops or shifts).
-* Every pixel changes by at most ``c + t`` (CT: 4 + 4 = 8 HU; 8-bit: 2 + 2 = 4 grey levels); finding pixels
+* *Template*: four sinusoids at fixed lattice frequencies of the tile (0.12-0.14 cycles/px, at 23, 69, 115 and
+  160 deg: none near an axis), keyed phases, scaled so the sum stays within ``+-t``. In the Fourier magnitude of a
+  copy they are four peaks whose positions move with the copy's scale and rotation only (not with crops or shifts).
+* Every pixel changes by at most ``c + t`` (CT: 6 + 8 = 14 HU; 8-bit: 2 + 3 = 5 grey levels); finding pixels
   (dilated) not at all.
 
 Decoding (blind)
@@ -25,12 +25,13 @@ Decoding (blind)
 1. Whitened, locally normalised residual of the copy; Hann-windowed power spectrum; each bin's log power minus
    its neighbourhood's mean (a unit-free peak statistic).
 2. Template search: every (scale 0.45-2.2, rotation -6..6 deg) hypothesis on a grid finer than a bin's tolerance
-   scores the sum of the six peak statistics it predicts (capped); the best hypotheses are refined by a
-   least-squares fit of a 2x2 map to the six sub-bin peak positions.
+   scores the sum of the four peak statistics it predicts (capped); the four best are refined on two finer grids
+   with the bilinearly interpolated statistic (a joint sub-bin fit of the four peaks).
 3. The copy is warped back once per hypothesis, its residual folded modulo the tile, template bins notched out,
    the pilot found by FFT correlation; the cells are read, Viterbi-decoded, and the keyed check tested.
 4. Accepted only if the pilot correlation peak is at least ``SYNC_THRESHOLD`` standard deviations AND the 32-bit
-   keyed check matches. A few neighbouring hypotheses (+-0.4 % scale, +-0.2 deg) are tried when the first fails.
+   keyed check matches. Read order: the four candidates, the copy as it is, then neighbours of the best candidate
+   (+-0.4 % scale, +-0.2 deg); at most ``MAX_READS`` reads.
 """
 from __future__ import annotations
 
@@ -58,7 +59,7 @@ U8_AMPLITUDE = 5  # max change of any 8-bit pixel, grey levels: cells 2 + templa
 # template frequencies, (kx, ky) cycles per 128-px tile; radius 14.3-19.0 (0.11-0.15 cycles/px)
 TEMPLATE_K = np.array([(14, 6), (6, 16), (-7, 15), (-17, 6)], np.float64)
 SYNC_THRESHOLD = 6.0  # pilot correlation peak, standard deviations of the 128x128 correlation surface
-TEMPLATE_THRESHOLD = 0.0  # template score (sum of the capped peak statistics) that starts the payload read
+TEMPLATE_THRESHOLD = 0.0  # template score a candidate needs to be read (0: the four best are always read)
 SCALE_RANGE = (0.45, 2.2)  # searched rescale factors of a copy (copy size / published size)
 ROTATION_RANGE_DEG = 6.0
 _KEY = 0x7061697266_6F726765_02  # "pairforge" + scheme 2
@@ -190,7 +191,7 @@ class Detection:
     raw_bit_accuracy_hint: float = 0.0  # mean |soft| / std: a confidence figure
     tried: list = field(default_factory=list)  # hypotheses read: (scale, rotation deg)
     rotation: float = 0.0  # estimated rotation of the copy, degrees (counter-clockwise as cv2.getRotationMatrix2D)
-    template_score: float = 0.0  # sum of the six capped template peak statistics at the best hypothesis
+    template_score: float = 0.0  # sum of the four capped template peak statistics at the hypothesis read
     scheme: int = VERSION  # 2, or 1 for a copy of an image marked with scheme v1
     attempts: int = 0  # payload reads (each is one 2^-32 chance of a false accept)
 
@@ -205,7 +206,8 @@ _HANN_CACHE: dict[tuple[int, int], np.ndarray] = {}
 def _hann(h: int, w: int) -> np.ndarray:
     k = (h, w)
     if k not in _HANN_CACHE:
-        _HANN_CACHE.clear() if len(_HANN_CACHE) > 16 else None
+        if len(_HANN_CACHE) > 16:
+            _HANN_CACHE.clear()
         _HANN_CACHE[k] = np.outer(np.hanning(h), np.hanning(w)).astype(np.float32)
     return _HANN_CACHE[k]
 
@@ -272,7 +274,7 @@ def _bilinear(q: np.ndarray, pos: np.ndarray) -> np.ndarray:
 def template_search(q: np.ndarray, top: int = 2):
     """Best (map A, score) hypotheses for a peak-statistic map ``q``.
 
-    Coarse: every grid hypothesis scores the sum of the 3x3-max of the capped statistic at its six predicted peaks.
+    Coarse: every grid hypothesis scores the sum of the 3x3-max of the capped statistic at its four predicted peaks.
     Fine: around each of the ``top`` best (distinct) ones, two finer grids (1/5 and 1/25 of the coarse step) score
     the sum of the bilinearly interpolated statistic, which locates the peaks jointly to a fraction of a bin."""
     h, w = q.shape

@@ -1,4 +1,7 @@
-"""The invisible image watermark: a keyed, tiled spread-spectrum pattern carrying a 64-bit payload
+"""Scheme v1 of the invisible image watermark, kept so versions published with it still decode (new versions embed
+scheme v2, ``store/watermark.py``, which reuses this module's payload, code and residual filter).
+
+Scheme v1: a keyed, tiled spread-spectrum pattern carrying a 64-bit payload
 (dataset id, version, sample index) with a CRC-16 and a rate-1/2 convolutional code.
 
 Owns: payload packing, embedding into 16-bit CT (HU + 1024) and 8-bit grey/RGB images, and blind decoding
