@@ -56,6 +56,9 @@ class _Server(socketserver.ThreadingTCPServer):
     daemon_threads = True
     allow_reuse_address = True
 
+    def handle_error(self, request, client_address):  # a client that gave up (its timeout) is not news
+        pass
+
 
 class FaultProxy:
     """``FaultProxy(upstream="http://127.0.0.1:PORT", rate=0.05, seed=1)``; ``.endpoint`` is what clients use.

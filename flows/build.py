@@ -13,11 +13,10 @@ from __future__ import annotations
 from flows import settings  # noqa: F401  (Prefect defaults before prefect is imported)
 
 import contextlib
-import contextvars
 import os
 import threading
 import time
-from typing import Any, Callable, Iterator
+from typing import Any
 
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
@@ -28,6 +27,7 @@ from flows import interrupt
 from flows.card import card
 from flows.card import warm_up as card_warm_up
 from flows.pipeline import make_samples
+from flows.progress import EventChannel
 from schemas.errors import SpecError
 from schemas.plan import plan_shards
 from flows.inputs import check_root_writable, code_version, resolve_spec  # noqa: F401  (re-exported)
@@ -38,24 +38,9 @@ TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (OSError, ConnectionError, T
 
 PROGRESS_POLL_S = 1.0  # how often the flow looks for newly committed shards while lanes run
 
-ProgressFn = Callable[[dict[str, Any]], None]
-_progress: contextvars.ContextVar[ProgressFn | None] = contextvars.ContextVar("pairforge_progress", default=None)
-
-
-@contextlib.contextmanager
-def reporting_to(fn: ProgressFn) -> Iterator[None]:
-    """Send build events (``plan``, ``shard``, ``published``) to ``fn`` while the flow runs in this context."""
-    token = _progress.set(fn)
-    try:
-        yield
-    finally:
-        _progress.reset(token)
-
-
-def _emit(event: str, **data: Any) -> None:
-    fn = _progress.get()
-    if fn is not None:
-        fn({"event": event, **data})
+_events = EventChannel("pairforge_progress")
+reporting_to = _events.reporting_to  # send build events (plan, shard, published) to fn while the flow runs here
+_emit = _events.emit
 
 
 def _is_transient(task, task_run, state) -> bool:
@@ -213,7 +198,7 @@ def build_dataset(spec: Any, root: str | None = None, force_new: bool = False,
     check_memory(model, what=f"building {model.name}")  # one worker's shard at least; the CLI counts its workers
     digest = spec_hash(model)
     version = code_version()
-    st = _store(root, storage_options)
+    st = _store(root) if storage_options is None else _store(root, storage_options)
     if not force_new:
         from flows.rebuild import check as check_rebuild
 

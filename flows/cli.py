@@ -368,8 +368,11 @@ def verify(target: str = typer.Argument(..., help="an image file (PNG, JPEG, ...
     if as_json:
         typer.echo(json.dumps({**data, "exit_code": EXIT_OK if ok else EXIT_FAILURE}, default=str))
     else:
-        verdict = f" [{res.verdict}]" if hasattr(res, "verdict") else ""
-        out.print(str(res) + verdict, soft_wrap=True)
+        if hasattr(res, "verdict"):
+            out.print(f"{res} [{res.verdict}]", soft_wrap=True)
+        else:  # a version: the verdict, then one line per damaged file
+            for line in res.lines():
+                out.print(line, soft_wrap=True, markup=False)
     if not ok:
         raise typer.Exit(EXIT_FAILURE)
 
@@ -480,38 +483,6 @@ def export_mvtec_cmd(ref: str = typer.Argument(..., help="NAME@vN"),
 
 
 # --------------------------------------------------------------------------------------------------- train
-class TrainProgress:
-    """A rich progress bar fed by the training events: steps, loss, images/s, ETA."""
-
-    def __init__(self, console: Console, enabled: bool = True):
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-        self.console = console
-        self.progress = Progress(BarColumn(bar_width=24), MofNCompleteColumn(), TextColumn("steps"),
-                                 TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=console,
-                                 disable=not enabled, transient=False)
-        self.task = None
-
-    def __enter__(self):
-        self.progress.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        return self.progress.__exit__(*exc)
-
-    def __call__(self, ev: dict[str, Any]) -> None:
-        if ev["event"] == "start":
-            resumed = f", resuming at step {ev['resumed_from']}" if ev.get("resumed_from") is not None else ""
-            self.console.print(f"training on {ev['pairs']} pairs ({ev['device']}){resumed}")
-            self.task = self.progress.add_task("train", total=ev["steps"], completed=ev["step"], info="")
-        elif ev["event"] == "step" and self.task is not None:
-            eta = f"ETA {ev['eta_s']:.0f} s" if ev.get("eta_s") is not None else ""
-            self.progress.update(self.task, completed=ev["step"],
-                                 info=f"loss {ev['loss']:.4f}  {ev['images_per_s']:.1f} img/s  {eta}")
-        elif ev["event"] == "checkpoint":
-            self.progress.console.print(f"checkpoint {ev['step']}: validation grid {ev['grid']}")
-
-
 @app.command()
 @handle_errors
 def train(spec: Path = typer.Argument(..., help="training spec (.yaml/.json)"),
@@ -524,9 +495,10 @@ def train(spec: Path = typer.Argument(..., help="training spec (.yaml/.json)"),
     model, _ = resolve_train_spec(spec)  # bad input costs no server start
     check_inputs(model)
     with settings.prefect_api(verbose):
+        from flows.progress import TrainBar
         from flows.train import reporting_to, train_model
 
-        with TrainProgress(out, enabled=sys.stdout.isatty() or verbose) as progress, reporting_to(progress):
+        with TrainBar(out, enabled=sys.stdout.isatty() or verbose) as progress, reporting_to(progress):
             summary = train_model(str(spec), str(out_dir))
     rate = summary.get("steady_images_per_s")
     out.print(f"trained {summary['step']}/{summary['steps']} steps on {summary['data']['pairs']} pairs "
@@ -541,7 +513,9 @@ MAX_EVAL_SEEDS = 100
 @handle_errors
 def evaluate(ref: str = typer.Argument(..., help="NAME@vN to evaluate"),
              real: Optional[str] = typer.Option(None, "--real", help="reference: a folder (NIfTI/DICOM/PNG), NAME@vM, "
-                                                "or standin[:N] (the domain's differently-configured stand-in)"),
+                                                "or a built-in reference set of the domain, NAME[:N] (chest_ct: "
+                                                "standin = differently-configured phantom, NOT real; "
+                                                "ct_small_inserted = real CT slice with synthetic nodules)"),
              against: Optional[str] = typer.Option(None, "--against", help="NAME@vM to evaluate the same way and "
                                                    "print side by side"),
              train_ref: Optional[str] = typer.Option(None, "--train-ref", help="the generator's training data "
@@ -566,10 +540,12 @@ def evaluate(ref: str = typer.Argument(..., help="NAME@vN to evaluate"),
         raise SpecError(f"--seeds must be 1 to {MAX_EVAL_SEEDS}, not {seeds}")
     options = {"steps": steps, "limit": limit, "utility": utility, "ks": k_list, "seeds": tuple(range(seeds)),
                "n_synthetic": n_synthetic, "device": device, "features": features, "train_ref": train_ref}
-    from flows.evaluate import options_from
+    from flows.evaluate import load_feature_extractor, options_from
     from store import DatasetStore
 
     options_from(options)
+    if features:  # refused files stop here, in one line, before the flow starts
+        load_feature_extractor(features)
     st = DatasetStore(root)
     for r in (ref, against):
         if r:

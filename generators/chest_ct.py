@@ -270,56 +270,58 @@ def _draw_vessels_airways(cv: Canvas, lab: np.ndarray, lobes: np.ndarray, a: dic
                           params: dict) -> None:
     """Pulmonary vessels (branching, tapering from the hila, plus cross-sections) and airways with walls."""
     sp = cv.sp
-    lung = (lobes > 0).astype(np.uint8)
-    if lung.sum() < 50:
+    lung = (lobes > 0).view(np.uint8)
+    if cv2.countNonZero(lung) < 50:
         return
     dist = cv2.distanceTransform(lung, cv2.DIST_L2, 3) * sp  # mm to the pleura
     vess = np.zeros_like(lab)
     z = a["level"]
     hilar = _smooth(z, 0.25, 0.45) * (1 - _smooth(z, 0.7, 0.95))
-    ys_all, xs_all = np.nonzero(dist > 4.0)
-    right = xs_all < lab.shape[1] / 2
+    hh, ww = lab.shape
+    deep = dist > 4.0
+    half = -(-ww // 2)  # columns x < ww / 2 are the right lung's side (the image's left half)
+    line, ellipse = cv.line, cv.ellipse
+    uniform, random = rng.uniform, rng.random
+    vessel, wall, lumen = C["pulmonary_vessel"], C["airway_wall"], C["airway_lumen"]
     for side, sgn in (("right", -1), ("left", 1)):
         L = params[f"{side}_lung"]
         hx, hy = sgn * 22.0 + sgn * 8, L["cy"] - L["ay"] * 0.1
         # In-plane branching trees from the hilum.
         stack = []
         for _ in range(int(1 + 2 * hilar)):
-            ang = math.atan2(rng.uniform(-0.8, 0.8), sgn) + rng.uniform(-0.6, 0.6)
+            ang = math.atan2(uniform(-0.8, 0.8), sgn) + uniform(-0.6, 0.6)
             stack.append((hx, hy, ang, 1.4 + 1.4 * hilar, 18 + 12 * hilar))
         while stack:
             x0, y0, ang, r, ln = stack.pop()
             x1, y1 = x0 + ln * math.cos(ang), y0 + ln * math.sin(ang)
-            cv.line(C["pulmonary_vessel"], (x0, y0), (x1, y1), 2 * r, vess)
+            line(vessel, (x0, y0), (x1, y1), 2 * r, vess)
             if r > 0.55 and len(stack) < 200:
                 for d in (-1, 1):
-                    stack.append((x1, y1, ang + d * rng.uniform(0.25, 0.6), r * rng.uniform(0.55, 0.72),
-                                  ln * rng.uniform(0.5, 0.75)))
+                    stack.append((x1, y1, ang + d * uniform(0.25, 0.6), r * uniform(0.55, 0.72),
+                                  ln * uniform(0.5, 0.75)))
         # Cross-sections: dots with radius shrinking toward the periphery; bronchi beside some arteries.
-        keep = right if sgn < 0 else ~right
-        ys_, xs_ = ys_all[keep], xs_all[keep]
+        # (The deep pixels of this side in row-major order, as np.nonzero over the whole image would list them.)
+        ys_, xs_ = np.nonzero(deep[:, :half] if sgn < 0 else deep[:, half:])
         if len(xs_) == 0:
             continue
         k = int(rng.integers(45, 80))
         pick = rng.integers(0, len(xs_), size=k)
-        for j in pick:
-            px, py = xs_[j], ys_[j]
-            x = (px + 0.5 - lab.shape[1] / 2) * sp
-            y = (py + 0.5 - lab.shape[0] / 2) * sp
+        off = 0 if sgn < 0 else half
+        for px, py in zip((xs_[pick] + off).tolist(), ys_[pick].tolist()):
+            x = (px + 0.5 - ww / 2) * sp
+            y = (py + 0.5 - hh / 2) * sp
             dh = math.hypot(x - hx, y - hy)
-            r = max(0.4, 2.6 * max(0.0, 1 - dh / 100) ** 1.6 + rng.uniform(-0.2, 0.25))
+            r = max(0.4, 2.6 * max(0.0, 1 - dh / 100) ** 1.6 + uniform(-0.2, 0.25))
             if dist[py, px] < r + 3:
                 continue
-            cv.ellipse(C["pulmonary_vessel"], x, y, r, r * rng.uniform(0.8, 1.3), rng.uniform(0, 180), target=vess)
-            if r > 1.4 and rng.random() < 0.45:
-                bx, by = x + rng.uniform(-1, 1) * (r + 2.5), y + rng.uniform(-1, 1) * (r + 2.5)
-                br = r * rng.uniform(0.7, 1.0)
-                if dist[min(lab.shape[0] - 1, max(0, int(by / sp + lab.shape[0] / 2))),
-                        min(lab.shape[1] - 1, max(0, int(bx / sp + lab.shape[1] / 2)))] > br + 3:
-                    cv.ellipse(C["airway_wall"], bx, by, br + 0.9, br + 0.9, target=vess)
-                    cv.ellipse(C["airway_lumen"], bx, by, br, br, target=vess)
-    inside = (vess > 0) & (lobes > 0)
-    lab[inside] = vess[inside]
+            ellipse(vessel, x, y, r, r * uniform(0.8, 1.3), uniform(0, 180), target=vess)
+            if r > 1.4 and random() < 0.45:
+                bx, by = x + uniform(-1, 1) * (r + 2.5), y + uniform(-1, 1) * (r + 2.5)
+                br = r * uniform(0.7, 1.0)
+                if dist[min(hh - 1, max(0, int(by / sp + hh / 2))), min(ww - 1, max(0, int(bx / sp + ww / 2)))] > br + 3:
+                    ellipse(wall, bx, by, br + 0.9, br + 0.9, target=vess)
+                    ellipse(lumen, bx, by, br, br, target=vess)
+    np.copyto(lab, vess, where=(vess > 0) & lung.view(bool))
 
 
 # ---------------------------------------------------------------------------------------------- nodules
@@ -407,15 +409,15 @@ def place_nodules(label: np.ndarray, lobes: np.ndarray, instance: np.ndarray, fi
             ok = (dist >= reach) & (dist <= reach + 1.5)
         else:
             ok = dist >= reach + margin_px
-        cands = [ok & (lobes == LOBES[name]) for name in choices]
-        sizes = np.array([cv2.countNonZero(c.view(np.uint8)) for c in cands], float)
+        room = np.bincount(lobes[ok], minlength=256)  # candidate pixels per lobe id, in one pass
+        sizes = np.array([room[LOBES[name]] for name in choices], float)
         if sizes.sum() == 0:
             where = "any lobe" if loc == "any" else loc
             raise PlacementError(f"no room for a {f['diameter_mm']:.1f} mm nodule in {where} on this slice")
         # "any" picks a lobe in proportion to the room it has for this nodule.
         li = int(rng.choice(len(choices), p=sizes / sizes.sum())) if len(choices) > 1 else 0
         lobe = choices[li]
-        cy_, cx_ = np.nonzero(cands[li])
+        cy_, cx_ = np.nonzero(ok & (lobes == LOBES[lobe]))
         j = int(rng.integers(len(cx_)))
         cx, cy = int(cx_[j]), int(cy_[j])
         y0, x0 = cy - int(round(oy)), cx - int(round(ox))

@@ -52,6 +52,17 @@ IS_SOFT = np.zeros(256, bool)
 IS_SOFT[[C["muscle"], C["liver"], C["heart"]]] = True
 
 
+def lookup(label: np.ndarray, table: np.ndarray) -> np.ndarray:
+    """``table[label]`` for a 256-entry table: cv2.LUT (several times faster than numpy's fancy indexing) for uint8
+    label maps, numpy otherwise; the same values either way (boolean tables come back boolean)."""
+    if label.dtype == np.uint8 and label.ndim == 2 and table.shape == (256,):
+        if table.dtype == np.bool_:
+            return cv2.LUT(label, table.view(np.uint8)).view(np.bool_)
+        if table.dtype in (np.float32, np.uint8, np.int32, np.float64):
+            return cv2.LUT(label, table)
+    return table[label]
+
+
 def draw_render_params(rng: np.random.Generator, spacing_mm: float) -> dict[str, Any]:
     u = lambda a, b: float(rng.uniform(a, b))  # noqa: E731
     lung_hu = u(*HU_RANGES["lung_rul"])
@@ -77,10 +88,10 @@ def render_ct(label: np.ndarray, lobes: np.ndarray | None, spacing_mm: float, p:
     lut = np.full(256, -1000.0, np.float32)
     for name, v in p["hu"].items():
         lut[C[name]] = v
-    img = lut[label]
+    img = lookup(label, lut)
     nrng = np.random.default_rng(p["noise_seed"])
 
-    lung = IS_LUNG[label]
+    lung = lookup(label, IS_LUNG)
     # Parenchymal texture and the gravity gradient (denser posteriorly), only in the lungs.
     tex = nrng.standard_normal((h // 4 + 1, w // 4 + 1), dtype=np.float32)
     tex = cv2.resize(tex, (w, h), interpolation=cv2.INTER_CUBIC)
@@ -92,7 +103,7 @@ def render_ct(label: np.ndarray, lobes: np.ndarray | None, spacing_mm: float, p:
     gg = label == C["nodule_ground_glass"]
     if gg.any():
         img += gg * tex * (p["gg_texture_hu"] / max(p["lung_texture_hu"], 1e-3))
-    img += IS_SOFT[label] * tex * (p["soft_texture_hu"] / max(p["lung_texture_hu"], 1e-3))
+    img += lookup(label, IS_SOFT) * tex * (p["soft_texture_hu"] / max(p["lung_texture_hu"], 1e-3))
 
     # Fissures: thin dense lines where two lobes meet.
     if lobes is not None and lobes.any():

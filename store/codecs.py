@@ -95,10 +95,10 @@ class Codec:
         return wm.keep_out_mask(instance)
 
     def label_to_bytes(self, label: np.ndarray, context: dict[str, Any] | None = None) -> bytes:
-        return png.encode_png(np.asarray(label, dtype=np.uint8))
+        return png.encode_png(np.asarray(label, dtype=np.uint8), png_filter="none")
 
     def instance_to_bytes(self, instance: np.ndarray, context: dict[str, Any] | None = None) -> bytes:
-        return png.encode_png(np.asarray(instance, dtype=np.uint16))
+        return png.encode_png(np.asarray(instance, dtype=np.uint16), png_filter="none")
 
     def map_from_bytes(self, data: bytes) -> np.ndarray:
         """A stored label or instance map."""

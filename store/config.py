@@ -102,9 +102,6 @@ def choose_root(root: str | os.PathLike | None = None) -> RootChoice:
     return RootChoice(default_root(), "default")
 
 
-STORAGE_ENV = "PAIRFORGE_STORAGE_OPTIONS"
-
-
 def _read_storage_options(path: Path) -> dict | None:
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))

@@ -30,10 +30,11 @@ from pydantic import ValidationError
 
 from schemas.manifest import Manifest
 from store.errors import IntegrityError, StoreError
-from store.read import _version_files, resolve_version, verify_version_at
+from store.read import _version_files, manifest_problems, read_index, resolve_version, verify_version_at
 from store.root import MANIFEST, Root, ensure_writable
 
 Progress = Callable[[dict[str, Any]], None]
+MIN_RATE = 64_000.0  # bytes/s: below it a pull of even a small version takes hours
 
 
 @dataclass
@@ -91,6 +92,9 @@ def parse_rate(text: str | float | int | None) -> float | None:
             value = -1.0
     if not value > 0:
         raise StoreError(f"rate limit {text!r} is not a positive rate; write bytes per second, e.g. 500k, 20M or 1G")
+    if value < MIN_RATE:
+        raise StoreError(f"rate limit {text!r} is below the smallest accepted, 64k (64000 bytes per second); write "
+                         "e.g. 500k, 20M or 1G")
     return value
 
 
@@ -102,7 +106,7 @@ def _sizes(root: Root, base: str) -> dict[str, int]:
     """{relative path: size} of every file under ``base`` (empty when it does not exist)."""
     root.refresh()
     try:
-        found = root.fs.find(base, detail=True)
+        found = root.retrying(base, lambda: root.fs.find(base, detail=True))
     except FileNotFoundError:
         return {}
     base_stripped = base.rstrip("/") + "/"
@@ -115,24 +119,17 @@ def _sizes(root: Root, base: str) -> dict[str, int]:
 
 
 def _read(root: Root, path: str) -> bytes | None:
+    """The file's bytes (transient storage errors retried, as every store operation), or None when it is missing."""
     try:
-        if root.local:
-            with open(path, "rb") as f:
-                return f.read()
-        return root.fs.cat_file(path)
+        return root.read_bytes(path)
     except FileNotFoundError:
         return None
 
 
 def _write(root: Root, path: str, data: bytes) -> None:
-    if root.local:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = f"{path}.part-{os.getpid()}-{threading.get_ident()}"
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)  # a killed pull never leaves a half-written file under its final name
-    else:
-        root.fs.pipe_file(path, data)
+    """Written whole: locally to a temporary name renamed into place (a killed pull never leaves a half-written file
+    under its final name), on object stores in one PUT; transient errors retried."""
+    root.write_bytes(path, data)
 
 
 def pull_between(src: Root, ref: str, dest: Root, *, workers: int = 8, limit_rate: float | str | None = None,
@@ -152,6 +149,8 @@ def pull_between(src: Root, ref: str, dest: Root, *, workers: int = 8, limit_rat
         raise IntegrityError(f"cannot pull {ref}: manifest.json is not a valid manifest: {e.errors()[0]['msg']}",
                              [MANIFEST]) from None
     files, problems = _version_files(src, name, version, m)
+    if not problems:  # a manifest that contradicts its spec, its counts or the index
+        problems = manifest_problems(m, name, version, read_index(src, name, version, m, verify=True))
     if problems:
         raise IntegrityError(f"cannot pull {ref}: {problems[0]}", ["samples.parquet"])
     msha = _sha(manifest_bytes)

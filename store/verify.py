@@ -146,7 +146,7 @@ def verify_image_file(path: str | os.PathLike, root: Root | None) -> ImageVerifi
     else:
         try:
             pixels = codec.decode_png(data)
-        except ValueError:
+        except Exception:  # noqa: BLE001 - ValueError, or cv2.error for an empty or truncated buffer
             raise StoreError(f"{p!r} is not an image OpenCV can read (PNG, JPEG, TIFF, ...) "
                              "nor a NIfTI volume (.nii, .nii.gz)") from None
         det, slices, prov = wm.decode(pixels), None, codec.read_itxt(data)

@@ -48,7 +48,7 @@ def _hashes(st: DatasetStore, name: str, version: int) -> dict[str, str]:
 def _count_staged(st: DatasetStore, prefix: str) -> int:
     st.root.refresh()
     try:
-        return sum(1 for p in st.root.fs.find(prefix) if ".part-" not in p)
+        return sum(1 for p in st.root.fs.find(prefix) if ".tmp-" not in p)
     except FileNotFoundError:
         return 0
 
@@ -88,12 +88,12 @@ def test_pull_s3_to_local_to_s3_killed_and_resumed_ends_byte_identical(s3_server
     stage = lambda: next(iter(sorted((local / "store-ct" / "_pull").glob("v1-*"))), local / "none")  # noqa: E731
     staged = _kill_half_way(
         PAIRFORGE + ["pull", "store-ct@v1", str(local), "--root", src_url, "--workers", "1", "--limit-rate", "200k"],
-        env, tmp_path, lambda: sum(1 for p in stage().rglob("*") if p.is_file() and ".part-" not in p.name),
+        env, tmp_path, lambda: sum(1 for p in stage().rglob("*") if p.is_file() and ".tmp-" not in p.name),
         total, at=3)
     assert not (local / "store-ct" / "v1").exists()
     assert DatasetStore(str(local)).versions("store-ct") == []  # nothing published by the killed pull
 
-    (stage() / "images" / "0000005.png.part-1-2").write_bytes(b"half a file")  # what a kill mid-write leaves
+    (stage() / "images" / "0000005.png.tmp-1-2").write_bytes(b"half a file")  # what a kill mid-write leaves
     events = []
     res = src.pull_to("store-ct@v1", str(local), progress=events.append)
     assert res.reused_files == staged and res.files == total
