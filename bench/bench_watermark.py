@@ -192,11 +192,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="a few grid points only")
     ap.add_argument("--no-write", action="store_true", help="print only; leave docs/watermark.md alone")
     ap.add_argument("--cache", help="an .npz of the rendered hosts: read if it exists, else written")
+    ap.add_argument("--axes", default="scale,rotation,crop,jpeg,combination", help="comma-separated grid axes to run")
     args = ap.parse_args(argv)
     t_all = time.perf_counter()
     print(f"generating {args.images} images per group ...", flush=True)
     imgs = images(args.images, args.cache)
-    cells = grid(args.quick)
+    cells = [c for c in grid(args.quick) if c[0] in args.axes.split(",")]
     tasks, index = [], []
     for ci, (_, _, steps) in enumerate(cells):
         for gi, g in enumerate(GROUPS):
@@ -260,7 +261,8 @@ def main(argv: list[str] | None = None) -> int:
            f"numpy {np.__version__}, OpenCV {cv2.__version__}; {args.images} images per cell and group; "
            f"{len(tasks)} decodes; run time {time.perf_counter() - t_all:.0f} s. Command: "
            f"`nice -n 15 python bench/bench_watermark.py --images {args.images} --workers {args.workers}"
-           f"{' --quick' if args.quick else ''}{' --cache ' + args.cache if args.cache else ''}`.")
+           f"{' --quick' if args.quick else ''}{' --cache ' + args.cache if args.cache else ''}"
+           f"{' --axes ' + args.axes if args.axes != ap.get_default('axes') else ''}`.")
     block = "\n".join([env, ""] + lines + summary)
     print(block)
     if not args.no_write:
