@@ -119,7 +119,7 @@ def draw_anatomy(rng: np.random.Generator, level: float) -> dict[str, Any]:
         "fat_planes": [[u(-70, 250), u(0.35, 0.75)] for _ in range(3)],
         "heart_harmonics": [[u(0.0, 0.05), u(0, 2 * math.pi)] for _ in range(3)],
         "lv_wall": u(0.22, 0.3), "septum_angle": u(-12, 12),
-        "vessel_density": u(0.8, 1.2),
+        "vessel_density": u(0.8, 1.2), "back_mm": u(8, 22),
     }
 
 
@@ -139,7 +139,7 @@ def draw_slice(a: dict[str, Any], h: int, w: int, sp: float, maps: dict | None =
     bw *= _interp(z, [0, 0.3, 1], [1.02, 1.0, 0.98])
 
     # Scanner table: a shallow curved carbon plate under the back, on a flat base.
-    back = by + bd
+    back = by + bd + a.get("back_mm", 0.0)
     tg = a["table_gap"]
     plate = np.zeros((h, w), np.uint8)
     cv.ellipse(1, 0, back + tg - 420, 420, 420, target=plate, thickness=max(1, int(round(7 / sp))))
@@ -170,7 +170,8 @@ def draw_slice(a: dict[str, Any], h: int, w: int, sp: float, maps: dict | None =
                 cv.ellipse(C["subcutaneous_fat"], bx_, by_, bs * 2.2 + 6, bs * 0.75, sgn * 14)
                 cv.ellipse(C["muscle"], bx_, by_ - bs * 0.3, bs * 0.9, bs * 0.25, sgn * 14)  # glandular tissue
         # shoulders: the trunk is wider and squarer toward the apex (arms raised, out of the slice)
-        pts = superellipse(0, by + (inset - iy) / 2, bw * (1 + 0.1 * sh) - inset, bd - (inset + iy) / 2,
+        bk = 0.0 if name == "mediastinal_fat" else a.get("back_mm", 0.0)
+        pts = superellipse(0, by + (inset - iy) / 2 + bk / 2, bw * (1 + 0.1 * sh) - inset, bd - (inset + iy) / 2 + bk / 2,
                            n + 0.8 * sh, post_flat=pf)
         cv.poly(C[name], wavy(pts, 0, by, harm) if name != "mediastinal_fat" else pts)
         if name == "muscle":
@@ -201,19 +202,21 @@ def draw_slice(a: dict[str, Any], h: int, w: int, sp: float, maps: dict | None =
     # Spine: vertebral body, canal, posterior elements, paraspinal muscles.
     sr = a["spine_r"]
     sy = ccy + cd - sr * 0.9
-    for sgn in (-1, 1):
-        cv.ellipse(C["muscle"], sgn * sr * 1.6, sy + sr * 1.9, sr * 1.3, sr * 1.1, sgn * -10)
+    for sgn in (-1, 1):  # erector spinae, with a fat streak between its columns
+        cv.ellipse(C["muscle"], sgn * sr * 1.7, sy + sr * 2.3, sr * 1.45, sr * 1.5, sgn * -10)
+        cv.line(C["subcutaneous_fat"], (sgn * sr * 1.6, sy + sr * 1.5), (sgn * sr * 2.1, sy + sr * 3.4), 1.0, cv.a)
     # Vertebra: a thin cortex (about 1 mm) round trabecular bone, as in the volume phantom.
     cx_ = 1.0
     cv.ellipse(C["cortical_bone"], 0, sy, sr, sr * 0.92)
     cv.ellipse(C["cancellous_bone"], 0, sy, sr - cx_, sr * 0.92 - cx_)
-    lam = np.array([[-sr * 0.75, sy + sr * 0.8], [sr * 0.75, sy + sr * 0.8], [sr * 0.35, sy + sr * 2.3],
-                    [sr * 0.12, sy + sr * 3.4], [-sr * 0.12, sy + sr * 3.4], [-sr * 0.35, sy + sr * 2.3]])
-    cv.poly(C["cortical_bone"], lam)
-    cv.poly(C["cancellous_bone"], (lam - (0, sy + sr * 2.0)) * (0.72, 0.8) + (0, sy + sr * 2.05))
+    # Posterior arch: a bony ring round the canal (pedicles, laminae), a thin spinous process, transverse processes.
+    cv.ellipse(C["cortical_bone"], 0, sy + sr * 1.45, sr * 0.5 + 3.2, sr * 0.45 + 3.0)
+    spin = np.array([[-3.2, sy + sr * 1.9], [3.2, sy + sr * 1.9], [1.8, sy + sr * 3.3], [-1.8, sy + sr * 3.3]])
+    cv.poly(C["cortical_bone"], spin)
     for sgn in (-1, 1):  # transverse processes toward the rib heads
-        cv.ellipse(C["cortical_bone"], sgn * sr * 1.25, sy + sr * 1.0, sr * 0.8, sr * 0.28, sgn * 25)
-        cv.ellipse(C["cancellous_bone"], sgn * sr * 1.25, sy + sr * 1.0, sr * 0.8 - 1.2, sr * 0.28 - 0.9, sgn * 25)
+        cv.ellipse(C["cortical_bone"], sgn * sr * 1.15, sy + sr * 1.3, sr * 0.75, sr * 0.2, sgn * 22)
+        cv.ellipse(C["cancellous_bone"], sgn * sr * 1.15, sy + sr * 1.3, sr * 0.75 - 1.0, max(0.4, sr * 0.2 - 0.9),
+                   sgn * 22)
     cv.ellipse(C["spinal_canal"], 0, sy + sr * 1.45, sr * 0.5, sr * 0.45)
 
     # Ribs around the cavity wall, as oblique cross-sections (cortex + marrow).

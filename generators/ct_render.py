@@ -13,7 +13,7 @@ import cv2
 import numpy as np
 
 from generators.base import Renderer, register_renderer
-from generators.ct_models import band_noise, soft_occupancy, trabecular
+from generators.ct_models import band_noise, soft_occupancy
 from schemas.chest_ct import CT_IDS
 from schemas.sample import Layout
 
@@ -27,7 +27,7 @@ HU_RANGES: dict[str, tuple[float, float]] = {
     "subcutaneous_fat": (-115, -90),
     "muscle": (35, 55),
     "cortical_bone": (800, 1200),
-    "cancellous_bone": (200, 320),
+    "cancellous_bone": (165, 235),
     "mediastinal_fat": (-110, -85),
     "heart": (38, 55),
     "great_vessel": (38, 55),
@@ -73,14 +73,14 @@ def draw_render_params(rng: np.random.Generator, spacing_mm: float) -> dict[str,
         # sub-resolution vessels and interlobular septa: sparse faint specks (positive skew of the parenchyma)
         "micro_hu": u(60, 130), "micro_mm": u(0.9, 1.4),
         "soft_texture_hu": u(2, 5),
-        "bone_texture_hu": u(80, 130), "bone_texture_mm": u(0.8, 1.4),  # trabecular pattern (volume phantom's)
+        "bone_texture_hu": u(80, 130),  # trabecular pattern (the volume phantom's |field| - 0.8 model)
         "chamber_drop_hu": u(8, 16),  # unenhanced blood pool below the myocardium
         "vessel_contrast": [u(0.55, 0.75), u(0.9, 1.0)],  # partial-volume weight range of pulmonary vessels
         "fissure_hu": u(120, 260),
         "gg_texture_hu": u(30, 55), "nodule_texture_hu": u(6, 14),
         "solid_edge_mm": u(0.25, 0.5), "gg_edge_mm": u(0.7, 1.4),  # soft, irregular nodule edges
         "psf_sigma_mm": u(0.35, 0.6),  # scanner point spread (also gives partial-volume edges)
-        "noise_hu": u(14, 22),  # std of correlated quantum noise
+        "noise_hu": u(16, 26),  # std of correlated quantum noise (low-dose screening: 15-30 HU in soft tissue)
         # inner Gaussian of the band-pass NPS (outer 3x); at least 0.65 px: coarse grids still correlate neighbours
         "noise_sigma_px": max(0.65, u(0.5, 0.75) / spacing_mm),
         "nps_low_cut": u(0.8, 0.95),
@@ -128,7 +128,7 @@ def _composite_nodules(img: np.ndarray, label: np.ndarray, sp: float, p: dict[st
         occ = soft_occupancy(d_mm, edge, tw).astype(np.float32)
         if gg:
             core = (lab == C["nodule_solid"]).astype(np.float32) * sel
-            core = cv2.GaussianBlur(core, (0, 0), max(0.5, 0.6 / sp))
+            core = np.maximum(core, cv2.GaussianBlur(core, (0, 0), max(0.5, 0.6 / sp)))  # soft outside the core only
             target = hu_g + tw * p["gg_texture_hu"] + core * (hu_s - hu_g)
         else:
             target = hu_s + tw * p["nodule_texture_hu"]
@@ -159,12 +159,13 @@ def render_ct(label: np.ndarray, lobes: np.ndarray | None, spacing_mm: float, p:
     img += np.where(paren, lungv, np.float32(0))
     img += IS_SOFT[label] * tex * np.float32(p["soft_texture_hu"])
     bone = IS_BONE[label]
-    if "bone_texture_hu" in p and bone.any():
-        step = max(1, int(round(p["bone_texture_mm"] / sp)))
-        coarse = nrng.standard_normal((h // step + 2, w // step + 2), dtype=np.float32)
-        img += bone * trabecular(coarse, step, h, w) * np.float32(p["bone_texture_hu"])
+    if "bone_texture_hu" in p and bone.any():  # trabecular pattern from the fine field (cells of about 1 mm)
+        img += bone * (np.abs(fine) - 0.8) * np.float32(p["bone_texture_hu"])
     if chambers is not None and "chamber_drop_hu" in p:
-        img -= (chambers > 0) * (label == C["heart"]) * np.float32(p["chamber_drop_hu"])
+        x, y, bw, bh = cv2.boundingRect(chambers)
+        if bw:
+            sl = (slice(y, y + bh), slice(x, x + bw))
+            img[sl] -= (chambers[sl] > 0) * (label[sl] == C["heart"]) * np.float32(p["chamber_drop_hu"])
 
     # Pulmonary vessels: partial-volume weight from the calibre (distance to the vessel's edge), times a slowly
     # varying contrast (vessels cut obliquely or off-centre in the slab are fainter).
