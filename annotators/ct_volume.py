@@ -88,8 +88,58 @@ def lung_rads_category(kind: str, mean_mm: float, solid_mean_mm: float | None, j
     return "4A" if m < 15 else "4B"
 
 
-def measure_volume_findings(label: np.ndarray, instance: np.ndarray, lobes: np.ndarray, geom: VolumeGeometry,
+RING_MM = (1.0, 3.0)  # the neighbourhood a finding's lobe is read from: 1-3 mm outside its edge, as in 2D
+NODULE_IDS = [V["nodule_solid"], V["nodule_ground_glass"]]
+IN_LUNG_STRUCTURES = [V["pulmonary_vessel"], V["airway_lumen"], V["airway_wall"]] + NODULE_IDS
+
+
+def connected_findings_3d(label: np.ndarray) -> int:
+    """Findings as the label shows them: connected regions (26-neighbour) of the nodule classes (a part-solid
+    nodule's core and halo are one region). Recomputable from the published label alone."""
+    mask = np.isin(label, NODULE_IDS)
+    if not mask.any():
+        return 0
+    return int(ndimage.label(mask, structure=np.ones((3, 3, 3), bool))[1])
+
+
+def label_lobe_measures(label: np.ndarray, mask: np.ndarray, spacing: tuple[float, float, float], want: str,
+                        want_lobe_id: int | None = None) -> dict[str, Any]:
+    """A finding's lobe, in-lobe share and pleura/fissure contact, read from the published label alone (the phantom's
+    lobe map is not published). ``mask``: the finding's voxels in the whole volume.
+
+    - ``lobe`` / ``in_lobe_fraction``: lobe classes of the label in the shell 1-3 mm outside the finding (vessels,
+      airways, findings and non-lung tissue do not count): the most frequent, and the requested lobe's share.
+    - ``shell_in_lobe_fraction``, ``touches_pleura``, ``touches_fissure``: over the voxels touching the finding
+      (one-voxel dilation) less vessels, airways and other findings: share in the requested lobe; any non-lung
+      tissue; any other lobe."""
+    zz, yy, xx = np.nonzero(mask)
+    pad = [int(math.ceil(RING_MM[1] / s)) + 1 for s in spacing]
+    box = tuple(slice(max(0, lo.min() - p), min(n, lo.max() + 1 + p))
+                for lo, p, n in zip((zz, yy, xx), pad, label.shape))
+    m, lab = mask[box], label[box]
+    want_id = LOBES[want] if want in LOBES else want_lobe_id
+    dist = ndimage.distance_transform_edt(~m, sampling=spacing)
+    ring = (dist > RING_MM[0]) & (dist <= RING_MM[1])
+    counts = np.bincount(lab[ring].astype(np.int64), minlength=max(LUNG_IDS) + 1)[:max(LUNG_IDS) + 1]
+    total = int(counts[LUNG_IDS].sum())
+    lobe_id = int(LUNG_IDS[int(np.argmax(counts[LUNG_IDS]))]) if total else 0
+    if want_id is None:
+        want_id = lobe_id
+    in_lobe = float(counts[want_id] / total) if total and want_id else 0.0
+    shell = ndimage.binary_dilation(m, iterations=1) & ~m
+    sv = lab[shell]
+    sv = sv[~np.isin(sv, IN_LUNG_STRUCTURES)]
+    return {"lobe": LOBE_BY_ID.get(lobe_id, "none"), "in_lobe_fraction": round(in_lobe, 5),
+            "shell_in_lobe_fraction": round(float((sv == want_id).mean()) if sv.size else 1.0, 5),
+            "touches_pleura": bool((~np.isin(sv, LUNG_IDS)).any()),
+            "touches_fissure": bool((np.isin(sv, LUNG_IDS) & (sv != want_id)).any())}
+
+
+def measure_volume_findings(label: np.ndarray, instance: np.ndarray, lobes: np.ndarray | None, geom: VolumeGeometry,
                             placed: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Measurements of each placed finding from the label and instance maps alone (``lobes``, the phantom's lobe
+    map, is not published and not used): anyone can recompute them from the published NIfTI files
+    (bench/recompute_measurements.py)."""
     out = []
     aff = geom.lps_affine()
     for f in placed:
@@ -111,20 +161,14 @@ def measure_volume_findings(label: np.ndarray, instance: np.ndarray, lobes: np.n
             if core.any():
                 solid = lung_rads_axes(core, geom.spacing)
                 solid["volume_mm3"] = round(float(core.sum() * geom.voxel_mm3))
-        idx = np.argwhere(m).mean(0) + [z0, y0, x0]
+        vox = np.argwhere(m) + [z0, y0, x0]
+        idx = vox.mean(0)
         ijk1 = np.array([idx[2], idx[1], idx[0], 1.0])
         lps = aff @ ijk1
-        lb = lobes[box]
-        counts = np.bincount(lb[m], minlength=17)
-        lobe_id = int(np.argmax(counts[LUNG_IDS])) + LUNG_IDS[0]
-        want = f.get("location", "any")
-        want_id = f.get("lobe_id") if want == "any" else LOBES[want]
-        in_lobe = float(counts[want_id] / n)
-        shell = ndimage.binary_dilation(m, iterations=1) & ~m
-        sv = lb[shell]
-        shell_in = float((sv == want_id).mean()) if sv.size else 1.0
-        touches_pleura = bool((sv == 0).any())
-        touches_fissure = bool(((sv != 0) & (sv != want_id)).any())
+        full = np.zeros(instance.shape, bool)
+        full[box] = m
+        lm = label_lobe_measures(label, full, geom.spacing, f.get("location", "any"), f.get("lobe_id"))
+        lo, hi = vox.min(0), vox.max(0) + 1  # the finding's exact extent, (k, j, i)
         out.append({
             "instance": k, "kind": f["kind"], "margin": f.get("margin", "smooth"), "voxels": n,
             "volume_mm3": round(vol), "volume_mm3_exact": round(vol, 3),
@@ -133,12 +177,11 @@ def measure_volume_findings(label: np.ndarray, instance: np.ndarray, lobes: np.n
             "solid_volume_mm3": None if solid is None else solid["volume_mm3"],
             "centroid_ijk": [round(float(idx[2]), 3), round(float(idx[1]), 3), round(float(idx[0]), 3)],
             "centroid_lps_mm": [round(float(v), 3) for v in lps[:3]],
-            "lobe": LOBE_BY_ID[lobe_id], "in_lobe_fraction": round(in_lobe, 5), "shell_in_lobe_fraction": round(shell_in, 5),
-            "touches_pleura": touches_pleura, "touches_fissure": touches_fissure,
+            **lm,
             "lung_rads": lung_rads_category(f["kind"], ax["mean_diameter_mm"],
                                             None if solid is None else solid["mean_diameter_mm"],
                                             bool(f.get("juxtapleural")), f.get("margin", "smooth")),
-            "bbox_ijk": [x0, y0, z0, x1 + 1, y1 + 1, z1 + 1],
+            "bbox_ijk": [int(lo[2]), int(lo[1]), int(lo[0]), int(hi[2]), int(hi[1]), int(hi[0])],
         })
     return out
 
@@ -168,7 +211,8 @@ def volume_qc(image: np.ndarray, label: np.ndarray, instance: np.ndarray, geom: 
             continue
         v = _median_from_hist(rows)
         chk(f"median_hu_{name}", lo <= v <= hi, v, f"[{lo:g}, {hi:g}] HU")
-    chk("finding_count", len(measured) == len(placed), len(measured), f"== {len(placed)}")
+    seen = connected_findings_3d(label)
+    chk("finding_count", seen == len(placed), seen, f"== {len(placed)} connected findings in the label")
     for f, m in zip(placed, measured):
         k = f["instance"]
         tol = max(size_tol_mm, geom.spacing[2])
@@ -205,7 +249,7 @@ def contrast_to_noise_3d(image, instance, label, f, geom) -> float:
 
 
 # ---------------------------------------------------------------- the chest_ct_volume domain: annotator and hooks
-from annotators import Annotation, box_record, check, register_annotator  # noqa: E402
+from annotators import Annotation, check, register_annotator  # noqa: E402
 
 VOLUME_DOMAIN = "chest_ct_volume"
 
@@ -228,9 +272,8 @@ def annotate_chest_ct_volume(image: np.ndarray, layout: Any, request: Any, qc: A
     ins = lay["instance"]
     for m in measured:
         if m.get("voxels"):
-            x0, y0, z0, x1, y1, z1 = m["bbox_ijk"]  # a padded box round the finding: find its exact extent inside
-            _, ys, xs = np.nonzero(ins[z0:z1, y0:y1, x0:x1] == m["instance"])
-            boxes.append(box_record(m["instance"], ys + y0, xs + x0))
+            x0, y0, z0, x1, y1, z1 = m["bbox_ijk"]  # the finding's exact extent
+            boxes.append({"instance": int(m["instance"]), "x0": x0, "y0": y0, "x1": x1, "y1": y1})
     return Annotation(measured=measured, checks=checks, bboxes=boxes)
 
 

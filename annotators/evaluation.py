@@ -2,7 +2,8 @@
 intensities against reference ranges), realism (per-class Wasserstein-1, noise power spectra, Fréchet and kernel
 distances of features), memorisation (nearest neighbours in a training vs a held-out set), Dice and confidence
 intervals. No I/O, no orchestration; ``flows/evaluate.py`` feeds them. Domain facts come from an ``EvalProfile``
-registered per domain (``annotators/evaluation_ct.py`` for chest CT).
+registered per domain by the module its ``Domain.evaluation_module`` names (``annotators/evaluation_ct.py`` for
+chest CT, ``evaluation_ct_volume.py``, ``evaluation_surface.py``); this module names no domain.
 """
 from __future__ import annotations
 
@@ -35,11 +36,14 @@ class EvalProfile:
     windows: tuple[tuple[float, float], ...]              # (centre, width) input channels of the segmenter
     display_window: tuple[float, float]
     small_finding_mm: float = 6.0                         # findings below this are reported apart
+    # Unlabelled references: the object (body, part) is the largest region above this value, holes filled;
+    # None = the whole image.
+    body_threshold: float | None = None
+    volumetric: bool = False                              # images are volumes [slices, rows, columns]
     extra: dict[str, Any] = field(default_factory=dict)
 
 
 _PROFILES: dict[str, EvalProfile] = {}
-_PROFILE_MODULES = {"chest_ct": "annotators.evaluation_ct"}
 
 
 def register_profile(p: EvalProfile) -> EvalProfile:
@@ -48,10 +52,19 @@ def register_profile(p: EvalProfile) -> EvalProfile:
 
 
 def profile_for(domain: str) -> EvalProfile:
-    if domain not in _PROFILES and domain in _PROFILE_MODULES:
-        importlib.import_module(_PROFILE_MODULES[domain])
+    """The domain's evaluation profile: registered by the module its ``Domain.evaluation_module`` names (imported
+    on the first look-up). SpecError naming the domains that have one otherwise."""
+    from schemas.domain import all_domains, get_domain
+    from schemas.errors import SpecError
+
     if domain not in _PROFILES:
-        raise KeyError(f"no evaluation profile for domain {domain!r}; known: {', '.join(sorted(_PROFILE_MODULES))}")
+        mod = get_domain(domain).evaluation_module
+        if mod:
+            importlib.import_module(mod)
+    if domain not in _PROFILES:
+        have = sorted(d.name for d in all_domains() if d.evaluation_module)
+        raise SpecError(f"domain {domain!r} has no evaluation profile (Domain.evaluation_module); domains with one: "
+                        f"{', '.join(have) or 'none'}")
     return _PROFILES[domain]
 
 
@@ -143,6 +156,60 @@ def finding_fidelity(image: np.ndarray, label: np.ndarray, instance: np.ndarray,
         out.append({"instance": int(k), "area_px": area, "equivalent_diameter_mm": round(eq_mm, 3),
                     "cnr": round(cnr, 3), "offset_px": [offset[0], offset[1]], "offset_norm_px": round(off, 3),
                     "ncc_at_label": round(ncc0, 4), "ncc_best": round(ncc_best, 4),
+                    "passed": not reasons, "reason": "; ".join(reasons)})
+    return out
+
+
+def finding_fidelity_3d(volume: np.ndarray, label: np.ndarray, instance: np.ndarray,
+                        spacing_zyx: tuple[float, float, float], profile: EvalProfile, cnr_min: float = 3.0,
+                        max_offset_px: float = 2.0, shell_mm: tuple[float, float] = (1.0, 4.0)) -> list[dict[str, Any]]:
+    """Per labelled finding of a volume [slices, rows, columns]: contrast-to-noise against its 3-D shell
+    ``shell_mm`` outside it (Euclidean distance in mm on the anisotropic grid, kept to the surrounding tissue; the
+    outer radius grows to 1.5 voxels of the coarsest axis so the shell reaches the neighbouring slices), and
+    in-plane alignment on the slice where the finding is largest (``finding_fidelity`` on that slice)."""
+    from scipy import ndimage
+
+    shell_mm = (shell_mm[0], max(shell_mm[1], 1.5 * max(spacing_zyx)))
+    out = []
+    vol = volume.astype(np.float32)
+    surround = np.isin(label, profile.surround_ids)
+    notfinding = ~np.isin(label, profile.finding_ids)
+    pad = [int(math.ceil(shell_mm[1] / s)) + 1 for s in spacing_zyx]
+    voxel_mm3 = float(np.prod(spacing_zyx))
+    for k in np.unique(instance):
+        if k == 0:
+            continue
+        m_full = instance == k
+        idx = np.nonzero(m_full)
+        sl = tuple(slice(max(0, int(i.min()) - p), min(n, int(i.max()) + p + 1))
+                   for i, p, n in zip(idx, pad, vol.shape))
+        m = m_full[sl]
+        d = ndimage.distance_transform_edt(~m, sampling=spacing_zyx)
+        shell = (d > shell_mm[0]) & (d <= shell_mm[1])
+        shell_s = shell & surround[sl]
+        if shell_s.sum() < 10:
+            shell_s = shell & notfinding[sl]
+        around = vol[sl][shell_s] if shell_s.sum() >= 3 else vol[sl][shell]
+        inside = vol[sl][m]
+        med = float(np.median(around))
+        sigma = 1.4826 * float(np.median(np.abs(around - med))) + 1e-6
+        cnr = abs(float(np.median(inside)) - med) / sigma
+        volume_mm3 = float(m.sum()) * voxel_mm3
+        eq_mm = (6 * volume_mm3 / math.pi) ** (1 / 3)
+        z = int(np.argmax(m_full.reshape(m_full.shape[0], -1).sum(1)))
+        inst2 = np.where(instance[z] == k, k, 0).astype(instance.dtype)
+        f2 = finding_fidelity(vol[z], label[z], inst2, spacing_zyx[1], profile, cnr_min=0.0,
+                              max_offset_px=max_offset_px)
+        reasons = []
+        if cnr < cnr_min:
+            reasons.append(f"3-D contrast-to-noise {cnr:.2f} < {cnr_min:g}")
+        if f2 and f2[0]["reason"]:
+            reasons.append(f"slice {z}: {f2[0]['reason']}")
+        out.append({"instance": int(k), "voxels": int(m.sum()), "volume_mm3": round(volume_mm3, 2),
+                    "equivalent_diameter_mm": round(eq_mm, 3), "cnr": round(cnr, 3), "shell_voxels": int(shell_s.sum()),
+                    "largest_slice": z, "cnr_largest_slice": f2[0]["cnr"] if f2 else None,
+                    "offset_px": f2[0]["offset_px"] if f2 else [0.0, 0.0],
+                    "offset_norm_px": f2[0]["offset_norm_px"] if f2 else 0.0,
                     "passed": not reasons, "reason": "; ".join(reasons)})
     return out
 
@@ -378,7 +445,7 @@ def mean_ci(values: Sequence[float], confidence: float = 0.95) -> dict[str, floa
     return {"mean": float(v.mean()), "lo": float(v.mean() - half), "hi": float(v.mean() + half), "n": int(len(v))}
 
 
-__all__ = ["EvalProfile", "register_profile", "profile_for", "group_labels", "finding_fidelity",
+__all__ = ["EvalProfile", "register_profile", "profile_for", "group_labels", "finding_fidelity", "finding_fidelity_3d",
            "class_value_histograms", "tissue_intensity_report", "wasserstein1_hist", "noise_power_spectrum",
            "nps_distance", "frechet_distance", "kernel_distance", "pixel_vectors", "nearest", "memorisation_report",
            "dice_per_class", "finding_dice", "mean_ci", "body_mask"]

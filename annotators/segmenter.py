@@ -23,11 +23,12 @@ class SegmenterConfig:
     patch: int = 96
     steps: int = 300
     batch: int = 8
-    lr: float = 3e-3
+    lr: float = 1e-2
     channels: tuple[int, ...] = (8, 16, 32, 64)
     num_res_units: int = 0
     norm: str = "instance"
-    finding_fraction: float = 0.5      # share of patches centred on a finding pixel
+    finding_fraction: float = 0.67     # share of patches centred on a finding pixel
+    dice_over_batch: bool = True       # Dice summed over the batch: steadier for small, rare findings
     spacing_mm: float | None = None    # working spacing; None: the median of the training images
     augment: bool = True               # intensity shift/scale and added noise (a competent default)
     seed: int = 0
@@ -174,7 +175,7 @@ def train_segmenter(images: Sequence[np.ndarray], targets: Sequence[np.ndarray],
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.steps, pct_start=0.15)
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, include_background=False, squared_pred=False,
-                         smooth_nr=1e-3, smooth_dr=1e-3)
+                         smooth_nr=1e-3, smooth_dr=1e-3, batch=cfg.dice_over_batch)
     with_fg = [i for i, f in enumerate(fg) if len(f)]
     P = cfg.patch
     nw = len(windows)

@@ -100,9 +100,10 @@ def plan_utility(ks: Sequence[int], seeds: Sequence[int], n_synthetic: int, tstr
 
 
 def run_utility(run: UtilityRun, real_train: LabelledSet, real_test: LabelledSet, synthetic: LabelledSet,
-                profile: EvalProfile, cfg: SegmenterConfig) -> dict[str, Any]:
+                profile: EvalProfile, cfg: SegmenterConfig, extra_tests: dict[str, LabelledSet] | None = None
+                ) -> dict[str, Any]:
     """One arm of the experiment: draw k real training images and N synthetic ones from the run's seed, train,
-    score on the held-out real images."""
+    score on the held-out real images (and on each of ``extra_tests``, reported under ``"extra"``)."""
     rng = np.random.default_rng(np.random.SeedSequence([run.seed, run.k, run.n_synthetic, 7]))
     parts = []
     if run.k:
@@ -114,8 +115,15 @@ def run_utility(run: UtilityRun, real_train: LabelledSet, real_test: LabelledSet
     seg = train_on(data, profile, replace(cfg, seed=int(rng.integers(0, 2**31 - 1))))
     s = score(seg, real_test, profile)
     s.pop("per_image")
-    return {"arm": run.arm, "k": run.k, "n_synthetic": run.n_synthetic, "seed": run.seed,
-            "final_loss": float(np.mean(seg.history[-20:])), **s}
+    out = {"arm": run.arm, "k": run.k, "n_synthetic": run.n_synthetic, "seed": run.seed,
+           "final_loss": float(np.mean(seg.history[-20:])), **s}
+    if extra_tests:
+        out["extra"] = {}
+        for name, test in extra_tests.items():
+            e = score(seg, test, profile)
+            e.pop("per_image")
+            out["extra"][name] = e
+    return out
 
 
 def summarise_utility(results: list[dict[str, Any]], profile: EvalProfile, confidence: float = 0.95

@@ -124,14 +124,15 @@ def build_hashes(samples: int) -> dict[str, dict[str, str]]:
 
 
 def environment() -> dict[str, str]:
-    """Versions of what shapes PNG and Parquet bytes: a difference here explains byte changes the code did not make."""
+    """Versions of what shapes PNG and Parquet bytes (PNGs are written with libdeflate, the ``deflate`` package): a difference here explains byte changes the code did not make."""
     import cv2
+    import deflate
     import numpy
     import pyarrow
     import scipy
 
     return {"opencv": cv2.__version__, "numpy": numpy.__version__, "scipy": scipy.__version__,
-            "pyarrow": pyarrow.__version__}
+            "pyarrow": pyarrow.__version__, "deflate": deflate.__version__}
 
 
 def main() -> int:

@@ -1,13 +1,15 @@
 """Train the from-scratch learned backend on a "real" stand-in and measure what it learned (one GPU run).
 
     python bench/train_gpu.py --out bench_out/train_gpu.json            # GPU: 2,000 + 200 pairs at 128², 240 s
+    python bench/train_gpu.py --cpu-reduced --out bench_out/train_cpu.json  # no GPU: 64², 300 + 40 pairs, 600 s
     python bench/train_gpu.py --tiny --out /tmp/train_tiny.json         # CPU check: 64², a few steps, < 2 min
 
-1. Pairs: chest-CT phantom label maps rendered by ``bench/ct_standin.py`` (another scanner's look), made in parallel
-   on every CPU core; the last ``--held-out`` pairs are held out (never trained on). The held-out label maps are
+1. Pairs: the evaluation's "real" stand-in (``generators/standin.py``: another population, scanner calibration,
+   kernel, noise and cupping; spacing scaled to show the whole chest at ``--size``), made in parallel on every CPU
+   core; the last ``--held-out`` pairs are held out (never trained on). The held-out label maps are
    also rendered by the default procedural renderer: the fair baseline (what a user gets without training).
 2. Training: route 1 (MONAI SPADE diffusion UNet, rectified flow, EMA, bf16 autocast on GPU, flash attention) for
-   ``--train-s`` seconds of wall time, through ``training.loop`` (no Prefect), checkpoints with validation grids.
+   ``--train-s`` seconds of wall time, through the training loop (no Prefect), checkpoints with validation grids.
 3. Rendering: held-out label maps through the exported model folder with the ``learned`` backend's code.
 4. Report (JSON at ``--out``, grid PNG and the model folder beside it): training images/s and wall time; realism
    distance to the held-out stand-in images (per-class HU histogram Wasserstein-1; Fréchet distance of simple image
@@ -29,61 +31,56 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from ct_standin import draw_standin_params, render_standin  # noqa: E402
 from generators.ct_render import draw_render_params, render_ct  # noqa: E402
 from schemas.classes import CT_CLASSES, CT_IDS  # noqa: E402
 from schemas.errors import PlacementError  # noqa: E402
-from schemas.plan import plan_sample  # noqa: E402
-from schemas.seeding import STREAM_GENERATE, sample_rng  # noqa: E402
-from schemas.spec import spec_hash, validate_spec  # noqa: E402
+from schemas.seeding import sample_rng  # noqa: E402
 
-STANDIN_STREAM, BASELINE_STREAM = 7, 8  # extra rng streams: the stand-in's and the baseline renderer's draws
+BASELINE_STREAM = 8  # extra rng stream: the baseline renderer's draws
+STANDIN_SEED = 11
 
 
-def data_spec(size: int, n: int):
-    # The whole chest at 128 px: about 2.8 mm pixels (64 px: 5 mm). Nodules large enough to be a few pixels.
-    sp = [2.6, 3.0] if size >= 128 else [4.6, 5.0]
-    return validate_spec({
-        "name": "standin", "domain": "chest_ct", "samples": n, "seed": 11,
-        "image": {"size": size, "spacing_mm": sp}, "slice_level": [0.15, 0.95],
-        "findings": {"negatives": 0.2, "mixture": [
-            {"kind": "solid", "diameter_mm": [10, 22]},
-            {"kind": "ground_glass", "diameter_mm": [14, 28]},
-            {"kind": "part_solid", "diameter_mm": [14, 26]}]}})
+def standin_config(size: int):
+    """The evaluation's stand-in (generators/standin.py), with two settings fitted to the training size: pixel spacing
+    scaled so the field of view is the whole chest, as the stand-in's 256 px default shows it (128 px: 2.6-3.2 mm,
+    64 px: 5.2-6.4 mm), and nodules of 10-24 mm, a few pixels across at that spacing."""
+    from dataclasses import replace
+
+    from generators.standin import STANDIN
+
+    f = 256 / size
+    return replace(STANDIN, spacing_mm=(STANDIN.spacing_mm[0] * f, STANDIN.spacing_mm[1] * f),
+                   diameter_mm=(10.0, 24.0))
 
 
 def make_pair(args) -> dict:
-    spec, digest, index, baseline = args
-    from generators.chest_ct import chest_ct_layout
+    size, index, baseline = args
+    from generators.chest_ct import draw_slice
+    from generators.standin import standin_sample
 
-    req = plan_sample(spec, index, digest)
-    for attempt in range(6):
-        rng = sample_rng(digest, index, STREAM_GENERATE, attempt)
-        try:
-            lay = chest_ct_layout(spec, req, rng)
-            break
-        except PlacementError:
-            continue
-    else:
+    try:
+        s = standin_sample(index, size=size, seed=STANDIN_SEED, cfg=standin_config(size))
+    except PlacementError:
         return {"index": index, "ok": False}
-    lobes = lay.extras.get("lobes")
-    p = draw_standin_params(sample_rng(digest, index, STANDIN_STREAM), lay.spacing_mm)
-    out = {"index": index, "ok": True, "label": lay.label, "instance": lay.instance.astype(np.uint8),
-           "standin": render_standin(lay.label, lobes, lay.spacing_mm, p),
-           "kinds": [f["kind"] for f in lay.findings]}
-    if baseline:
-        q = draw_render_params(sample_rng(digest, index, BASELINE_STREAM), lay.spacing_mm)
-        out["procedural"] = render_ct(lay.label, lobes, lay.spacing_mm, q)
+    out = {"index": index, "ok": True, "label": s["label"], "instance": s["instance"].astype(np.uint8),
+           "standin": s["image"], "kinds": [f["kind"] for f in s["findings"]], "spacing_mm": s["spacing_mm"]}
+    if baseline:  # the same label map through the default procedural renderer (its lobe map rebuilt from the record)
+        _, lobes, _ = draw_slice(s["params"]["anatomy"], size, size, s["spacing_mm"])
+        q = draw_render_params(sample_rng(spec_digest(size), index, BASELINE_STREAM), s["spacing_mm"])
+        out["procedural"] = render_ct(s["label"], lobes, s["spacing_mm"], q)
     return out
+
+
+def spec_digest(size: int) -> str:
+    import hashlib
+
+    return hashlib.sha256(f"train-gpu-baseline-{STANDIN_SEED}-{size}".encode()).hexdigest()
 
 
 def make_pairs(size: int, n_train: int, n_held: int, workers: int) -> dict:
     n = n_train + n_held
-    spec = data_spec(size, n)
-    digest = spec_hash(spec)
-    jobs = [(spec, digest, i, i >= n_train) for i in range(n)]
+    jobs = [(size, i, i >= n_train) for i in range(n)]
     t0 = time.perf_counter()
     if workers > 1:
         with get_context("fork").Pool(workers) as pool:
@@ -93,7 +90,9 @@ def make_pairs(size: int, n_train: int, n_held: int, workers: int) -> dict:
     res = [r for r in res if r["ok"]]
     tr = [r for r in res if r["index"] < n_train]
     ho = [r for r in res if r["index"] >= n_train]
-    return {"train": tr, "held": ho, "seconds": time.perf_counter() - t0, "spacing_mm": list(spec.image.spacing_mm)}
+    sp = [r["spacing_mm"] for r in res]
+    return {"train": tr, "held": ho, "seconds": time.perf_counter() - t0,
+            "spacing_mm": [round(float(min(sp)), 3), round(float(max(sp)), 3)]}
 
 
 # ------------------------------------------------------------------------------------------------ metrics
@@ -276,7 +275,7 @@ def segmenter_dice(train_x, train_lab, tests: dict, seconds: float, device, tiny
 
 def grid_png(path: Path, labels, standin, learned, procedural) -> None:
     from generators.conditioning import segmentation_image
-    from training.loop import display, write_png
+    from generators.learned_train import display, write_png
 
     rows = []
     for lab, a, b, c in zip(labels, standin, learned, procedural):
@@ -326,6 +325,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default="bench_out/train_gpu.json")
     ap.add_argument("--tiny", action="store_true", help="CPU check: 64 px, few pairs, a small model, a few steps")
+    ap.add_argument("--cpu-reduced", action="store_true",
+                    help="the run at reduced size for a machine without a GPU: 64 px, 300 + 40 pairs, a small "
+                         "model (channels 8/16/32), 8 sampler steps, --train-s 600 unless given")
     ap.add_argument("--pairs", type=int, default=2000)
     ap.add_argument("--held-out", type=int, default=200)
     ap.add_argument("--size", type=int, default=128)
@@ -342,6 +344,13 @@ def main() -> None:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--work", default="/tmp/pairforge_train_gpu", help="working folder (pairs, full checkpoints)")
     a = ap.parse_args()
+    small = a.tiny or a.cpu_reduced  # one residual block per level, narrow norms
+    if a.cpu_reduced and not a.tiny:
+        given = {x.split("=")[0] for x in sys.argv[1:]}
+        a.pairs, a.held_out, a.size, a.batch, a.lr = 300, 40, 64, 8, 2e-3
+        a.channels, a.sample_steps, a.checkpoint_every = "8,16,32", 8, 100
+        a.train_s = a.train_s if "--train-s" in given else 600.0
+        a.seg_s = a.seg_s if "--seg-s" in given else 60.0
     if a.tiny:
         a.pairs, a.held_out, a.size, a.train_s, a.seg_s, a.batch = 40, 8, 64, min(a.train_s, 25.0), 4.0, 4
         a.channels, a.sample_steps, a.checkpoint_every = "16,32", 4, 6
@@ -362,13 +371,13 @@ def main() -> None:
 
     from generators.learned import LearnedRenderer, to_network
     from schemas.training import validate_train_spec
-    from training.data import Pairs, write_prepared
-    from training.loop import export, train
+    from generators.learned_data import Pairs, write_prepared
+    from generators.learned_train import export, train
 
     allp = data["train"] + data["held"]
     ids = [f"{r['index']:07d}" for r in allp]
     pairs = Pairs(ids, [r["standin"] for r in allp], [r["label"] for r in allp], ids, "hu", data["spacing_mm"],
-                  {"bench": "ct_standin", "size": a.size})
+                  {"bench": "generators.standin", "size": a.size})
     held_ids = {f"{r['index']:07d}" for r in data["held"]}
     import shutil
 
@@ -379,18 +388,18 @@ def main() -> None:
         "name": "standin-learned", "domain": "chest_ct", "data": {"folder": str(work), "image_kind": "hu"},
         "size": a.size,
         "model": {"architecture": a.arch, "channels": ch, "attention_levels": [False] * (len(ch) - 1) + [True],
-                  "num_res_blocks": 1 if a.tiny else 2, "num_head_channels": min(32, ch[-1]),
-                  "norm_num_groups": 8 if a.tiny else 32, "spade_hidden": 8 if a.tiny else 32},
+                  "num_res_blocks": 1 if small else 2, "num_head_channels": min(32, ch[-1]),
+                  "norm_num_groups": 8 if small else 32, "spade_hidden": 8 if small else 32},
         "train": {"steps": 10_000_000, "max_seconds": a.train_s, "batch_size": a.batch, "lr": a.lr,
-                  "ema_decay": 0.995 if a.tiny else 0.999, "checkpoint_every": a.checkpoint_every,
+                  "ema_decay": 0.995 if small else 0.999, "checkpoint_every": a.checkpoint_every,
                   "sample_steps": a.sample_steps, "device": a.device, "compile": a.compile, "keep_checkpoints": 1}})
 
     # 2. train
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     summary = train(spec, work, progress=lambda e: print(
         f"step {e['step']} loss {e['loss']:.4f} {e['images_per_s']:.0f} img/s", flush=True)
         if e["event"] == "step" and e["step"] % (100 if not a.tiny else 2) == 0 else None)
-    wall = time.perf_counter() - t0
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     model_dir = work / "model"
     export(spec, work, model_dir, summary, code_version="bench/train_gpu.py")
     ema_files = save_ema_shards(model_dir, out.parent, out.stem + "_ema")
@@ -399,13 +408,16 @@ def main() -> None:
                                                   "seconds_this_run")}
     report["training"]["wall_s_including_checkpoints"] = round(wall, 2)
     report["training"]["images_per_s_overall"] = summary["images_seen"] / wall
+    # CPU time of this process: on a shared machine, images per CPU-second says what the hardware did.
+    report["training"]["process_cpu_s"] = round(cpu, 1)
+    report["training"]["images_per_process_cpu_s"] = summary["images_seen"] / max(cpu, 1e-9)
     report["training"]["loss_curve"] = summary["losses"][:: max(1, len(summary["losses"]) // 40)]
     print(f"trained {summary['step']} steps, {summary['images_seen']} images in {wall:.1f} s "
           f"(steady {summary['steady_images_per_s'] or 0:.1f} img/s)", flush=True)
 
     # 3. render the held-out label maps with the learned model (the backend's own code path)
     held = data["held"]
-    r = LearnedRenderer("chest_ct", {"model": str(model_dir), "device": a.device, "batch_size": 256 if not a.tiny
+    r = LearnedRenderer("chest_ct", {"model": str(model_dir), "device": a.device, "batch_size": 256 if not small
                                      else 8})
     t0 = time.perf_counter()
     seeds = [1_000_003 * (i + 1) for i in range(len(held))]
@@ -449,7 +461,7 @@ def main() -> None:
     tests = {name: (np.stack([to_network(i, "hu") for i in imgs]), np.stack(labels))
              for name, imgs in (("standin_heldout", standin), ("learned", learned), ("procedural", proc))}
     report["label_fidelity"]["segmenter"] = segmenter_dice(tr_x, np.stack([t["label"] for t in data["train"]]),
-                                                           tests, a.seg_s, dev, a.tiny)
+                                                           tests, a.seg_s, dev, small)
     report["memorisation"] = nn_memorisation(tests["learned"][0], tr_x, tests["standin_heldout"][0],
                                              tests["standin_heldout"][0], dev)
     grid_png(out.with_name(out.stem + "_grid.png"), labels[:6], standin[:6], learned[:6], proc[:6])

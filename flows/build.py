@@ -13,11 +13,10 @@ from __future__ import annotations
 from flows import settings  # noqa: F401  (Prefect defaults before prefect is imported)
 
 import contextlib
-import contextvars
 import os
 import threading
 import time
-from typing import Any, Callable, Iterator
+from typing import Any
 
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
@@ -28,6 +27,7 @@ from flows import interrupt
 from flows.card import card
 from flows.card import warm_up as card_warm_up
 from flows.pipeline import make_samples
+from flows.progress import EventChannel
 from schemas.errors import SpecError
 from schemas.plan import plan_shards
 from flows.inputs import check_root_writable, code_version, resolve_spec  # noqa: F401  (re-exported)
@@ -38,24 +38,9 @@ TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (OSError, ConnectionError, T
 
 PROGRESS_POLL_S = 1.0  # how often the flow looks for newly committed shards while lanes run
 
-ProgressFn = Callable[[dict[str, Any]], None]
-_progress: contextvars.ContextVar[ProgressFn | None] = contextvars.ContextVar("pairforge_progress", default=None)
-
-
-@contextlib.contextmanager
-def reporting_to(fn: ProgressFn) -> Iterator[None]:
-    """Send build events (``plan``, ``shard``, ``published``) to ``fn`` while the flow runs in this context."""
-    token = _progress.set(fn)
-    try:
-        yield
-    finally:
-        _progress.reset(token)
-
-
-def _emit(event: str, **data: Any) -> None:
-    fn = _progress.get()
-    if fn is not None:
-        fn({"event": event, **data})
+_events = EventChannel("pairforge_progress")
+reporting_to = _events.reporting_to  # send build events (plan, shard, published) to fn while the flow runs here
+_emit = _events.emit
 
 
 def _is_transient(task, task_run, state) -> bool:
@@ -131,9 +116,9 @@ def _backend(spec: BaseSpec, digest: str):
 
 
 # Handed to publish, which calls it before writing the manifest: a task run of its own inside the publish task.
-def _card(folder: str, manifest: Any) -> None:
+def _card(folder: str, manifest: Any, storage_options: dict | None = None) -> None:
     interrupt.hold("card")  # testing hook: interrupt a publish half-way (samples.parquet written, no manifest)
-    card(folder, manifest)
+    card(folder, manifest, storage_options=storage_options)
 
 
 write_card = task(_card, name="dataset-card", task_run_name="dataset card")
@@ -171,10 +156,10 @@ def lane_count(n_pending: int) -> int:
     return max(1, min(n_pending, n or n_pending))
 
 
-def _store(root: str | None):
+def _store(root: str | None, storage_options: dict | None = None):
     from store import DatasetStore
 
-    return DatasetStore(root)
+    return DatasetStore(root, storage_options)
 
 
 # What a worker process imports before its first shard task: Prefect, this flow's task, the pipeline, the store.
@@ -199,16 +184,21 @@ def _default_task_runner():
 
 @flow(name="build-dataset", flow_run_name=_flow_run_name, validate_parameters=False, log_prints=False,
       task_runner=_default_task_runner())
-def build_dataset(spec: Any, root: str | None = None, force_new: bool = False) -> dict[str, Any]:
+def build_dataset(spec: Any, root: str | None = None, force_new: bool = False,
+                  storage_options: dict | None = None) -> dict[str, Any]:
     """Build and publish one version of the dataset ``spec`` describes (a path, YAML text or a mapping). When a
-    published version has the same spec hash and code version, return it (``up_to_date``) unless ``force_new``."""
+    published version has the same spec hash and code version, return it (``up_to_date``) unless ``force_new``.
+    ``storage_options`` go to fsspec (an object store's endpoint and keys), as for ``DatasetStore``."""
     from prefect.runtime import flow_run
 
     t0 = time.perf_counter()
     model, text = resolve_spec(spec)
+    from schemas.memory import check_memory
+
+    check_memory(model, what=f"building {model.name}")  # one worker's shard at least; the CLI counts its workers
     digest = spec_hash(model)
     version = code_version()
-    st = _store(root)
+    st = _store(root) if storage_options is None else _store(root, storage_options)
     if not force_new:
         from flows.rebuild import check as check_rebuild
 
@@ -221,6 +211,15 @@ def build_dataset(spec: Any, root: str | None = None, force_new: bool = False) -
             _emit("up_to_date", **found)
             return found
     staging = st.open_build(model, text, digest, version)
+    # A heartbeat while this build runs: `pairforge gc` never removes a staging area whose heartbeat is fresh.
+    heartbeat = staging.heartbeat()
+    try:
+        return _build_staged(st, staging, model, text, digest, version, flow_run, t0)
+    finally:
+        heartbeat.stop()
+
+
+def _build_staged(st, staging, model, text, digest, version, flow_run, t0) -> dict[str, Any]:
     interrupt.track_build(staging, str(flow_run.id) if flow_run.id else None)
     interrupt.set_phase("building shards")
     shards = plan_shards(model.samples, model.shard_size)
@@ -261,6 +260,8 @@ def build_dataset(spec: Any, root: str | None = None, force_new: bool = False) -
     run_lanes(pending, lane_count(len(pending)))
     # The markers decide: a shard the staging area does not hold (a marker lost meanwhile) is generated again.
     missing = sorted(set(range(len(shards))) - set(staging.finished_shards()))
+    if missing and staging._published_here() is not None:
+        missing = []  # another process building the same spec published it meanwhile (and removed the staging)
     if missing:
         finished -= set(missing)
         run_lanes(missing, 1, redone=True)
@@ -289,12 +290,14 @@ def build_dataset(spec: Any, root: str | None = None, force_new: bool = False) -
 
 
 def run_build(spec: Any, root: str | None = None, runner: str = "local", workers: int | None = None,
-              dask_address: str | None = None, task_runner: Any = None, force_new: bool = False) -> dict[str, Any]:
+              dask_address: str | None = None, task_runner: Any = None, force_new: bool = False,
+              storage_options: dict | None = None) -> dict[str, Any]:
     """Run ``build_dataset`` with the chosen task runner (see flows.runners), or with ``task_runner`` as given
     (e.g. a process pool whose workers were started while the API server started)."""
     tr = task_runner if task_runner is not None else make_runner(runner, workers, dask_address)
     try:
-        return build_dataset.with_options(task_runner=tr)(spec, root=root, force_new=force_new)
+        return build_dataset.with_options(task_runner=tr)(spec, root=root, force_new=force_new,
+                                                          storage_options=storage_options)
     finally:
         close = getattr(tr, "close_prestarted", None)
         if close is not None:  # workers started for a run that never took them (e.g. it failed to start)

@@ -31,10 +31,10 @@ def _domain(name: str | None):
         return None
 
 
-def _fs(version_dir: str):
+def _fs(version_dir: str, storage_options: dict | None = None):
     from fsspec.core import url_to_fs
 
-    return url_to_fs(str(version_dir))
+    return url_to_fs(str(version_dir), **(storage_options or {}))
 
 
 def _findings(rows: list[dict], key: str) -> list[list[dict]]:
@@ -383,11 +383,12 @@ def render_readme(m: Any, rows: list[dict], requested: list[list[dict]], measure
     return "\n".join(lines)
 
 
-def card(version_dir: str, manifest: Any) -> list[str]:
-    """Write README.md and card/*.png into ``version_dir`` (local path or fsspec URL). Returns the files written."""
+def card(version_dir: str, manifest: Any, storage_options: dict | None = None) -> list[str]:
+    """Write README.md and card/*.png into ``version_dir`` (local path or fsspec URL; ``storage_options``: the
+    store's endpoint and keys for an object store). Returns the files written."""
     import pyarrow.parquet as pq
 
-    fs, base = _fs(version_dir)
+    fs, base = _fs(version_dir, storage_options)
     base = base.rstrip("/")
     with fs.open(f"{base}/samples.parquet", "rb") as f:
         table = pq.read_table(f, columns=CARD_COLUMNS)

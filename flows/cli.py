@@ -118,6 +118,11 @@ def _build(spec: str, root: Optional[str], runner: str, workers: Optional[int], 
     # Every input check runs before Prefect starts, so bad input costs no server start and publishes nothing.
     model, _ = resolve_spec(Path(spec))
     backend_for(model)  # unknown generator or option -> SpecError
+    from flows.runners import default_workers
+    from schemas.memory import check_memory
+
+    check_memory(model, workers or (1 if dask_address or runner in ("dask", "ray") else default_workers()),
+                 what=f"building {model.name}")  # before anything is allocated (per-worker memory, one shard each)
     check_root_writable(root)
     check_runner(runner, workers, dask_address)
     rc = check_rebuild(_store(root), model, spec_hash(model), code_version())
@@ -308,16 +313,37 @@ def show(ref: str = typer.Argument(..., help="NAME, NAME@vN or NAME@latest"), ro
 
 @app.command()
 @handle_errors
-def pull(ref: str = typer.Argument(..., help="NAME@vN"), dest: Path = typer.Argument(..., help="destination folder"),
-         root: Optional[str] = RootOpt, verbose: bool = VerboseOpt) -> None:
-    """Copy a published version to DEST/NAME/vN, checking every sha256."""
-    folder = _store(root).pull(ref, dest)
-    out.print(f"pulled {ref} to {folder}")
+def pull(ref: str = typer.Argument(..., help="NAME@vN (or NAME / NAME@latest)"),
+         dest: str = typer.Argument(..., help="destination root: a folder or an fsspec URL (s3://bucket/prefix)"),
+         root: Optional[str] = typer.Option(None, "--root", help="source root: a folder or fsspec URL (default: see "
+                                                                 "`pairforge root`)"),
+         workers: int = typer.Option(8, "--workers", min=1, max=256, help="files transferred at once"),
+         limit_rate: Optional[str] = typer.Option(None, "--limit-rate", help="at most this many bytes/s, e.g. 20M"),
+         quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bar"),
+         as_json: bool = typer.Option(False, "--json", help="progress events and the result as JSON lines"),
+         verbose: bool = VerboseOpt) -> None:
+    """Copy a published version to DEST/NAME/vN, from any root to any root (local or S3), checking every sha256.
+
+    Resumable: run it again after an interruption and the files already copied (sha256 checked) are kept. The version
+    appears at DEST whole or not at all. Storage options (endpoints, keys) of s3:// roots come from [storage.s3] in
+    pairforge.toml or the user config, or $PAIRFORGE_STORAGE_OPTIONS (see docs/store.md)."""
+    from flows.transfer_progress import pull_reporter
+    from store.transfer import parse_rate
+
+    parse_rate(limit_rate)  # a bad rate is one line before anything is read
+    st = _store(root)
+    with pull_reporter(out, quiet=quiet, as_json=as_json) as rep:
+        res = st.pull_to(ref, dest, workers=workers, limit_rate=limit_rate, progress=rep)
+    if as_json:
+        typer.echo(json.dumps({"event": "result", **res.__dict__}))
+    elif not quiet:
+        out.print(str(res))
 
 
 @app.command()
 @handle_errors
-def verify(target: str = typer.Argument(..., help="an image file (reads its watermark) or NAME@vN (checks every file)"),
+def verify(target: str = typer.Argument(..., help="an image file (PNG, JPEG, ... or one .nii.gz volume: reads its "
+                                                    "watermark) or NAME@vN (checks every file)"),
            root: Optional[str] = RootOpt,
            as_json: bool = typer.Option(False, "--json", help="the result as one JSON object, with its verdict"),
            verbose: bool = VerboseOpt) -> None:
@@ -342,13 +368,44 @@ def verify(target: str = typer.Argument(..., help="an image file (reads its wate
     if as_json:
         typer.echo(json.dumps({**data, "exit_code": EXIT_OK if ok else EXIT_FAILURE}, default=str))
     else:
-        verdict = f" [{res.verdict}]" if hasattr(res, "verdict") else ""
-        out.print(str(res) + verdict, soft_wrap=True)
+        if hasattr(res, "verdict"):
+            out.print(f"{res} [{res.verdict}]", soft_wrap=True)
+        else:  # a version: the verdict, then one line per damaged file
+            for line in res.lines():
+                out.print(line, soft_wrap=True, markup=False)
     if not ok:
         raise typer.Exit(EXIT_FAILURE)
 
 
 # --------------------------------------------------------------------------------------------------- serve
+@app.command("gc")
+@handle_errors
+def gc_(root: Optional[str] = RootOpt,
+        older_than: str = typer.Option("1h", "--older-than", help="only builds with no sign of life for this long "
+                                       "(90s, 30m, 1h, 2d)"),
+        yes: bool = typer.Option(False, "--yes", help="remove them (without it: list only, a dry run)"),
+        verbose: bool = VerboseOpt) -> None:
+    """List the staging areas of dead builds (no heartbeat, lease or write for --older-than); --yes removes them.
+    A live build's staging is never listed. Published versions and reserved numbers are never touched."""
+    from store.gc import collect, parse_duration
+
+    threshold = parse_duration(older_than)
+    st = _store(root)
+    if st.root.local and not os.path.isdir(st.root.path):
+        out.print(f"nothing to collect under {st.url} (the folder does not exist); {st.root.origin}")
+        return
+    rep = collect(st.root, threshold, remove=yes)
+    for g in rep.dead:
+        out.print(("removed " if g.removed else ("kept (live again) " if yes else "dead ")) + g.describe())
+    live = f"; {len(rep.live)} live build{'s' if len(rep.live) != 1 else ''} left alone" if rep.live else ""
+    if not rep.dead:
+        out.print(f"no dead builds older than {older_than} under {st.url}{live}")
+    elif yes:
+        out.print(f"removed {rep.removed} of {len(rep.dead)} dead build leftovers under {st.url}{live}")
+    else:
+        out.print(f"{len(rep.dead)} dead build leftovers under {st.url}{live}; dry run: rerun with --yes to remove")
+
+
 @app.command()
 @handle_errors
 def serve(specs: List[str] = typer.Argument(..., help="spec files; each becomes one scheduled deployment"),
@@ -417,46 +474,15 @@ def export_mvtec_cmd(ref: str = typer.Argument(..., help="NAME@vN"),
     """Deprecated alias of `pairforge export mvtec NAME@vN DEST --option class_name=C`."""
     from store.export import export_version
 
-    typer.echo(f"note: export-mvtec is deprecated; use: pairforge export mvtec {ref} {dest} "
-               f"--option class_name={class_name}", err=True)
     res = export_version(root, ref, "mvtec", dest, overwrite=overwrite, class_name=class_name,
                          include_failed=include_failed)
     _print_export(res, ref)
+    # After the export: a refusal stays one line.
+    typer.echo(f"note: export-mvtec is deprecated; use: pairforge export mvtec {ref} {dest} "
+               f"--option class_name={class_name}", err=True)
 
 
 # --------------------------------------------------------------------------------------------------- train
-class TrainProgress:
-    """A rich progress bar fed by the training events: steps, loss, images/s, ETA."""
-
-    def __init__(self, console: Console, enabled: bool = True):
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-        self.console = console
-        self.progress = Progress(BarColumn(bar_width=24), MofNCompleteColumn(), TextColumn("steps"),
-                                 TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=console,
-                                 disable=not enabled, transient=False)
-        self.task = None
-
-    def __enter__(self):
-        self.progress.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        return self.progress.__exit__(*exc)
-
-    def __call__(self, ev: dict[str, Any]) -> None:
-        if ev["event"] == "start":
-            resumed = f", resuming at step {ev['resumed_from']}" if ev.get("resumed_from") is not None else ""
-            self.console.print(f"training on {ev['pairs']} pairs ({ev['device']}){resumed}")
-            self.task = self.progress.add_task("train", total=ev["steps"], completed=ev["step"], info="")
-        elif ev["event"] == "step" and self.task is not None:
-            eta = f"ETA {ev['eta_s']:.0f} s" if ev.get("eta_s") is not None else ""
-            self.progress.update(self.task, completed=ev["step"],
-                                 info=f"loss {ev['loss']:.4f}  {ev['images_per_s']:.1f} img/s  {eta}")
-        elif ev["event"] == "checkpoint":
-            self.progress.console.print(f"checkpoint {ev['step']}: validation grid {ev['grid']}")
-
-
 @app.command()
 @handle_errors
 def train(spec: Path = typer.Argument(..., help="training spec (.yaml/.json)"),
@@ -469,9 +495,10 @@ def train(spec: Path = typer.Argument(..., help="training spec (.yaml/.json)"),
     model, _ = resolve_train_spec(spec)  # bad input costs no server start
     check_inputs(model)
     with settings.prefect_api(verbose):
+        from flows.progress import TrainBar
         from flows.train import reporting_to, train_model
 
-        with TrainProgress(out, enabled=sys.stdout.isatty() or verbose) as progress, reporting_to(progress):
+        with TrainBar(out, enabled=sys.stdout.isatty() or verbose) as progress, reporting_to(progress):
             summary = train_model(str(spec), str(out_dir))
     rate = summary.get("steady_images_per_s")
     out.print(f"trained {summary['step']}/{summary['steps']} steps on {summary['data']['pairs']} pairs "
@@ -481,11 +508,14 @@ def train(spec: Path = typer.Argument(..., help="training spec (.yaml/.json)"),
 
 
 # --------------------------------------------------------------------------------------------------- evaluate
+MAX_EVAL_SEEDS = 100
 @app.command()
 @handle_errors
 def evaluate(ref: str = typer.Argument(..., help="NAME@vN to evaluate"),
              real: Optional[str] = typer.Option(None, "--real", help="reference: a folder (NIfTI/DICOM/PNG), NAME@vM, "
-                                                "or standin[:N] (the domain's differently-configured stand-in)"),
+                                                "or a built-in reference set of the domain, NAME[:N] (chest_ct: "
+                                                "standin = differently-configured phantom, NOT real; "
+                                                "ct_small_inserted = real CT slice with synthetic nodules)"),
              against: Optional[str] = typer.Option(None, "--against", help="NAME@vM to evaluate the same way and "
                                                    "print side by side"),
              train_ref: Optional[str] = typer.Option(None, "--train-ref", help="the generator's training data "
@@ -506,12 +536,16 @@ def evaluate(ref: str = typer.Argument(..., help="NAME@vN to evaluate"),
         k_list = tuple(int(x) for x in ks.split(",") if x.strip())
     except ValueError:
         raise SpecError(f"--ks {ks!r}: write comma-separated numbers, e.g. 10,50,200") from None
+    if not 1 <= seeds <= MAX_EVAL_SEEDS:  # checked before range(seeds) is made
+        raise SpecError(f"--seeds must be 1 to {MAX_EVAL_SEEDS}, not {seeds}")
     options = {"steps": steps, "limit": limit, "utility": utility, "ks": k_list, "seeds": tuple(range(seeds)),
                "n_synthetic": n_synthetic, "device": device, "features": features, "train_ref": train_ref}
-    from flows.evaluate import options_from
+    from flows.evaluate import load_feature_extractor, options_from
     from store import DatasetStore
 
     options_from(options)
+    if features:  # refused files stop here, in one line, before the flow starts
+        load_feature_extractor(features)
     st = DatasetStore(root)
     for r in (ref, against):
         if r:
@@ -534,18 +568,46 @@ def evaluate(ref: str = typer.Argument(..., help="NAME@vN to evaluate"),
     out.print(f"written: {a['folder']}")
 
 
-def main() -> None:
-    # Click reports usage errors (missing argument, unknown option) with exit code 2 by itself.
+@functools.lru_cache(maxsize=1)
+def _click_group():
+    """The Click group typer makes of ``app`` (built once: ~0.1 s of work that an in-process caller, e.g. the
+    argument fuzzer, would otherwise pay per call)."""
+    return typer.main.get_command(app)
+
+
+def run(argv: Optional[List[str]] = None, prog_name: str = "pairforge") -> int:
+    """Run the command line in this process and return its exit code (``main`` exits with it).
+
+    Usage errors (unknown option, missing or malformed argument) end like any other bad input: one line on stderr
+    naming the problem and where help is, exit code 2."""
+    from typer import _click as click  # typer 0.29 carries its own click
+    from typer import exceptions as typer_exceptions
+
     try:
-        app()
-        code = 0
+        rv = _click_group().main(args=argv, prog_name=prog_name, standalone_mode=False)
+        return rv if isinstance(rv, int) else 0
+    except click.exceptions.NoArgsIsHelpError:
+        return 0  # the help was printed (to stdout) when the error was made
+    except click.exceptions.UsageError as e:
+        cmd = e.ctx.command_path if e.ctx is not None else prog_name
+        typer.echo(f"error: {_one_line(e.format_message())} (see: {cmd} --help)", err=True)
+        return EXIT_BAD_INPUT
+    except click.exceptions.ClickException as e:
+        typer.echo(f"error: {_one_line(e.format_message())}", err=True)
+        return e.exit_code
+    except typer_exceptions.Abort:
+        typer.echo("aborted", err=True)
+        return EXIT_FAILURE
     except SystemExit as e:
         code = e.code
-    if not isinstance(code, int):
-        if code is not None:
-            print(code, file=sys.stderr)
-        code = 0 if code is None else 1
-    _exit(code)
+        if code is None or isinstance(code, int):
+            return 0 if code is None else code
+        print(code, file=sys.stderr)
+        return EXIT_FAILURE
+
+
+def main() -> None:
+    _exit(run())
 
 
 def _exit(code: int) -> None:

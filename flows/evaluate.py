@@ -74,10 +74,16 @@ def label_fidelity(version: ImageSet, profile: ev.EvalProfile, opts: EvalOptions
     """Per finding: contrast-to-noise against its ring and alignment with its label; per tissue: pixel values
     against the domain's reference ranges."""
     findings = []
-    for i in range(len(version)):
-        for f in ev.finding_fidelity(version.images[i], version.labels[i], version.instances[i],
-                                     version.spacings[i], profile, opts.cnr_min, opts.max_offset_px):
-            findings.append({"sample": version.ids[i], **f})
+    if version.volumes is not None:  # volumes: each finding against its 3-D shell
+        for i, v in enumerate(version.volumes):
+            for f in ev.finding_fidelity_3d(v, version.volume_labels[i], version.volume_instances[i],
+                                            version.volume_spacings[i], profile, opts.cnr_min, opts.max_offset_px):
+                findings.append({"sample": version.volume_ids[i], **f})
+    else:
+        for i in range(len(version)):
+            for f in ev.finding_fidelity(version.images[i], version.labels[i], version.instances[i],
+                                         version.spacings[i], profile, opts.cnr_min, opts.max_offset_px):
+                findings.append({"sample": version.ids[i], **f})
     failing = [f for f in findings if not f["passed"]]
     share = len(failing) / len(findings) if findings else 0.0
     hists = ev.class_value_histograms(version.images, version.labels,
@@ -88,6 +94,8 @@ def label_fidelity(version: ImageSet, profile: ev.EvalProfile, opts: EvalOptions
     return {
         "findings": len(findings), "failing": len(failing), "failing_share": round(share, 4),
         "passed": share <= opts.max_failing_share and all(t["passed"] for t in tissue),
+        "measured_in": ("3-D (shell 1-4 mm around each finding, at least 1.5 voxels of the coarsest axis)"
+                        if version.volumes is not None else "2-D"),
         "criteria": f"finding cnr >= {opts.cnr_min:g} and image/label offset <= {opts.max_offset_px:g} px for all but "
                     f"{opts.max_failing_share:.0%} of findings; every tissue median inside its reference range",
         "cnr": {"median": float(np.median(cnrs)) if cnrs else None, "p05": float(np.percentile(cnrs, 5)) if cnrs else None},
@@ -142,13 +150,20 @@ def overlay_rgb(image: np.ndarray, label: np.ndarray, pred: np.ndarray, profile:
 
 
 def _masks_for_realism(s: ImageSet, profile: ev.EvalProfile, by_label: bool):
-    lo = profile.threshold_classes.get("lung", (-1000.0, -500.0))[1]
-    bodies = None if by_label else [ev.body_mask(im, lo) for im in s.images]
-    if by_label:
+    lo = profile.body_threshold
+    # Uniform tissue by label where the set labels it (a real background with inserted findings may label only
+    # lungs and findings), else by intensity interval inside the body.
+    uniform_by_label = by_label and any(np.isin(lab, profile.uniform_ids).any() for lab in s.labels)
+    bodies = None if uniform_by_label else [ev.body_mask(im, lo) if lo is not None else np.ones(im.shape, bool)
+                                            for im in s.images]
+    if uniform_by_label:
         uniform = [np.isin(lab, profile.uniform_ids) for lab in s.labels]
-    else:
+    else:  # by intensity on the image smoothed by 1.5 mm, so noise and streaks do not riddle the region
+        import cv2
+
         a, b = profile.uniform_interval
-        uniform = [bd & (im >= a) & (im <= b) for bd, im in zip(bodies, s.images)]
+        sm = [cv2.GaussianBlur(im.astype(np.float32), (0, 0), max(0.5, 1.5 / sp)) for im, sp in zip(s.images, s.spacings)]
+        uniform = [bd & (x >= a) & (x <= b) for bd, x in zip(bodies, sm)]
     return bodies, uniform
 
 
@@ -170,24 +185,39 @@ def realism(version: ImageSet, reference: ImageSet, profile: ev.EvalProfile, fea
     nyq = 0.5 / max(max(version.spacings), max(reference.spacings))
     freqs = np.arange(0, nyq + 1e-9, nyq / 24)
     nps = {}
-    for name, s in (("version", version), ("reference", reference)):
-        _, uniform = _masks_for_realism(s, profile, by_label)
-        nps[name] = ev.noise_power_spectrum(s.images, uniform, s.spacings, freqs, roi_mm=16.0)
+    uniform = {name: _masks_for_realism(s, profile, by_label)[1]
+               for name, s in (("version", version), ("reference", reference))}
+    for roi_mm in (16.0, 8.0):  # 8 mm squares where a set has no uniform region of 16 mm (e.g. a small field of view)
+        for name, s in (("version", version), ("reference", reference)):
+            nps[name] = ev.noise_power_spectrum(s.images, uniform[name], s.spacings, freqs, roi_mm=roi_mm)
+        if nps["version"]["rois"] and nps["reference"]["rois"]:
+            break
     rep: dict[str, Any] = {
         "classes_by": "labels" if by_label else "intensity intervals inside the body (the reference has no labels)",
         "wasserstein1": w1, "units": profile.units,
         "nps": {"distance_decades": ev.nps_distance(nps["version"], nps["reference"]),
                 "noise_std_version": nps["version"]["noise_std"], "noise_std_reference": nps["reference"]["noise_std"],
-                "rois_version": nps["version"]["rois"], "rois_reference": nps["reference"]["rois"]},
+                "rois_version": nps["version"]["rois"], "rois_reference": nps["reference"]["rois"],
+                "roi_mm": roi_mm},
     }
     if features is not None:
-        fv, fr, source = features
+        fv, fr, source = features[:3]
+        # Comparable: an extractor given on disk, identified by its weights' sha256 (FID/KID computed with the same
+        # file elsewhere can be set beside these); a segmenter trained here gives numbers for this run only.
+        extractor = features[3] if len(features) > 3 else None
+        label = {"comparable": extractor is not None,
+                 "comparability": (f"comparable with FID/KID computed with the same extractor (weights sha256 "
+                                   f"{extractor['sha256'][:16]}…)" if extractor is not None else
+                                   "NOT comparable: features of a segmenter trained in this run, not of a published "
+                                   "extractor"),
+                 **({"extractor": extractor} if extractor is not None else {})}
         if len(fv) >= 2 and len(fr) >= 2:
             kid, kid_sd = ev.kernel_distance(fv, fr, subsets=20, subset_size=min(100, len(fv), len(fr)))
             rep["features"] = {"fid": round(ev.frechet_distance(fv, fr), 4), "kid": round(kid, 6),
-                               "kid_std": round(kid_sd, 6), "source": source, "n": [len(fv), len(fr)]}
+                               "kid_std": round(kid_sd, 6), "source": source, "n": [len(fv), len(fr)], **label,
+                               "dims": int(fv.shape[1])}
         else:
-            rep["features"] = {"fid": None, "kid": None, "source": source,
+            rep["features"] = {"fid": None, "kid": None, "source": source, **label,
                                "why": f"needs at least 2 images per set (have {len(fv)} and {len(fr)})"}
     curves = {"hists": hists, "nps": nps, "value_range": profile.value_range}
     return rep, curves
@@ -238,7 +268,9 @@ def memorisation(version: ImageSet, train: ImageSet, heldout: ImageSet, profile:
 def load_feature_extractor(path: str, device: str = "cpu"):
     """A feature extractor given on disk: ``path`` (safetensors weights) and ``path + '.json'`` naming a network of
     ``monai.networks.nets`` with its arguments, the module whose output is pooled, the input size and window.
-    Nothing is downloaded. Returns fn(image, spacing) -> feature vector."""
+    Nothing is downloaded; pickled checkpoints (.pt/.pth/.ckpt/.bin) are refused (loading one runs code), and so
+    are weights that do not fit the named network, each in one line. Returns fn(image, spacing) -> feature vector,
+    with ``fn.info`` (network, module, size, window, dims, sha256 of the weights)."""
     import os
 
     import torch
@@ -249,16 +281,45 @@ def load_feature_extractor(path: str, device: str = "cpu"):
         raise SpecError(f"--features {path!r}: needs the safetensors file and {os.path.basename(cfg_path)} beside it "
                         '({"network": "<monai.networks.nets name>", "kwargs": {...}, "module": "<submodule>", '
                         '"size": <px>, "window": [centre, width]})')
-    cfg = json.loads(open(cfg_path).read())
+    raw = open(path, "rb").read()
+    if not _is_safetensors(raw):
+        kind = ("a PyTorch zip checkpoint" if raw[:2] == b"PK" else "a pickle" if raw[:1] == b"\x80"
+                else "not safetensors")
+        raise SpecError(f"--features {path!r} is {kind}; accepted: safetensors weights only (pickles are refused: "
+                        "loading one can run code); convert with safetensors.torch.save_file(model.state_dict(), ...)")
+    try:
+        cfg = json.loads(open(cfg_path).read())
+        if not isinstance(cfg, dict):
+            raise ValueError("not a JSON object")
+    except ValueError as e:
+        raise SpecError(f"--features: {cfg_path} is not a JSON object ({e})") from None
     import monai.networks.nets as nets
 
-    if not hasattr(nets, cfg.get("network", "")):
+    if not hasattr(nets, str(cfg.get("network", ""))):
         raise SpecError(f"--features: unknown network {cfg.get('network')!r}; accepted: a class of "
                         "monai.networks.nets")
-    net = getattr(nets, cfg["network"])(**cfg.get("kwargs", {}))
-    net.load_state_dict(load_file(path))
+    try:
+        net = getattr(nets, cfg["network"])(**cfg.get("kwargs", {}))
+    except Exception as e:
+        raise SpecError(f"--features: {cfg['network']}(**kwargs) from {os.path.basename(cfg_path)} failed: "
+                        f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    weights = load_file(path)
+    own = net.state_dict()
+    missing = sorted(set(own) - set(weights))
+    unexpected = sorted(set(weights) - set(own))
+    shapes = sorted(k for k in set(own) & set(weights) if tuple(own[k].shape) != tuple(weights[k].shape))
+    if missing or unexpected or shapes:
+        parts = [f"{len(x)} {what} (e.g. {x[0]})" for x, what in ((missing, "missing"), (unexpected, "unexpected"),
+                                                                 (shapes, "of another shape")) if x]
+        raise SpecError(f"--features {path!r} does not fit {cfg['network']} with the kwargs of "
+                        f"{os.path.basename(cfg_path)}: tensors {', '.join(parts)}; accepted: the state_dict of that "
+                        "network")
+    net.load_state_dict(weights)
     net.eval().to(device)
-    module = net.get_submodule(cfg["module"]) if cfg.get("module") else net
+    try:
+        module = net.get_submodule(cfg["module"]) if cfg.get("module") else net
+    except AttributeError:
+        raise SpecError(f"--features: {cfg['network']} has no module {cfg['module']!r}") from None
     size = int(cfg.get("size", 224))
     c, w = cfg.get("window", [-600, 1500])
     n_in = int(cfg.get("in_channels", cfg.get("kwargs", {}).get("in_channels", 1)))
@@ -277,7 +338,25 @@ def load_feature_extractor(path: str, device: str = "cpu"):
         o = out[-1]
         return (o.flatten(2).mean(2) if o.ndim > 2 else o)[0].cpu().numpy().astype(np.float64)
 
+    import hashlib
+
+    probe = fn(np.zeros((size, size), np.float32), 1.0)
+    fn.info = {"network": cfg["network"], "module": cfg.get("module") or "", "size": size, "window": [c, w],
+               "dims": int(probe.shape[0]), "sha256": hashlib.sha256(raw).hexdigest(), "file": os.path.abspath(path)}
     return fn
+
+
+def _is_safetensors(raw: bytes) -> bool:
+    """The safetensors layout: an 8-byte little-endian header length, then that many bytes of a JSON object."""
+    if len(raw) < 10:
+        return False
+    n = int.from_bytes(raw[:8], "little")
+    if not 2 <= n <= len(raw) - 8:
+        return False
+    try:
+        return isinstance(json.loads(raw[8:8 + n]), dict)
+    except ValueError:
+        return False
 
 
 # ------------------------------------------------------------------------------------------- Prefect tasks
@@ -386,7 +465,8 @@ def evaluate_one(ref: str, reference: ImageSet | None, seg, ref_score: dict | No
         feats = None
         if extractor is not None:
             feats = (call(features_task, extractor, version), call(features_task, extractor, reference),
-                     f"feature extractor {opts.features}")
+                     f"feature extractor {opts.features} ({extractor.info['network']}, {extractor.info['dims']} "
+                     "features)", extractor.info)
         elif seg is not None:
             fn = seg.features
             whose = "the reference segmenter's" if ref_score is not None else "a segmenter trained on the version's"
@@ -421,6 +501,8 @@ def evaluate_versions(ref: str, real: str | None = None, against: str | None = N
     """Evaluate ``ref`` (and ``against``, with the same reference and segmenter) and write the reports. ``call``
     runs each step: in this process (the default) or as a Prefect task (inside the flow)."""
     opts = options_from(options)
+    # The extractor first: a refused file stops the evaluation before anything is computed.
+    extractor = load_feature_extractor(opts.features, resolve_device(opts.device)) if opts.features else None
     version = call(load_version_task, ref, root, opts.limit)
     profile = ev.profile_for(version.domain)
     reference = seg = ref_score = None
@@ -433,7 +515,6 @@ def evaluate_versions(ref: str, real: str | None = None, against: str | None = N
     elif reference is not None:
         # An unlabelled reference: the segmenter learns from the version itself (for features only).
         seg = call(train_segmenter_task, version.labelled_set(), profile, opts.segmenter())
-    extractor = load_feature_extractor(opts.features, resolve_device(opts.device)) if opts.features else None
     reports = {"evaluated": evaluate_one(ref, reference, seg, ref_score, version.domain, root, opts, extractor,
                                          version, call=call)}
     if against:
@@ -688,7 +769,8 @@ def card_section(report: dict, plots: list[str], images: list[str]) -> str:
                   f"noise std {_f(n['noise_std_version'], 1)} vs {_f(n['noise_std_reference'], 1)} {rl['units']}."]
         if rl.get("features"):
             f = rl["features"]
-            lines.append(f"FID {_f(f.get('fid'), 2)}, KID {_f(f.get('kid'), 4)} — features of {f['source']}.")
+            lines.append(f"FID {_f(f.get('fid'), 2)}, KID {_f(f.get('kid'), 4)} — features of {f['source']}; "
+                         f"{f.get('comparability', '')}.")
     ut = report.get("utility")
     if ut:
         lines += ["", "### Utility (segmenter tested on held-out reference images)", "",

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import inspect
+import os
 import json
 from pathlib import Path
 from typing import Any
@@ -35,7 +36,7 @@ def spec_from_source(source: str, n: int, seed: int | None) -> BaseSpec:
     """A spec file, or one shorthand finding turned into a small all-positive spec."""
     p = Path(source)
     looks_like_file = p.suffix.lower() in {".yaml", ".yml", ".json"}
-    if p.exists() or looks_like_file:
+    if os.path.exists(source) or looks_like_file:  # os.path: False (not OSError) for a name too long to be a file
         spec = load_spec(p)
         data = spec.model_dump(mode="json")
         data["samples"] = n
@@ -68,6 +69,9 @@ def run_preview(source: str, out_dir: str | Path, n: int = 4, seed: int | None =
     if n < 1:
         raise SpecError(f"-n must be at least 1, not {n}")
     spec = spec_from_source(source, n, seed)
+    from schemas.memory import check_memory
+
+    check_memory(spec.model_copy(update={"shard_size": n}), what=f"previewing {n} sample(s)")  # all n made at once
     out = Path(out_dir)
     from schemas.plan import sample_id
 

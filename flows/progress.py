@@ -1,14 +1,60 @@
-"""Build progress for people and scripts, fed by the build flow's events (``plan``, ``shard``, ``publishing``,
-``published``): a rich bar on a terminal; plain lines (count, rate, ETA) when stdout is a pipe or a file (CI, nohup,
-``| tee``); JSON lines (``--json``); nothing (``--quiet``).
+"""Progress for people and scripts. ``EventChannel``: how a flow sends its events to the reporter its caller set.
+Build progress, fed by the build flow's events (``plan``, ``shard``, ``publishing``, ``published``): a rich bar on a
+terminal; plain lines (count, rate, ETA) when stdout is a pipe or a file (CI, nohup, ``| tee``); JSON lines
+(``--json``); nothing (``--quiet``). Training progress (``start``, ``step``, ``checkpoint``): ``TrainBar``. Both bars
+are ``RichBar``s.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import json
 import sys
 import threading
 import time
-from typing import Any, TextIO
+from typing import Any, Callable, Iterator, TextIO
+
+ProgressFn = Callable[[dict[str, Any]], None]
+
+
+_CHANNELS: dict[str, "EventChannel"] = {}
+
+
+def channel(name: str) -> "EventChannel":
+    """The process's channel of that name (made on first use): what a pickled channel becomes in a worker."""
+    ch = _CHANNELS.get(name)
+    return ch if ch is not None else EventChannel(name)
+
+
+class EventChannel:
+    """A flow's progress events go to the reporter set in the calling context (none: dropped). Context-local, so
+    flows run side by side (threads, tests) each report to their own caller. Pickles by name (task runners ship
+    task arguments to worker processes, where no reporter is set)."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self._fn: contextvars.ContextVar[ProgressFn | None] = contextvars.ContextVar(name, default=None)
+        _CHANNELS.setdefault(name, self)
+
+    def __reduce__(self):
+        return channel, (self.name,)
+
+    @contextlib.contextmanager
+    def reporting_to(self, fn: ProgressFn) -> Iterator[None]:
+        """Send the events to ``fn`` while the flow runs in this context."""
+        token = self._fn.set(fn)
+        try:
+            yield
+        finally:
+            self._fn.reset(token)
+
+    def get(self) -> ProgressFn | None:
+        return self._fn.get()
+
+    def emit(self, event: str, **data: Any) -> None:
+        fn = self._fn.get()
+        if fn is not None:
+            fn({"event": event, **data})
 
 MODES = ("auto", "bar", "lines", "json", "quiet")
 
@@ -185,19 +231,18 @@ class NoProgress:
         pass
 
 
-class BarProgress:
-    """A rich progress bar; samples/s counts generated (not reused) samples only."""
+class RichBar:
+    """A rich progress bar: bar, done/total and ``unit``, one text column per name in ``fields`` (set through
+    ``self.progress.update``), elapsed time. Fits 80 columns; what is being done goes on a line of its own above."""
 
-    def __init__(self, console: Any):
+    def __init__(self, console: Any, unit: str, fields: tuple[str, ...], enabled: bool = True):
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-        # Fits 80 columns; the dataset and version go on a line of their own above the bar.
         self.console = console
-        self.progress = Progress(BarColumn(bar_width=24), MofNCompleteColumn(), TextColumn("samples"),
-                                 TextColumn("{task.fields[rate]}"), TextColumn("{task.fields[shards]}"),
-                                 TimeElapsedColumn(), console=console, transient=False)
+        self.progress = Progress(BarColumn(bar_width=24), MofNCompleteColumn(), TextColumn(unit),
+                                 *(TextColumn(f"{{task.fields[{f}]}}") for f in fields), TimeElapsedColumn(),
+                                 console=console, disable=not enabled, transient=False)
         self.task = None
-        self.tally = Tally()
 
     def __enter__(self):
         self.progress.__enter__()
@@ -205,6 +250,14 @@ class BarProgress:
 
     def __exit__(self, *exc):
         return self.progress.__exit__(*exc)
+
+
+class BarProgress(RichBar):
+    """A rich progress bar; samples/s counts generated (not reused) samples only."""
+
+    def __init__(self, console: Any):
+        super().__init__(console, "samples", ("rate", "shards"))
+        self.tally = Tally()
 
     def __call__(self, ev: dict[str, Any]) -> None:
         if ev["event"] == "plan":
@@ -221,6 +274,25 @@ class BarProgress:
             rate = f"{t.rate:.1f} samples/s" if t.generated else "reused"
             self.progress.update(self.task, advance=t.done - before, rate=rate,
                                  shards=f"{t.done_shards}/{t.shards} shards")
+
+
+class TrainBar(RichBar):
+    """A rich progress bar fed by the training events: steps, loss, images/s, ETA."""
+
+    def __init__(self, console: Any, enabled: bool = True):
+        super().__init__(console, "steps", ("info",), enabled)
+
+    def __call__(self, ev: dict[str, Any]) -> None:
+        if ev["event"] == "start":
+            resumed = f", resuming at step {ev['resumed_from']}" if ev.get("resumed_from") is not None else ""
+            self.console.print(f"training on {ev['pairs']} pairs ({ev['device']}){resumed}")
+            self.task = self.progress.add_task("train", total=ev["steps"], completed=ev["step"], info="")
+        elif ev["event"] == "step" and self.task is not None:
+            eta = f"ETA {ev['eta_s']:.0f} s" if ev.get("eta_s") is not None else ""
+            self.progress.update(self.task, completed=ev["step"],
+                                 info=f"loss {ev['loss']:.4f}  {ev['images_per_s']:.1f} img/s  {eta}")
+        elif ev["event"] == "checkpoint":
+            self.progress.console.print(f"checkpoint {ev['step']}: validation grid {ev['grid']}")
 
 
 def reporter(mode: str, console: Any = None):

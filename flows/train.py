@@ -1,37 +1,27 @@
 """The training flow: training spec -> prepared pairs -> training with checkpoints (validation grid each) -> model
-folder. A recipe of calls into ``training``; rerunning it after an interruption reuses the prepared pairs and resumes
-from the last complete checkpoint. Progress (steps/s, loss, ETA) goes to Prefect's logs and to a reporter the CLI
+folder. A recipe of calls into ``flows.train_data`` (pairs) and ``generators.learned_train`` /
+``generators.learned_finetune`` (the two routes); rerunning it after an interruption reuses the prepared pairs and
+resumes from the last complete checkpoint. Progress (steps/s, loss, ETA) goes to Prefect's logs and to a reporter the CLI
 sets (its rich progress bar).
 """
 from __future__ import annotations
 
 from flows import settings  # noqa: F401  (Prefect defaults before prefect is imported)
 
-import contextlib
-import contextvars
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 from prefect import flow, get_run_logger, task
 
 from flows.inputs import code_version
+from flows.progress import EventChannel
 from schemas.errors import SpecError
 from schemas.training import TrainSpec, load_train_spec, validate_train_spec
 
-ProgressFn = Callable[[dict[str, Any]], None]
-_progress: contextvars.ContextVar[ProgressFn | None] = contextvars.ContextVar("pairforge_train_progress",
-                                                                              default=None)
+_events = EventChannel("pairforge_train_progress")
+reporting_to = _events.reporting_to  # send training events (start, step, checkpoint) to fn while the flow runs here
 LOG_EVERY_S = 10.0
-
-
-@contextlib.contextmanager
-def reporting_to(fn: ProgressFn) -> Iterator[None]:
-    token = _progress.set(fn)
-    try:
-        yield
-    finally:
-        _progress.reset(token)
 
 
 def resolve_train_spec(spec: Any) -> tuple[TrainSpec, str]:
@@ -48,18 +38,18 @@ def resolve_train_spec(spec: Any) -> tuple[TrainSpec, str]:
 
 def check_inputs(spec: TrainSpec) -> None:
     """Everything checkable before any reading or training: the domain's class table, the route's base model."""
-    from training.data import domain_table
+    from generators.learned_data import domain_table
 
     domain_table(spec.domain)
     if spec.route == "controlnet":
-        from training.finetune import check_finetune
+        from generators.learned_finetune import check_finetune
 
         check_finetune(spec)
 
 
 @task(name="prepare-pairs", task_run_name="prepare pairs")
 def prepare_pairs(spec: TrainSpec, workdir: str) -> dict[str, Any]:
-    from training.data import prepare
+    from flows.train_data import prepare
 
     meta = prepare(spec, Path(workdir) / "data")
     get_run_logger().info(f"{meta['pairs']} pairs ({len(meta['train_ids'])} train, {len(meta['held_out_ids'])} "
@@ -70,7 +60,7 @@ def prepare_pairs(spec: TrainSpec, workdir: str) -> dict[str, Any]:
 @task(name="train", task_run_name="train {spec.name}")
 def train_steps(spec: TrainSpec, workdir: str) -> dict[str, Any]:
     logger = get_run_logger()
-    outer = _progress.get()
+    outer = _events.get()
     last = [0.0]
 
     def report(ev: dict[str, Any]) -> None:
@@ -89,10 +79,10 @@ def train_steps(spec: TrainSpec, workdir: str) -> dict[str, Any]:
             logger.info(f"resuming from step {ev['resumed_from']}")
 
     if spec.route == "controlnet":
-        from training.finetune import train_controlnet
+        from generators.learned_finetune import train_controlnet
 
         return train_controlnet(spec, workdir, progress=report, log=logger.info)
-    from training.loop import train
+    from generators.learned_train import train
 
     return train(spec, workdir, progress=report, log=logger.info)
 
@@ -100,11 +90,11 @@ def train_steps(spec: TrainSpec, workdir: str) -> dict[str, Any]:
 @task(name="export-model", task_run_name="export {spec.name}")
 def export_model(spec: TrainSpec, workdir: str, out: str, summary: dict[str, Any], spec_text: str) -> str:
     if spec.route == "controlnet":
-        from training.finetune import export_controlnet
+        from generators.learned_finetune import export_controlnet
 
         path = export_controlnet(spec, workdir, out, summary, spec_text, code_version())
     else:
-        from training.loop import export
+        from generators.learned_train import export
 
         path = export(spec, workdir, out, summary, spec_text, code_version())
     get_run_logger().info(f"model written to {path}")

@@ -546,15 +546,15 @@ def place_nodules(label: np.ndarray, lobes: np.ndarray, instance: np.ndarray, fi
             ok = (dist >= reach) & (dist <= reach + 1.5)
         else:
             ok = dist >= reach + margin_px
-        cands = [ok & (lobes == LOBES[name]) for name in choices]
-        sizes = np.array([cv2.countNonZero(c.view(np.uint8)) for c in cands], float)
+        room = np.bincount(lobes[ok], minlength=256)  # candidate pixels per lobe id, in one pass
+        sizes = np.array([room[LOBES[name]] for name in choices], float)
         if sizes.sum() == 0:
             where = "any lobe" if loc == "any" else loc
             raise PlacementError(f"no room for a {f['diameter_mm']:.1f} mm nodule in {where} on this slice")
         # "any" picks a lobe in proportion to the room it has for this nodule.
         li = int(rng.choice(len(choices), p=sizes / sizes.sum())) if len(choices) > 1 else 0
         lobe = choices[li]
-        cy_, cx_ = np.nonzero(cands[li])
+        cy_, cx_ = np.nonzero(ok & (lobes == LOBES[lobe]))
         j = int(rng.integers(len(cx_)))
         cx, cy = int(cx_[j]), int(cy_[j])
         y0, x0 = cy - int(round(oy)), cx - int(round(ox))

@@ -162,6 +162,9 @@ def standin_samples(n: int, *, size: int = 256, seed: int = 0, start: int = 0, c
     return [standin_sample(i, size=size, seed=seed, cfg=cfg) for i in range(start, start + n)]
 
 
+standin_samples.note = ("stand-in: the phantom with a different anatomy, calibration, kernel and noise "
+                        "configuration — NOT real data")
+
 __all__ = ["StandinConfig", "STANDIN", "standin_sample", "standin_samples", "render_standin", "standin_for"]
 
 

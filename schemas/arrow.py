@@ -101,6 +101,15 @@ SAMPLE_SCHEMA = pa.schema(
 
 def to_jsonable(x: Any) -> Any:
     """numpy scalars/arrays, tuples and sets -> plain JSON types (NaN/inf -> None), recursively."""
+    t = type(x)  # the plain types first (most values): same results, without the isinstance chain
+    if t is str or t is int or t is bool or x is None:
+        return x
+    if t is float:
+        return x if math.isfinite(x) else None
+    if t is dict:
+        return {str(k): to_jsonable(v) for k, v in x.items()}
+    if t is list:
+        return [to_jsonable(v) for v in x]
     if isinstance(x, dict):
         return {str(k): to_jsonable(v) for k, v in x.items()}
     if isinstance(x, (list, tuple)):

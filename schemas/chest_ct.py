@@ -200,4 +200,7 @@ CHEST_CT = register_domain(Domain(
                "learned": "generators.learned"},
     hooks_module="annotators.ct", display_window=(-600.0, 1500.0), outline_classes=tuple(sorted(LOBES.values())),
     controlnet_module="generators.chest_ct", default=True,
+    evaluation_module="annotators.evaluation_ct",
+    reference_sets={"standin": "generators.standin:standin_samples",
+                    "ct_small_inserted": "flows.reference_chest_ct:ct_small_inserted_samples"},
     description="axial chest-CT slices (HU) with pulmonary nodules"))

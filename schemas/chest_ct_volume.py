@@ -54,4 +54,5 @@ CHEST_CT_VOLUME = register_domain(Domain(
     layout_module="generators.volume_pipeline", annotator_module="annotators.ct_volume",
     renderers={"procedural": "generators.volume_pipeline"}, hooks_module="annotators.ct_volume",
     display_window=(-600.0, 1500.0), outline_classes=LOBE_IDS,
+    evaluation_module="annotators.evaluation_ct_volume",
     description="whole chest-CT volumes (HU, NIfTI) with 3D pulmonary nodules"))

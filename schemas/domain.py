@@ -80,6 +80,13 @@ class Domain:
     outline_classes: tuple[int, ...] | None = None  # classes outlined on thumbnails; None = all
     # Control maps and prompts (generators.controlnet): module with the domain's ControlNet hooks.
     controlnet_module: str | None = None
+    # Evaluation (``pairforge evaluate``): the module that registers the domain's evaluation profile on import
+    # (reference value ranges per class, finding / surrounding / uniform-tissue classes, segmenter classes,
+    # windows; see ``annotators.evaluation.EvalProfile``), and built-in reference sets that ``--real NAME[:N]``
+    # names: NAME -> "module:function", function(n, size=, seed=) -> list of sample dicts (image, label,
+    # instance, spacing_mm, sample_id), with an optional ``note`` attribute saying what the set is.
+    evaluation_module: str | None = None
+    reference_sets: dict[str, str] = field(default_factory=dict)
     default: bool = False  # the domain of a spec that names none
     description: str = ""
 
@@ -186,6 +193,12 @@ class UnknownDomain(SpecError, KeyError):
 
     def __str__(self) -> str:  # KeyError would quote the message
         return str(self.args[0]) if self.args else ""
+
+
+def import_ref(ref: str) -> Any:
+    """``"module:attr"`` -> the attribute, the module imported on demand."""
+    mod, _, attr = ref.partition(":")
+    return getattr(importlib.import_module(mod), attr)
 
 
 def import_hook(domain: Domain, module: str | None, attr: str, default: Any = None) -> Any:

@@ -5,6 +5,7 @@ A spec is a discriminated union on ``domain``; each domain registers its model i
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import re
@@ -113,10 +114,18 @@ def __getattr__(name: str):
 
 
 def spec_json_schema() -> dict:
+    """The JSON schema of every registered domain's spec (a fresh copy; built once per set of domains)."""
+    import copy
+
+    return copy.deepcopy(_spec_json_schema(tuple(d.spec_model for d in all_domains())))
+
+
+@functools.lru_cache(maxsize=4)
+def _spec_json_schema(models_key: tuple) -> dict:
     from pydantic import TypeAdapter
     from typing import Annotated, Union
 
-    models = tuple(d.spec_model for d in all_domains())
+    models = models_key
     union = Annotated[Union[models], Field(discriminator="domain")] if len(models) > 1 else models[0]
     schema = TypeAdapter(union).json_schema()
     schema["title"] = "pairforge dataset spec"
@@ -279,14 +288,15 @@ def load_spec_text(text: str, source: str = "<spec>") -> BaseSpec:
 
 def load_spec(path: str | Path) -> BaseSpec:
     p = Path(path)
-    if not p.exists():
-        raise SpecError(f"spec file {str(p)!r} does not exist")
-    if p.is_dir():
-        raise SpecError(f"spec path {str(p)!r} is a folder; give a .yaml or .json file")
     try:
+        if not p.exists():
+            raise SpecError(f"spec file {str(p)[:200]!r} does not exist")
+        if p.is_dir():
+            raise SpecError(f"spec path {str(p)[:200]!r} is a folder; give a .yaml or .json file")
         text = p.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise SpecError(f"spec file {str(p)!r} cannot be read: {e}") from None
+    except (OSError, UnicodeDecodeError) as e:  # e.g. a name too long for the file system, a binary file
+        why = " ".join(str(getattr(e, "strerror", None) or e).split())
+        raise SpecError(f"spec file {str(p)[:200]!r} cannot be read: {why}") from None
     return load_spec_text(text, source=str(p))
 
 

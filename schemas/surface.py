@@ -419,6 +419,7 @@ SURFACE = register_domain(Domain(
     one_finding_spec=one_finding_spec, layout_module="generators.surface", annotator_module="annotators.surface",
     renderers={"procedural": "generators.surface", "controlnet": "generators.controlnet", "learned": "generators.learned"},
     hooks_module="annotators.surface", controlnet_module="generators.surface",
+    evaluation_module="annotators.evaluation_surface",
     description="surface images (procedural materials or photos) with defect masks"))
 
 

@@ -10,7 +10,6 @@ import json
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from schemas.errors import SpecError
@@ -171,17 +170,17 @@ def validate_train_spec(data: Any, source: str = "<train spec>") -> TrainSpec:
 
 def load_train_spec(path: str | Path) -> tuple[TrainSpec, str]:
     """A validated training spec and its text from a YAML/JSON file; SpecError (one line) otherwise."""
+    from schemas.spec import _parse_yaml  # the dataset specs' hardened reader: size, depth, aliases, NUL, digits
+
     p = Path(path)
-    if not p.is_file():
-        raise SpecError(f"training spec {str(p)!r} does not exist or is not a file")
-    text = p.read_text(encoding="utf-8")
     try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark else ""
-        raise SpecError(f"{p}: invalid YAML{where}") from None
-    return validate_train_spec(data, str(p)), text
+        if not p.is_file():
+            raise SpecError(f"training spec {str(p)!r} does not exist or is not a file")
+        text = p.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise SpecError(f"training spec {str(p)[:200]!r} cannot be read as UTF-8 text: "
+                        f"{' '.join(str(getattr(e, 'strerror', None) or e).split())}") from None
+    return validate_train_spec(_parse_yaml(text, str(p)), str(p)), text
 
 
 def train_spec_hash(spec: TrainSpec) -> str:

@@ -65,10 +65,24 @@ class VolumeFindings(BaseModel):
         return self
 
 
+# Memory of volume generation, measured with tracemalloc on the procedural generator (docs/robustness.md): one
+# volume peaks at 16-22 bytes per voxel while it is made (HU float32, label, instance, lobe map, temporaries), and
+# each finished volume a shard keeps until it is written holds ~11 bytes per voxel.
+WORK_BYTES_PER_VOXEL = 20
+KEPT_BYTES_PER_VOXEL = 11
+
+
 class ChestCTVolumeSpec(BaseSpec):
     domain: Literal["chest_ct_volume"] = "chest_ct_volume"
     volume: VolumeGrid = Field(default_factory=VolumeGrid)
     findings: VolumeFindings = Field(default_factory=VolumeFindings)
+
+    def peak_memory(self, at_once: int) -> tuple[int, str]:
+        """(bytes, description) one worker needs to make ``at_once`` volumes (a shard) before writing them."""
+        z, y, x = self.volume.size
+        voxels = z * y * x
+        need = voxels * (WORK_BYTES_PER_VOXEL + (max(1, at_once) - 1) * KEPT_BYTES_PER_VOXEL)
+        return need, f"{z} x {y} x {x} voxels per volume"
 
 
 def validate_volume_spec(data: dict[str, Any]) -> ChestCTVolumeSpec:

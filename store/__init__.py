@@ -15,10 +15,11 @@ from typing import Callable
 from schemas.manifest import Manifest
 from schemas.spec import BaseSpec
 from store.build import BuildStaging, PublishedVersion, open_build, published_versions
-from store.errors import IntegrityError, PublishError, StoreError
-from store.read import (VersionDataset, VersionReport, list_dataset_names, pull_version, read_index, read_manifest,
+from store.errors import IntegrityError, NoSpaceError, PublishError, StoreError
+from store.read import (VersionDataset, VersionReport, list_dataset_names, read_index, read_manifest,
                         resolve_version, show_text, verify_version_at)
 from store.root import Root, check_name, parse_ref, resolve_root
+from store.transfer import PullResult, pull_between
 from store.verify import ImageVerification, verify_image_file
 
 
@@ -76,11 +77,40 @@ class DatasetStore:
     def verify_version(self, ref: str) -> VersionReport:
         return verify_version_at(self.root, ref)
 
-    def pull(self, ref: str, dest: str | os.PathLike) -> str:
-        return pull_version(self.root, ref, dest)
+    def pull(self, ref: str, dest: str | os.PathLike, dest_storage_options: dict | None = None, **kw) -> str:
+        """Copy a version to the root ``dest`` (local folder or URL); returns ``<dest>/<name>/v<N>``."""
+        return self.pull_to(ref, dest, dest_storage_options, **kw).uri
+
+    def pull_to(self, ref: str, dest: str | os.PathLike, dest_storage_options: dict | None = None, *,
+                workers: int = 8, limit_rate: float | str | None = None, progress=None) -> PullResult:
+        """``pull`` with its numbers (files, bytes, reused from an interrupted pull, seconds). The destination's
+        storage options: ``dest_storage_options``, else the store config's for its URL, else (same protocol as
+        this root) this root's."""
+        return pull_between(self.root, ref, destination_root(self, dest, dest_storage_options), workers=workers,
+                            limit_rate=limit_rate, progress=progress)
 
     def verify_image(self, path: str | os.PathLike) -> ImageVerification:
         return verify_image_file(path, self.root)
+
+    def gc(self, older_than_s: float = 3600.0, remove: bool = False):
+        """Staging areas (and unpublished object-store prefixes) of dead builds; removed only with ``remove``."""
+        from store.gc import collect
+
+        return collect(self.root, older_than_s, remove)
+
+
+def destination_root(src: DatasetStore, dest: str | os.PathLike, storage_options: dict | None = None) -> Root:
+    from store.config import storage_options_for
+
+    url = os.fspath(dest)
+    if storage_options is None and "://" in url:
+        storage_options = storage_options_for(url)
+        same = url.split("://", 1)[0] == src.root.url.split("://", 1)[0] if "://" in src.root.url else False
+        if storage_options is None and same:
+            storage_options = src.storage_options
+    r = resolve_root(url, storage_options)
+    r.source = "DEST"
+    return r
 
 
 def list_datasets(root: str | None = None, storage_options: dict | None = None) -> dict[str, list[int]]:
@@ -93,9 +123,11 @@ def show(ref: str, root: str | None = None, storage_options: dict | None = None)
     return DatasetStore(root, storage_options).show(ref)
 
 
-def pull(ref: str, dest: str | os.PathLike, root: str | None = None, storage_options: dict | None = None) -> str:
-    """Copy ``name@vN`` to ``<dest>/<name>/v<N>/`` verifying every sha256; returns that folder."""
-    return DatasetStore(root, storage_options).pull(ref, dest)
+def pull(ref: str, dest: str | os.PathLike, root: str | None = None, storage_options: dict | None = None,
+         dest_storage_options: dict | None = None, **kw) -> str:
+    """Copy ``name@vN`` from ``root`` to ``<dest>/<name>/v<N>/`` (each a local folder or an fsspec URL) verifying
+    every sha256, resumably and atomically (store/transfer.py); returns that folder or URL."""
+    return DatasetStore(root, storage_options).pull(ref, dest, dest_storage_options, **kw)
 
 
 def verify_version(ref: str, root: str | None = None, storage_options: dict | None = None) -> VersionReport:
@@ -119,5 +151,6 @@ def verify_image(path: str | os.PathLike, root: str | None = None,
 CardFn = Callable[[str, Manifest], None]
 
 __all__ = ["DatasetStore", "BuildStaging", "PublishedVersion", "VersionDataset", "VersionReport",
-           "ImageVerification", "StoreError", "IntegrityError", "PublishError", "list_datasets", "show", "pull",
+           "ImageVerification", "StoreError", "IntegrityError", "PublishError", "NoSpaceError", "PullResult",
+           "list_datasets", "show", "pull",
            "verify_version", "verify_image", "parse_ref", "CardFn"]

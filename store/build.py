@@ -17,6 +17,7 @@ import io
 import json
 import os
 import subprocess
+import time
 from dataclasses import dataclass
 from importlib import metadata
 from typing import Any, Callable
@@ -269,6 +270,47 @@ class BuildStaging:
         self.root.write_bytes(self._marker(i), json.dumps(marker, sort_keys=True).encode())
         return summary
 
+    # ---- liveness: heartbeats (read by `pairforge gc`) and the publish lease
+    def heartbeat(self, interval_s: float | None = None) -> "Heartbeat":
+        """Start writing ``_staging/<key>/heartbeats/<token>.json`` every ``interval_s`` seconds (a daemon thread);
+        ``stop()`` ends it and removes the file. While one is fresh, `pairforge gc` leaves this staging alone."""
+        return Heartbeat(self.root, self.staging_dir, interval_s or HEARTBEAT_S).start()
+
+    def _acquire_publish_lease(self, token: str) -> bool:
+        """Take ``_staging/<key>/publish.lease`` (exclusive create). False while another live process holds it
+        (its heartbeat fresh, or the lease younger than LEASE_STALE_S); a stale lease is removed and taken over."""
+        lease = f"{self.staging_dir}/publish.lease"
+        import socket
+
+        body = json.dumps({"token": token, "time": time.time(), "host": socket.gethostname(), "pid": os.getpid()},
+                          sort_keys=True).encode()
+        if self.root.create_exclusive(lease, body):
+            return True
+        try:
+            held = json.loads(self.root.read_bytes(lease))
+        except (FileNotFoundError, ValueError):
+            return False  # released or half-visible a moment ago: look again
+        now = time.time()
+        beat = last_heartbeat(self.root, self.staging_dir, token=held.get("token"))
+        gone = held.get("host") == socket.gethostname() and not _pid_alive(held.get("pid"))  # died on this host
+        if not gone and (now - float(held.get("time", 0)) < LEASE_STALE_S
+                         or (beat is not None and now - beat < LEASE_STALE_S)):
+            return False
+        self.root.rm(lease)  # its holder stopped beating: take over
+        return self.root.create_exclusive(lease, body)
+
+    def _published_here(self) -> PublishedVersion | None:
+        """This build's version if its manifest exists (same spec and code), else None; PublishError if another
+        build's manifest holds the number."""
+        root = self.root
+        root.refresh()
+        if not root.exists(f"{self.version_dir}/{MANIFEST}"):
+            return None
+        m = Manifest.model_validate_json(root.read_bytes(f"{self.version_dir}/{MANIFEST}"))
+        if m.spec_hash == self.digest and m.code.code_version == self.code_version:
+            return PublishedVersion(self.name, self.version, root.uri(self.name, f"v{self.version}"))
+        raise PublishError(f"{self.name}@v{self.version} is already published by another build")
+
     # ---- publish
     def _markers(self) -> list[dict]:
         return [json.loads(self.root.read_bytes(self._marker(i))) for i in range(len(self.shards))]
@@ -278,13 +320,37 @@ class BuildStaging:
         """Check every shard is there, write samples.parquet, README.md (and the card's files), then manifest.json
         last, making the version visible in one step; then remove the staging folder."""
         root = self.root
-        root.refresh()
-        if root.exists(f"{self.version_dir}/{MANIFEST}"):
-            m = Manifest.model_validate_json(root.read_bytes(f"{self.version_dir}/{MANIFEST}"))
-            if m.spec_hash == self.digest and m.code.code_version == self.code_version:
+        # One publisher per build: processes building the same spec share one staging area; the first takes the
+        # lease, the others wait for its manifest (or take over if it stops beating) and return the same version.
+        hb = Heartbeat(root, self.staging_dir, HEARTBEAT_S)
+        deadline = time.monotonic() + PUBLISH_WAIT_S
+        while True:
+            done = self._published_here()
+            if done is not None:
                 root.rm(self.staging_dir)
-                return PublishedVersion(self.name, self.version, root.uri(self.name, f"v{self.version}"))
-            raise PublishError(f"{self.name}@v{self.version} is already published by another build")
+                return done
+            if self._acquire_publish_lease(hb.token):
+                break
+            if time.monotonic() > deadline:
+                raise PublishError(f"cannot publish {self.name}@v{self.version}: another process has been publishing "
+                                   f"it for over {PUBLISH_WAIT_S:.0f} s; run the build again later")
+            time.sleep(PUBLISH_POLL_S)
+        hb.start()
+        try:
+            return self._publish_leased(run_id, card)
+        except BaseException:
+            with _suppress():
+                root.rm(f"{self.staging_dir}/publish.lease")
+            raise
+        finally:
+            hb.stop()
+
+    def _publish_leased(self, run_id: str | None, card: Callable | None) -> PublishedVersion:
+        root = self.root
+        done = self._published_here()  # published while we took the lease (a holder that finished meanwhile)
+        if done is not None:
+            root.rm(self.staging_dir)
+            return done
         missing = sorted(set(range(len(self.shards))) - self.finished_shards())
         if missing:
             shown = ", ".join(map(str, missing[:10])) + (" ..." if len(missing) > 10 else "")
@@ -306,7 +372,11 @@ class BuildStaging:
         root.write_bytes(f"{self.data_dir}/{SAMPLES}", samples_bytes)
         root.write_bytes(f"{self.data_dir}/{README}", minimal_card(draft).encode())
         if card is not None:
-            card(self.data_dir if root.local else root.fs.unstrip_protocol(self.data_dir), draft)
+            where = self.data_dir if root.local else root.fs.unstrip_protocol(self.data_dir)
+            if root.storage_options and not root.local and _accepts_storage_options(card):
+                card(where, draft, storage_options=root.storage_options)
+            else:
+                card(where, draft)
 
         files = self._extra_files()  # samples.parquet, README.md and whatever the card added
         all_files = dict(files)
@@ -315,14 +385,43 @@ class BuildStaging:
         for p, h in (("image_path", "image_sha256"), ("label_path", "label_sha256"),
                      ("instance_path", "instance_sha256")):
             all_files.update(zip(cols[p], cols[h]))
+        self._check_present(table)
         manifest = self._manifest(counts, samples_bytes, files=files, digest=content_digest(all_files), run_id=run_id)
         body = manifest.model_dump_json(indent=2).encode()
         if root.local:
-            _commit_local(self.data_dir, self.version_dir, body)
+            _commit_local(root, self.data_dir, self.version_dir, body)
         elif not root.create_exclusive(f"{self.version_dir}/{MANIFEST}", body):
             raise PublishError(f"{self.name}@v{self.version} was published by another build at the same time")
         root.rm(self.staging_dir)
         return PublishedVersion(self.name, self.version, root.uri(self.name, f"v{self.version}"))
+
+    def _check_present(self, table: pa.Table) -> None:
+        """Before the manifest: every sample file the index names is there (one listing). A missing one fails the
+        publish with its name, and its shard's marker is removed so that a rerun writes the shard again."""
+        root = self.root
+        root.refresh()
+        base = self.data_dir.rstrip("/")
+        there = set()
+        for path in root.retrying(base, lambda: root.fs.find(base)):
+            path = root.fs._strip_protocol(path)
+            there.add(path.split(base.lstrip("/") + "/", 1)[-1] if not path.startswith(base + "/")
+                      else path[len(base) + 1:])
+        cols = table.select(["index", "image_path", "label_path", "instance_path"]).to_pydict()
+        lost: dict[int, list[str]] = {}
+        for k, idx in enumerate(cols["index"]):
+            for c in ("image_path", "label_path", "instance_path"):
+                if cols[c][k] not in there:
+                    lost.setdefault(idx, []).append(cols[c][k])
+        if not lost:
+            return
+        shard_of = {j: i for i, r in enumerate(self.shards) for j in r}
+        bad = sorted({shard_of[j] for j in lost})
+        for i in bad:
+            root.rm(self._marker(i))
+        names = [p for j in sorted(lost) for p in lost[j]]
+        raise PublishError(f"cannot publish {self.name}@v{self.version}: {len(names)} sample files are missing "
+                           f"({', '.join(names[:3])}{' ...' if len(names) > 3 else ''}); shards "
+                           f"{', '.join(map(str, bad))} will be written again when the build is rerun")
 
     def _extra_files(self) -> dict[str, str]:
         """sha256 of every file of the version that is not a sample PNG (walked, so card files are included)."""
@@ -385,13 +484,131 @@ class BuildStaging:
         return max(older) if older else None
 
 
-def _commit_local(data_dir: str, version_dir: str, manifest: bytes) -> None:
-    with open(os.path.join(data_dir, MANIFEST), "wb") as f:
-        f.write(manifest)
-        f.flush()
-        os.fsync(f.fileno())
+HEARTBEAT_S = 30.0        # a running build writes its heartbeat this often
+LEASE_STALE_S = 120.0     # a publish lease whose holder has not beaten for this long is taken over
+PUBLISH_WAIT_S = 3600.0   # the longest a second publisher of the same build waits for the first
+PUBLISH_POLL_S = 0.5
+
+
+class _suppress:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, value, tb):
+        return kind is not None and issubclass(kind, Exception)
+
+
+def _pid_alive(pid: Any) -> bool:
+    if not isinstance(pid, int) or pid <= 0:
+        return True  # unknown: judge by time
+    if pid == os.getpid():
+        return True
     try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    return True
+
+
+def _accepts_storage_options(fn: Callable) -> bool:
+    import inspect
+
+    target = getattr(fn, "fn", fn)  # a Prefect task wraps the function
+    try:
+        params = inspect.signature(target).parameters
+    except (TypeError, ValueError):
+        return False
+    return "storage_options" in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
+
+
+class Heartbeat:
+    """``<staging>/heartbeats/<token>.json`` = {token, host, pid, time}, rewritten every ``interval_s`` by a daemon
+    thread while a build (or a publish) runs. Write failures are ignored: a missed beat only makes the build look
+    older to `pairforge gc`, whose threshold (1 h by default) is far above the interval."""
+
+    def __init__(self, root: Root, staging_dir: str, interval_s: float):
+        import socket
+        import uuid
+
+        self.root, self.staging_dir, self.interval_s = root, staging_dir, float(interval_s)
+        self.token = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self.path = f"{staging_dir}/heartbeats/{self.token}.json"
+        self._stop = None
+        self._thread = None
+
+    def beat(self) -> None:
+        import socket
+
+        body = {"token": self.token, "host": socket.gethostname(), "pid": os.getpid(), "time": time.time()}
+        with _suppress():
+            self.root.write_bytes(self.path, json.dumps(body, sort_keys=True).encode())
+
+    def start(self) -> "Heartbeat":
+        import threading
+
+        if self._thread is None:
+            self.beat()
+            self._stop = threading.Event()
+            self._thread = threading.Thread(target=self._run, name="pairforge-heartbeat", daemon=True)
+            self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self.beat()
+
+    def stop(self) -> None:
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join(timeout=5)
+            self._thread = None
+            with _suppress():
+                if self.root.exists(self.path):
+                    self.root.rm(self.path)
+
+    def __enter__(self) -> "Heartbeat":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def last_heartbeat(root: Root, staging_dir: str, token: str | None = None) -> float | None:
+    """The newest heartbeat time (epoch seconds) in a staging area, of one holder (``token``) or of any."""
+    best = None
+    for name in root.listdir_names(f"{staging_dir}/heartbeats"):
+        if not name.endswith(".json") or (token is not None and name != f"{token}.json"):
+            continue
+        try:
+            t = float(json.loads(root.read_bytes(f"{staging_dir}/heartbeats/{name}"))["time"])
+        except (FileNotFoundError, ValueError, KeyError, TypeError):
+            continue
+        best = t if best is None else max(best, t)
+    return best
+
+
+def _commit_local(root: Root, data_dir: str, version_dir: str, manifest: bytes) -> None:
+    def write_manifest() -> None:
+        path = os.path.join(data_dir, MANIFEST)
+        root._inject("write", path)
+        with open(path, "wb") as f:
+            f.write(manifest)
+            f.flush()
+            root._inject("fsync", path)
+            os.fsync(f.fileno())
+
+    root.retrying(f"{data_dir}/{MANIFEST}", write_manifest)
+
+    def rename() -> None:
+        root._inject("rename", version_dir)
         os.rename(data_dir, version_dir)  # the one atomic step that makes the version visible
+
+    try:
+        root.retrying(version_dir, rename)
+    except StoreError:
+        raise
     except OSError as e:
         raise PublishError(f"cannot publish to {version_dir}: {e.strerror}; is the version number taken?") from None
 
@@ -453,14 +670,41 @@ def open_build(root: Root, spec: BaseSpec, spec_text: str, digest: str, code_ver
                            "key": key}, sort_keys=True).encode()
         if root.create_exclusive(build_json, body):
             return BuildStaging(root, spec, spec_text, digest, code_version, key, v)
-        # Another process opened the same build a moment ago: join it (its number wins; ours stays a gap).
+        # Another process opened the same build a moment ago: join it (its number wins). Ours was never written
+        # into any file, so it is given back (no gap) -- unless the winner holds that very number.
+        try:
+            theirs = int(json.loads(root.read_bytes(build_json))["version"])
+        except (FileNotFoundError, ValueError, KeyError):
+            theirs = None
+        if theirs is not None and theirs != v:
+            root.rm(root.join(name, "_versions", f"v{v}.json"))
     raise PublishError(f"cannot open a build of {name}: its staging folder keeps changing under us")
 
 
 def _reserve(root: Root, name: str, key: str, digest: str, code_version: str) -> int:
-    v = max(_taken_numbers(root, name), default=0) + 1
+    """The lowest number no reservation or version folder holds (a number given back by a process that joined
+    another one's build is taken again, so concurrent builds leave no gaps). Reservations of builds that wrote
+    anything are never removed, so a number that may be inside a watermark is never reused."""
     body = json.dumps({"key": key, "digest": digest, "code_version": code_version}, sort_keys=True).encode()
+    folders = {int(e[1:]) for e in root.listdir_names(root.dataset_dir(name)) if e.startswith("v") and e[1:].isdigit()}
+    reserved = {int(e[1:-5]) for e in root.listdir_names(root.join(name, "_versions"))
+                if e.startswith("v") and e.endswith(".json") and e[1:-5].isdigit()}
+    # A process of this very build (same key) reserved a number a moment ago and nothing is published under it:
+    # share it, so that same-spec builds started together take one number, not one each.
+    for n in sorted(reserved - folders if root.local else reserved):
+        if n in folders and root.exists(root.join(name, f"v{n}", MANIFEST)):
+            continue
+        try:
+            if root.read_bytes(root.join(name, "_versions", f"v{n}.json")) == body and \
+                    not root.exists(root.join(name, f"v{n}", MANIFEST)):
+                return n
+        except FileNotFoundError:
+            continue
+    taken = folders | reserved
+    v = 1
     for _ in range(1000):
+        while v in taken:
+            v += 1
         if v >= 1 << 16:
             raise PublishError(f"{name} has used all 65535 version numbers the watermark can carry")
         if root.create_exclusive(root.join(name, "_versions", f"v{v}.json"), body):

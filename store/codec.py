@@ -4,8 +4,9 @@ Which encoding an image gets is its domain's codec (``store.codecs``); the helpe
 codecs use.
 
 CT images: lossless 16-bit PNG of HU + 1024, clipped to [0, 65535] (so -1024 HU is 0). Surface images: 8-bit
-PNG, grey or RGB. Labels: 8-bit PNG of class ids; instance maps: 16-bit PNG. Compression level 1 (fixed, so
-the bytes are a pure function of the pixels). Provenance JSON goes into an iTXt chunk named ``pairforge``.
+PNG, grey or RGB. Labels: 8-bit PNG of class ids; instance maps: 16-bit PNG. Standard PNG written here (libdeflate, compression level 1,
+a fixed filter per kind of array: the bytes are a pure function of the pixels); read with any PNG decoder
+(OpenCV here). Provenance JSON goes into an iTXt chunk named ``pairforge``.
 """
 from __future__ import annotations
 
@@ -46,21 +47,56 @@ def _chunk(kind: bytes, data: bytes) -> bytes:
     return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
 
 
-def encode_png(array: np.ndarray, text: dict[str, Any] | None = None) -> bytes:
-    """PNG bytes (level 1); RGB arrays are given in RGB order. ``text`` goes into one iTXt chunk as JSON."""
-    a = array
-    if a.ndim == 3:
-        a = cv2.cvtColor(a, cv2.COLOR_RGB2BGR)
-    ok, buf = cv2.imencode(".png", a, [cv2.IMWRITE_PNG_COMPRESSION, PNG_LEVEL])
-    if not ok:
-        raise RuntimeError(f"PNG encoding failed for an array of {array.dtype} {array.shape}")
-    data = buf.tobytes()
+# PNG filter per row (the same one on every row: bytes stay a pure function of the pixels). "up" (2) suits images
+# (neighbouring rows are alike); "none" (0) suits label and instance maps (long runs of one value).
+PNG_FILTERS = {"none": 0, "sub": 1, "up": 2}
+_COLOUR_TYPES = {1: 0, 3: 2, 4: 6}  # channels -> PNG colour type: grey, RGB, RGBA
+
+
+def _filtered_rows(a: np.ndarray, kind: int) -> np.ndarray:
+    """The image's scanlines, each preceded by its filter-type byte, as one (h, 1 + row bytes) uint8 array."""
+    h = a.shape[0]
+    be = a.astype(">u2", copy=False) if a.dtype == np.uint16 else np.ascontiguousarray(a)
+    raw = be.reshape(h, -1).view(np.uint8)
+    out = np.empty((h, raw.shape[1] + 1), np.uint8)
+    out[:, 0] = kind
+    body = out[:, 1:]
+    if kind == 0:
+        body[...] = raw
+    elif kind == 1:
+        bpp = a.itemsize * (a.shape[2] if a.ndim == 3 else 1)
+        body[:, :bpp] = raw[:, :bpp]
+        np.subtract(raw[:, bpp:], raw[:, :-bpp], out=body[:, bpp:])  # modulo 256
+    else:
+        body[0] = raw[0]
+        np.subtract(raw[1:], raw[:-1], out=body[1:])  # modulo 256
+    return out
+
+
+def encode_png(array: np.ndarray, text: dict[str, Any] | None = None, png_filter: str = "up") -> bytes:
+    """Standard PNG bytes: 8- or 16-bit grey, RGB or RGBA (given in RGB order), one filter on every row
+    (``png_filter``: "up" for images, "none" for label maps), one IDAT compressed by libdeflate at ``PNG_LEVEL``.
+    ``text`` goes into one iTXt chunk named ``pairforge`` as JSON, right after IHDR. Readers need nothing but a PNG
+    decoder (OpenCV, Pillow, libpng); files written by the earlier zlib encoder read the same way."""
+    import deflate
+
+    a = np.asarray(array)
+    if a.dtype not in (np.uint8, np.uint16):
+        raise ValueError(f"PNG stores uint8 or uint16 pixels, not {a.dtype} (array of shape {a.shape})")
+    channels = a.shape[2] if a.ndim == 3 else 1
+    if a.ndim not in (2, 3) or channels not in _COLOUR_TYPES or 0 in a.shape[:2]:
+        raise ValueError(f"PNG stores HxW, HxWx3 or HxWx4 arrays, not {a.shape}")
+    if png_filter not in PNG_FILTERS:
+        raise ValueError(f"PNG filter {png_filter!r} is not known; accepted: {', '.join(PNG_FILTERS)}")
+    h, w = a.shape[:2]
+    ihdr = struct.pack(">IIBBBBB", w, h, 8 * a.itemsize, _COLOUR_TYPES[channels], 0, 0, 0)
+    parts = [_PNG_SIG, _chunk(b"IHDR", ihdr)]
     if text is not None:
         payload = json.dumps(text, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
-        itxt = _chunk(b"iTXt", ITXT_KEY + b"\x00\x00\x00" + b"\x00" + b"\x00" + payload)
-        ihdr_end = 8 + 8 + 13 + 4
-        data = data[:ihdr_end] + itxt + data[ihdr_end:]
-    return data
+        parts.append(_chunk(b"iTXt", ITXT_KEY + b"\x00\x00\x00" + b"\x00" + b"\x00" + payload))
+    parts += [_chunk(b"IDAT", deflate.zlib_compress(_filtered_rows(a, PNG_FILTERS[png_filter]), PNG_LEVEL)),
+              _chunk(b"IEND", b"")]
+    return b"".join(parts)
 
 
 def decode_png(data: bytes) -> np.ndarray:

@@ -5,8 +5,8 @@ its codec (Arrow column ``image_codec``: name, version, parameters) and the mani
 (``codecs.image``); the loader decodes by that record, never by looking at pixels or at the domain name.
 
 Built-in codecs:
-- ``hu16`` v1: float Hounsfield units -> 16-bit PNG of HU + 1024 clipped to [0, 65535] (CT); watermark 4 HU;
-- ``u8`` v1: 8-bit grey (HxW) or RGB (HxWx3) PNG as is; watermark 2 grey levels;
+- ``hu16`` v1: float Hounsfield units -> 16-bit PNG of HU + 1024 clipped to [0, 65535] (CT); watermark 14 HU;
+- ``u8`` v1: 8-bit grey (HxW) or RGB (HxWx3) PNG as is; watermark 5 grey levels;
 - ``float16`` v1: any float intensity -> 16-bit PNG of round((value - offset) / scale), clipped to [0, 65535];
   ``scale`` and ``offset`` are parameters recorded with every sample; watermark ``watermark_levels`` stored levels.
 
@@ -95,10 +95,10 @@ class Codec:
         return wm.keep_out_mask(instance)
 
     def label_to_bytes(self, label: np.ndarray, context: dict[str, Any] | None = None) -> bytes:
-        return png.encode_png(np.asarray(label, dtype=np.uint8))
+        return png.encode_png(np.asarray(label, dtype=np.uint8), png_filter="none")
 
     def instance_to_bytes(self, instance: np.ndarray, context: dict[str, Any] | None = None) -> bytes:
-        return png.encode_png(np.asarray(instance, dtype=np.uint16))
+        return png.encode_png(np.asarray(instance, dtype=np.uint16), png_filter="none")
 
     def map_from_bytes(self, data: bytes) -> np.ndarray:
         """A stored label or instance map."""

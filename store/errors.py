@@ -19,3 +19,7 @@ class IntegrityError(StoreError):
 
 class PublishError(StoreError):
     """A build cannot be published (shards missing, version already taken)."""
+
+
+class NoSpaceError(StoreError):
+    """The root's disk (or quota) is full: not retried; the build stops with one line and resumes when rerun."""

@@ -205,9 +205,12 @@ def staged_folder(final: str | os.PathLike, overwrite: bool = False) -> Iterator
         parent = parent.parent
     tmp = final.parent / f".{final.name}.partial-{secrets.token_hex(4)}"
     try:
-        for p in reversed(created):
-            os.mkdir(p)
-        os.mkdir(tmp)
+        try:
+            for p in reversed(created):
+                os.mkdir(p)
+            os.mkdir(tmp)
+        except OSError as e:  # a file in the way, a read-only or full disk, a name too long
+            raise SpecError(f"cannot create the export folder {str(final)[:300]!r}: {e.strerror or e}") from None
         yield tmp
         old = None
         if os.path.lexists(final):

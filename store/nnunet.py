@@ -15,6 +15,12 @@ published PNGs byte for byte, watermark kept); any other image (e.g. CT in Houns
 nibabel). Labels are the label maps with class ids made consecutive (nnU-Net requires 0, 1, 2, ...): the class
 table's ids in ascending order; ``dataset.json`` names every class (id 0 as ``background``, as nnU-Net requires)
 and keeps the original ids and names under ``pairforge_label_ids`` and ``pairforge_label_names``. Samples that failed QC are left out unless ``include_failed``.
+
+Volumes (a codec with ``spatial_dims == 3``, e.g. chest-CT volumes stored as NIfTI): the image is the published
+``.nii.gz`` byte for byte (int16 HU, RAS affine with the voxel spacing, watermark and provenance extension kept) as
+``imagesTr/<Name>_<id>_0000.nii.gz``; the label is written with the same affine (uint8, ids made consecutive), so
+nnU-Net's readers (SimpleITK or nibabel) see the same geometry for both; the channel is named ``CT`` (nnU-Net's CT
+normalisation) when the codec stores Hounsfield units.
 """
 from __future__ import annotations
 
@@ -26,7 +32,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from schemas.errors import SpecError
-from store import codec
+from store import codec, codecs
 from store.export import Option, register_exporter, exported, staged_folder
 from store.export_meta import consecutive_ids, image_array, label_array, remap, write_provenance
 from store.read import VersionDataset
@@ -75,6 +81,8 @@ def export_nnunet(version: VersionDataset, dest: Path, *, split: Sequence[str] |
     indices = exported(version, split, classes, include_failed)
     mapping = consecutive_ids(version)
     table = version.manifest.class_table
+    if codecs.codec_for_row(version.row(indices[0])).spatial_dims == 3:
+        return _export_volumes(version, Path(dest) / folder, name, indices, mapping, overwrite)
     first = image_array(version, indices[0])
     natural = first.dtype == np.uint8
     ending = ".png" if natural else ".nii.gz"
@@ -121,3 +129,62 @@ def export_nnunet(version: VersionDataset, dest: Path, *, split: Sequence[str] |
         dataset_json["reference"] = f"manifest sha256 {prov['manifest_sha256']}"
         (out / "dataset.json").write_text(json.dumps(dataset_json, indent=1) + "\n")
     return {"path": str(Path(dest) / folder), "counts": counts, "file_ending": ending}
+
+
+def _dataset_json(version: VersionDataset, channels: dict[str, str], mapping: dict[int, int], n_train: int,
+                  ending: str) -> dict[str, Any]:
+    table = version.manifest.class_table
+    return {
+        "channel_names": channels,
+        "labels": {("background" if new == 0 else table[str(old)]): new for old, new in mapping.items()},
+        "numTraining": n_train,
+        "file_ending": ending,
+        "name": f"{version.name} v{version.version}",
+        "description": f"pairforge synthetic dataset {version.ref} (see README.md and PROVENANCE.json)",
+        "licence": None,
+        "pairforge_label_ids": {str(new): old for old, new in mapping.items()},
+        "pairforge_label_names": {str(new): table[str(old)] for old, new in mapping.items()},
+        "pairforge_source": version.ref,
+    }
+
+
+def _export_volumes(version: VersionDataset, final: Path, name: str, indices: list[int], mapping: dict[int, int],
+                    overwrite: bool) -> dict[str, Any]:
+    """3-D samples: the published image NIfTI as is, the label re-written (consecutive ids) with the same affine."""
+    from store.nifti import nifti_bytes
+
+    c0 = codecs.codec_for_row(version.row(indices[0]))
+    hu = "HU" in (c0.manifest_description or "") or "hounsfield" in (c0.manifest_description or "").lower()
+    channels = {"0": "CT" if hu else version.manifest.domain}
+    counts = {"imagesTr": 0, "imagesTs": 0}
+    spacing: list[float] = []
+    with staged_folder(final, overwrite=overwrite) as out:
+        for sub in ("imagesTr", "labelsTr", "imagesTs", "labelsTs"):
+            (out / sub).mkdir()
+        for i in indices:
+            row = version.row(i)
+            c = codecs.codec_for_row(row)
+            case = f"{name}_{row['sample_id']}"
+            img_dir, lab_dir = ("imagesTr", "labelsTr") if row["split"] in TRAIN_SPLITS else ("imagesTs", "labelsTs")
+            img_bytes = version.file_bytes(i, "image")
+            _, meta = c.read_meta(img_bytes)
+            affine = np.asarray(meta["affine"], np.float64)
+            label = remap(c.map_from_bytes(version.file_bytes(i, "label")), mapping)
+            (out / img_dir / f"{case}_0000.nii.gz").write_bytes(img_bytes)
+            (out / lab_dir / f"{case}.nii.gz").write_bytes(
+                nifti_bytes(label, affine, f"pairforge labels of {version.ref}/{row['sample_id']}"))
+            spacing = [float(v) for v in np.sqrt((affine[:3, :3] ** 2).sum(0))[::-1]]
+            counts[img_dir] += 1
+        dataset_json = _dataset_json(version, channels, mapping, counts["imagesTr"], ".nii.gz")
+        prov = write_provenance(out, version, "nnunet", "an nnU-Net v2 raw dataset (3-D volumes)", len(indices), notes=[
+            f"Volumes: `imagesTr/` holds the train and val splits ({counts['imagesTr']}), `imagesTs/` the test split "
+            f"({counts['imagesTs']}); `labelsTs/` holds the test labels for evaluation.",
+            "Images are the published NIfTI files (int16 HU, RAS+ affine with the voxel spacing); labels carry the "
+            "same affine. Class ids are the class table's ids in ascending order, made consecutive "
+            "(`pairforge_label_ids` in dataset.json maps them back).",
+        ])
+        dataset_json["licence"] = prov["license"]
+        dataset_json["reference"] = f"manifest sha256 {prov['manifest_sha256']}"
+        (out / "dataset.json").write_text(json.dumps(dataset_json, indent=1) + "\n")
+    return {"path": str(final), "counts": counts, "file_ending": ".nii.gz", "dims": 3,
+            "spacing_zyx_mm": spacing}

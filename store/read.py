@@ -1,11 +1,11 @@
-"""Reading published versions: listing, manifests, the sample loader (numpy, torch, MONAI-style dicts), pull with
-sha256 checks, and re-hashing a whole version. Readers only see versions whose manifest.json exists.
+"""Reading published versions: listing, manifests, the sample loader (numpy, torch, MONAI-style dicts), and
+re-hashing a whole version (pull is in store/transfer.py). Readers only see versions whose manifest.json exists.
 """
 from __future__ import annotations
 
+import hashlib
 import io
-import os
-import shutil
+import json
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Sequence
 
@@ -19,7 +19,7 @@ from store import codec
 from store import codecs
 from store.build import content_digest, published_versions
 from store.errors import IntegrityError, StoreError
-from store.root import MANIFEST, SAMPLES, Root, check_name, ensure_readable, parse_ref, resolve_root
+from store.root import MANIFEST, SAMPLES, Root, check_name, ensure_readable, parse_ref
 
 
 # ---------------------------------------------------------------- listing and resolving
@@ -50,13 +50,26 @@ def resolve_version(root: Root, ref: str) -> tuple[str, int]:
     if not versions:
         names = list_dataset_names(root)
         there = ", ".join(names) if names else "none"
-        raise StoreError(f"no dataset {name!r} at {root.url}; datasets there: {there} ({root.origin})")
+        raise StoreError(f"no dataset {name!r} at {root.url}; datasets there: {there} ({root.origin})"
+                         f"{_no_manifest_note(root, name, version)}")
     if version is None:
         return name, versions[-1]
     if version not in versions:
         raise StoreError(f"dataset {name!r} has no published version {version} at {root.url}; published versions: "
-                         f"{', '.join(f'v{v}' for v in versions)}")
+                         f"{', '.join(f'v{v}' for v in versions)}{_no_manifest_note(root, name, version)}")
     return name, version
+
+
+def _no_manifest_note(root: Root, name: str, version: int | None) -> str:
+    """For a version folder that exists without its manifest (deleted, or a publish that never finished)."""
+    if version is None:
+        return ""
+    try:
+        there = root.exists(root.join(name, f"v{version}"))
+    except Exception:  # noqa: BLE001 - only a hint
+        return ""
+    return (f" (folder {name}/v{version} exists but its {MANIFEST} is missing: the version is not published or its "
+            "manifest was deleted)") if there else ""
 
 
 def read_manifest(root: Root, name: str, version: int) -> Manifest:
@@ -76,6 +89,9 @@ def read_index(root: Root, name: str, version: int, manifest: Manifest | None = 
     if verify:
         m = manifest or read_manifest(root, name, version)
         got = codec.sha256(data)
+        if got != m.samples_parquet_sha256 and m.files.get(SAMPLES) == got:
+            raise IntegrityError(f"{name}@v{version}/{MANIFEST}: its samples_parquet_sha256 disagrees with "
+                                 f"{SAMPLES} and with its own file list; the manifest is corrupted", [MANIFEST])
         if got != m.samples_parquet_sha256:
             raise IntegrityError(f"{name}@v{version}/{SAMPLES}: sha256 mismatch (expected "
                                  f"{m.samples_parquet_sha256[:12]}..., got {got[:12]}...); the file is corrupted",
@@ -142,7 +158,19 @@ class VersionDataset(Sequence):
     def __init__(self, root: Root, name: str, version: int, split: str | None = None, verify: bool = True):
         self.root, self.name, self.version, self.verify = root, name, version, verify
         self.manifest = read_manifest(root, name, version)
-        table = read_index(root, name, version, self.manifest, verify=verify)
+        try:
+            table = read_index(root, name, version, self.manifest, verify=verify)
+        except IntegrityError:
+            raise
+        except Exception as e:  # noqa: BLE001 - Parquet that cannot be read
+            raise IntegrityError(f"{name}@v{version}/{SAMPLES}: cannot be read ({type(e).__name__}); the file is "
+                                 "corrupted", [SAMPLES]) from None
+        if verify:
+            problems = manifest_problems(self.manifest, name, version, table)
+            _, digest_problems = _version_files(root, name, version, self.manifest)
+            problems += digest_problems
+            if problems:
+                raise IntegrityError(f"{name}@v{version}/{problems[0]}", [MANIFEST])
         if split is not None:
             known = sorted(set(table.column("split").to_pylist()))
             if split not in known:
@@ -315,7 +343,7 @@ class _MonaiView(Sequence):
         return self.ds.monai_item(i)
 
 
-# ---------------------------------------------------------------- verify and pull
+# ---------------------------------------------------------------- verify (pull: store/transfer.py)
 @dataclass
 class VersionReport:
     ref: str
@@ -325,6 +353,13 @@ class VersionReport:
     @property
     def ok(self) -> bool:
         return not self.problems
+
+    def lines(self) -> list[str]:
+        """A verdict line, then one line per problem (each names its file)."""
+        if self.ok:
+            return [str(self)]
+        return [f"{self.ref}: {len(self.problems)} problem(s) in {self.files_checked} files checked"] + [
+            f"  {p}" for p in self.problems]
 
     def __str__(self) -> str:
         if self.ok:
@@ -338,15 +373,43 @@ def _version_files(root: Root, name: str, version: int, m: Manifest) -> tuple[di
     try:
         table = read_index(root, name, version, m, verify=True)
     except IntegrityError as e:
-        return dict(m.files), [f"{SAMPLES}: sha256 mismatch, the index is corrupted ({e})"]
+        if MANIFEST in e.paths:
+            return dict(m.files), [f"{MANIFEST}: samples_parquet_sha256 disagrees with {SAMPLES} and with the "
+                                   "manifest's own file list"]
+        return dict(m.files), [f"{SAMPLES}: sha256 mismatch, the index is corrupted"]
+    except Exception as e:  # noqa: BLE001 - unreadable Parquet behind a matching hash (e.g. a changed manifest)
+        return dict(m.files), [f"{SAMPLES}: cannot be read ({type(e).__name__})"]
     files = dict(m.files)
     cols = table.select(["image_path", "image_sha256", "label_path", "label_sha256", "instance_path",
                          "instance_sha256"]).to_pydict()
     for p, h in (("image_path", "image_sha256"), ("label_path", "label_sha256"), ("instance_path", "instance_sha256")):
         files.update(zip(cols[p], cols[h]))
     if content_digest(files) != m.content_digest:
-        problems.append("the index and manifest disagree with the content digest")
+        problems.append(f"{MANIFEST}: the content digest disagrees with the file hashes of the index and manifest")
     return files, problems
+
+
+def manifest_problems(m: Manifest, name: str, version: int, table=None) -> list[str]:
+    """What in ``manifest.json`` contradicts its own folder, its spec or the index (``table``, already checked
+    against the manifest's sha256): each a line naming manifest.json. A changed byte in a hash, a count, the spec,
+    the name or the version shows here or in the content digest; free text (created_at, library versions) is not
+    covered by any hash (docs/robustness.md)."""
+    out = []
+    if m.name != name or m.version != version:
+        out.append(f"{MANIFEST}: names {m.name}@v{m.version} but lies in {name}/v{version}")
+    d = {k: v for k, v in m.spec.items() if k not in ("schedule", "description")}  # as schemas.spec.spec_hash
+    if hashlib.sha256(json.dumps(d, sort_keys=True, separators=(",", ":")).encode()).hexdigest() != m.spec_hash:
+        out.append(f"{MANIFEST}: spec_hash does not match the spec it records")
+    if table is not None:
+        splits: dict[str, int] = {}
+        for sp in table.column("split").to_pylist():
+            splits[sp] = splits.get(sp, 0) + 1
+        findings = sum(len(f or []) for f in table.column("measured").to_pylist())
+        failed = sum(1 for q in table.column("qc").to_pylist() if q and not q.get("passed", True))
+        have = (m.counts.samples, dict(sorted(m.counts.splits.items())), m.counts.findings, m.counts.qc_failed)
+        if have != (table.num_rows, dict(sorted(splits.items())), findings, failed):
+            out.append(f"{MANIFEST}: counts (samples, splits, findings, QC failures) disagree with {SAMPLES}")
+    return out
 
 
 def verify_version_at(root: Root, ref: str) -> VersionReport:
@@ -354,6 +417,11 @@ def verify_version_at(root: Root, ref: str) -> VersionReport:
     m = read_manifest(root, name, version)
     report = VersionReport(f"{name}@v{version}")
     files, report.problems = _version_files(root, name, version, m)
+    try:
+        table = read_index(root, name, version, m, verify=True)
+    except Exception:  # noqa: BLE001 - already reported by _version_files
+        table = None
+    report.problems += manifest_problems(m, name, version, table)
     base = root.join(name, f"v{version}")
     paths = [f"{base}/{rel}" for rel in sorted(files)]
     blobs = _cat_many(root, paths)
@@ -383,54 +451,10 @@ def _cat_many(root: Root, paths: list[str], batch: int = 256) -> dict[str, bytes
             got = root.fs.cat(chunk, on_error="return")
             for p in chunk:
                 v = got.get(p, got.get(root.fs._strip_protocol(p)))
+                if isinstance(v, BaseException) and not isinstance(v, FileNotFoundError):
+                    try:  # a transient error (5xx, timeout) is not a missing file: ask again, with back-off
+                        v = root.read_bytes(p)
+                    except FileNotFoundError:
+                        v = None
                 out[p] = v if isinstance(v, (bytes, bytearray)) else None
     return out
-
-
-def pull_version(root: Root, ref: str, dest: str | os.PathLike) -> str:
-    """Copy a version to ``<dest>/<name>/v<N>/`` verifying every sha256 (and the content digest) on the way; the
-    copy appears in one rename, so ``dest`` can serve as a local root. Returns the local version folder."""
-    name, version = resolve_version(root, ref)
-    m = read_manifest(root, name, version)
-    files, problems = _version_files(root, name, version, m)
-    if problems:
-        raise IntegrityError(f"cannot pull {name}@v{version}: {problems[0]}", [SAMPLES])
-    dest_root = os.path.abspath(os.fspath(dest))
-    final = os.path.join(dest_root, name, f"v{version}")
-    if os.path.exists(os.path.join(final, MANIFEST)):
-        rep = verify_version_at(resolve_root(dest_root), f"{name}@v{version}")
-        if rep.ok:
-            return final
-        raise IntegrityError(f"{final} already exists and does not match {name}@v{version}: {rep.problems[0]}",
-                             rep.problems)
-    try:
-        os.makedirs(os.path.join(dest_root, name), exist_ok=True)
-    except OSError as e:
-        raise StoreError(f"cannot write to pull destination {dest_root!r}: {e.strerror}") from None
-    tmp = os.path.join(dest_root, name, f".v{version}.partial-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    base = root.join(name, f"v{version}")
-    rels = sorted(files)
-    try:
-        for s in range(0, len(rels), 256):
-            chunk = rels[s:s + 256]
-            blobs = _cat_many(root, [f"{base}/{r}" for r in chunk])
-            for rel in chunk:
-                data = blobs[f"{base}/{rel}"]
-                if data is None:
-                    raise IntegrityError(f"cannot pull {name}@v{version}: {rel} is missing", [rel])
-                got = codec.sha256(data)
-                if got != files[rel]:
-                    raise IntegrityError(f"cannot pull {name}@v{version}: {rel}: sha256 mismatch (expected "
-                                         f"{files[rel][:12]}..., got {got[:12]}...); the file is corrupted", [rel])
-                path = os.path.join(tmp, *rel.split("/"))
-                os.makedirs(os.path.dirname(path), exist_ok=True)
-                with open(path, "wb") as f:
-                    f.write(data)
-        with open(os.path.join(tmp, MANIFEST), "wb") as f:
-            f.write(root.read_bytes(f"{base}/{MANIFEST}"))
-        os.rename(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return final

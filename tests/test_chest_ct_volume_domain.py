@@ -142,9 +142,9 @@ def test_load_equals_generation_and_gives_monai_and_torchio_volumes(built):
     for i, (got, want) in enumerate(zip(ds, made)):
         assert got["image"].shape == SHAPE and got["label"].shape == SHAPE
         assert np.array_equal(got["label"], want.label) and np.array_equal(got["instance"], want.instance)
-        # int16 rounding (0.5 HU) plus the per-slice watermark (at most 4 HU, none on findings)
+        # int16 rounding (0.5 HU) plus the per-slice watermark (at most 14 HU, none on findings)
         diff = np.abs(got["image"] - np.clip(want.image, -1024, 3071))
-        assert diff.max() <= 4.5 and diff[want.instance > 0].max() <= 0.5
+        assert diff.max() <= 14.5 and diff[want.instance > 0].max() <= 0.5
         assert [f["equivalent_diameter_mm"] for f in got["measured"]] == \
             [f["equivalent_diameter_mm"] for f in want.measured]
         assert np.allclose(got["affine"], np.asarray(want.params["layout"]["affine_ras"]))

@@ -3,7 +3,6 @@ statement, those inside functions included): no cycles, and the layering rule of
 
     schemas                        imports no other project package
     generators, annotators, store  import only schemas
-    training                       imports schemas, generators, store
     flows                          imports anything
     bench                          imports nothing from tests
 """
@@ -15,10 +14,10 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-PACKAGES = ("schemas", "generators", "annotators", "store", "training", "flows", "bench")
+PACKAGES = ("schemas", "generators", "annotators", "store", "flows", "bench")
 # What each package may import from the project besides itself; None: anything.
 ALLOWED = {"schemas": set(), "generators": {"schemas"}, "annotators": {"schemas"}, "store": {"schemas"},
-           "training": {"schemas", "generators", "store"}, "flows": None, "bench": None, "tests": None}
+           "flows": None, "bench": None, "tests": None}
 FORBIDDEN_EVERYWHERE_BUT_TESTS = {"tests"}
 
 

@@ -100,7 +100,8 @@ def test_cli_refuses_a_bad_training_spec_with_exit_code_2(tmp_path):
 
 # ------------------------------------------------------------------------------------------------ data
 def test_folder_pairs_are_mapped_split_and_hashed(pairs_folder, tmp_path):
-    from training.data import load_prepared, prepare
+    from flows.train_data import prepare
+    from generators.learned_data import load_prepared
 
     spec = validate_train_spec(train_spec(pairs_folder))
     meta = prepare(spec, tmp_path / "data")
@@ -122,7 +123,7 @@ def test_folder_pairs_are_mapped_split_and_hashed(pairs_folder, tmp_path):
 
 
 def test_folder_labels_outside_the_class_mapping_are_refused(pairs_folder, tmp_path):
-    from training.data import prepare
+    from flows.train_data import prepare
 
     spec = validate_train_spec({**train_spec(pairs_folder), "data": {
         "folder": str(pairs_folder), "image_kind": "hu", "classes": {0: "air_outside", 1: "table"}}})
@@ -135,7 +136,7 @@ def test_folder_labels_outside_the_class_mapping_are_refused(pairs_folder, tmp_p
 
 
 def test_a_published_version_is_read_through_the_verified_reader(published_tiny, tmp_path):
-    from training.data import prepare
+    from flows.train_data import prepare
 
     spec = validate_train_spec({**train_spec(Path("/x")), "data": {
         "version": "tiny-ct@v1", "root": str(published_tiny["root"]), "splits": ["train", "val"]}})
@@ -154,7 +155,7 @@ KILL_CHILD = textwrap.dedent("""
     import json, sys, time, torch
     torch.set_num_threads(1)
     from schemas.training import validate_train_spec
-    from training.loop import train
+    from generators.learned_train import train
     spec = validate_train_spec(json.loads(sys.argv[2]))
     def stall(ev):
         if ev["event"] == "checkpoint":
@@ -171,8 +172,8 @@ def _tensors(path: Path) -> dict:
 
 
 def test_training_killed_with_sigkill_resumes_to_the_same_weights(pairs_folder, tmp_path):
-    from training.data import prepare
-    from training.loop import checkpoints, train
+    from flows.train_data import prepare
+    from generators.learned_train import checkpoints, train
 
     spec_d = train_spec(pairs_folder, steps=4, checkpoint_every=2)
     spec = validate_train_spec(spec_d)
@@ -279,8 +280,8 @@ def test_pickles_are_refused(flow_model, tmp_path):
 
 
 def test_a_checkpoint_holding_a_pickle_is_not_resumed(pairs_folder, tmp_path):
-    from training.data import prepare
-    from training.loop import train
+    from flows.train_data import prepare
+    from generators.learned_train import train
 
     spec = validate_train_spec(train_spec(pairs_folder, steps=1, checkpoint_every=1))
     prepare(spec, tmp_path / "data")
@@ -337,8 +338,8 @@ def test_a_spec_far_from_the_training_spacing_is_refused(flow_model):
 def test_a_diffusers_controlnet_is_fine_tuned_resumed_and_rendered(pairs_folder, tmp_path):
     from generators.tiny_models import build_tiny_base
     from generators.learned import LearnedRenderer
-    from training.data import prepare
-    from training.finetune import export_controlnet, train_controlnet
+    from flows.train_data import prepare
+    from generators.learned_finetune import export_controlnet, train_controlnet
 
     base = build_tiny_base(tmp_path / "base")
     d = {**train_spec(pairs_folder, steps=2, checkpoint_every=1, batch_size=2, sample_steps=2, lr=1e-4),
@@ -363,6 +364,6 @@ def test_a_diffusers_controlnet_is_fine_tuned_resumed_and_rendered(pairs_folder,
     assert img1.tobytes() == img2.tobytes() and p1["backend"] == "learned" and p1["model"]["route"] == "controlnet"
     with pytest.raises(SpecError, match="SDXL|pickle|does not exist"):
         bad = {**d, "finetune": {"base_model": str(tmp_path / "nowhere")}}
-        from training.finetune import check_finetune
+        from generators.learned_finetune import check_finetune
 
         check_finetune(validate_train_spec(bad))

@@ -1,6 +1,7 @@
-"""The invisible watermark: payload and ECC, distortion bounds, findings left untouched, recovery after the
-attacks users apply (8-bit lung window, JPEG 75, 0.5x downscale, 10 % crop), no false positives, speed and
-determinism. Uses real chest-CT and surface samples from the pipeline."""
+"""The invisible watermark (scheme v2): payload, keyed check and ECC, distortion bounds, findings left untouched,
+recovery after the attacks users apply (8-bit lung window, JPEG, 0.5x downscale, 10 % crop), no false positives,
+speed and determinism. Uses real chest-CT and surface samples from the pipeline. Geometric attacks (any scale,
+rotation, crop + JPEG), the acceptance rule and scheme-v1 compatibility: tests/test_watermark_sync.py."""
 from __future__ import annotations
 
 import hashlib
@@ -14,6 +15,7 @@ from flows.pipeline import make_samples
 from schemas.spec import load_spec_text
 from store import codec
 from store import watermark as wm
+from store import watermark_v1 as v1
 
 CT = load_spec_text("name: wm-ct\nsamples: 1000\nfindings: {negatives: 0.1, mixture: "
                     "['6-12 mm solid nodule, any lobe', '10-20 mm ground-glass nodule, RLL']}")
@@ -49,35 +51,36 @@ def test_payload_packs_dataset_version_and_index_into_64_bits():
 
 
 def test_convolutional_code_corrects_scattered_bit_errors():
-    info = np.frombuffer(hashlib.sha256(b"bits").digest(), np.uint8)[:10]
-    bits = np.unpackbits(info)  # 80 information bits
+    info = np.frombuffer(hashlib.sha256(b"bits").digest(), np.uint8)[:12]
+    bits = np.unpackbits(info)  # 96 information bits: 64 payload + 32 check
     coded = wm.conv_encode(bits)
-    assert len(coded) == wm.CODED_BITS == 172
+    assert len(coded) == wm.CODED_BITS == 204
     soft = 1.0 - 2.0 * coded
-    soft[[3, 30, 57, 84, 111, 138, 165]] *= -1  # 7 hard errors, spread out
+    soft[[3, 30, 57, 84, 111, 138, 165, 192]] *= -1  # 8 hard errors, spread out
     assert np.array_equal(wm.viterbi_decode(soft), bits)
+    assert np.array_equal(wm.viterbi_batch(np.stack([soft, soft]))[1], bits)
 
 
-def test_ct_mark_changes_no_pixel_by_more_than_4_hu_and_never_touches_findings(ct_samples):
+def test_ct_mark_changes_no_pixel_by_more_than_14_hu_and_never_touches_findings(ct_samples):
     for s in ct_samples:
         host = codec.hu_to_stored(s.image)
         marked = wm.embed(host, wm.payload_for("wm-ct", 1, s.index), wm.keep_out_mask(s.instance))
         diff = np.abs(marked.astype(np.int32) - host.astype(np.int32))
-        assert diff.max() == wm.CT_AMPLITUDE_HU == 4
+        assert diff.max() == wm.CT_AMPLITUDE_HU == 14
         if s.instance.any():
             assert diff[s.instance > 0].max() == 0
             assert diff[wm.keep_out_mask(s.instance)].max() == 0  # margin included
 
 
-def test_8bit_mark_keeps_psnr_above_42_db_on_grey_and_rgb():
+def test_8bit_mark_keeps_psnr_above_39_db_on_grey_and_rgb():
     samples = make_samples(load_spec_text(SURFACE_TEXT), range(2))
     for s in samples:
         for img in (s.image, cv2.cvtColor(s.image, cv2.COLOR_RGB2GRAY)):
             marked = wm.embed(img, wm.payload_for("wm-surface", 1, s.index), wm.keep_out_mask(s.instance))
             diff = marked.astype(np.float64) - img
-            assert np.abs(diff).max() <= 2
+            assert np.abs(diff).max() <= wm.U8_AMPLITUDE == 5
             psnr = 10 * np.log10(255 ** 2 / np.mean(diff ** 2))
-            assert psnr >= 42.0
+            assert psnr >= 39.0
             assert wm.decode(jpeg75(marked if marked.ndim == 2 else cv2.cvtColor(marked, cv2.COLOR_RGB2BGR))).payload \
                 == wm.payload_for("wm-surface", 1, s.index)
 
@@ -94,12 +97,18 @@ ATTACKS = {
 
 @pytest.mark.parametrize("attack", list(ATTACKS))
 def test_exact_payload_survives_attack(attack, ct_samples):
+    traced = 0
     for s in ct_samples:
         payload = wm.payload_for("wm-ct", 7, s.index)
         marked = wm.embed(codec.hu_to_stored(s.image), payload, wm.keep_out_mask(s.instance))
         det = wm.decode(ATTACKS[attack](marked))
-        assert det.found and det.payload == payload, (attack, s.index, det.sync_score)
-        assert (det.scale == 0.5) == ("downscale" in attack)
+        assert det.payload in (None, payload)  # never a wrong payload
+        if det.found:
+            traced += 1
+            assert (abs(det.scale - 0.5) < 0.01) == ("downscale" in attack), det.scale
+    # the combined attack leaves a 230-px JPEG'd copy: the blind scale search (no listed factors) and the payload
+    # read succeed on 4 of these 6 (measured; docs/watermark.md has the rates); every other attack: all 6
+    assert traced >= (4 if "crop" in attack and "downscale" in attack else len(ct_samples)), (attack, traced)
 
 
 def test_unmarked_images_are_not_reported_as_marked(ct_samples):
@@ -127,7 +136,10 @@ def test_pattern_is_a_fixed_function_of_the_key_and_uses_no_global_random_state(
     p = wm.Payload(0xABCDEF, 3, 12345)
     assert p.hex == "abcdef0003003039"
     # Pinned: changing the key or the layout would make every published mark unreadable.
-    assert hashlib.sha256(wm.tile_pattern(p).astype(np.int8).tobytes()).hexdigest() == \
+    assert hashlib.sha256(wm.tile_delta(p, 14).astype(np.int8).tobytes()).hexdigest() == \
+        "00239f4974c7a9c22e1cd1c53292c4a855da04da6186774130d9662df0b38f9f"
+    # scheme v1 (older versions) stays readable: its pattern is pinned too
+    assert hashlib.sha256(v1.tile_pattern(p).astype(np.int8).tobytes()).hexdigest() == \
         "e0aeb3df64a70401e8c8c3a6ad33addf6cf857c624b190ea2d6cb5fa7a7cdcc5"
     wm.decode(wm.embed(codec.hu_to_stored(ct_samples[0].image), p))
     assert np.array_equal(np.random.get_state()[1], state)

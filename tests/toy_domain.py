@@ -164,6 +164,7 @@ DOMAIN = Domain(
     codec="float16", codec_params={"scale": 0.01, "offset": -50.0}, parse_finding=parse_text,
     claims_text=lambda t: bool(re.search(r"\bhot\s*spot\b", t, re.I)), one_finding_spec=one_finding_spec,
     layout_module=MODULE, annotator_module=MODULE, renderers={"procedural": MODULE}, hooks_module=MODULE,
+    evaluation_module=MODULE,
     display_window=(30.0, 30.0), description="toy thermal frames (°C) with hot spots")
 
 
@@ -173,3 +174,15 @@ def register() -> Domain:
 
 
 register()
+
+
+# ---------------------------------------------------------------- evaluation profile (``pairforge evaluate``)
+from annotators.evaluation import EvalProfile, register_profile  # noqa: E402
+
+EVAL_PROFILE = register_profile(EvalProfile(
+    domain=NAME, units="°C", seg_groups={"hot_spot": (1,)}, finding_group="hot_spot", finding_ids=(1,),
+    surround_ids=(0,), reference_ranges={"background": ((0,), 15.0, 25.0), "hot_spot": ((1,), 24.0, 45.0)},
+    histogram_classes={"background": (0,), "hot_spot": (1,)},
+    threshold_classes={"background": (10.0, 24.9), "hot_spot": (25.0, 60.0)}, uniform_ids=(0,),
+    uniform_interval=(10.0, 24.9), value_range=(0, 100), windows=((30.0, 30.0),), display_window=(30.0, 30.0),
+    small_finding_mm=3.0))

@@ -1,7 +1,7 @@
-"""Training pairs: read from a published version (through the store's verified reader) or a folder of image/label
-files, mapped onto the domain's class table, split into train and held-out by a stable hash of each pair's id,
-and cached as one ``pairs.npz`` (network units) plus ``data.json`` (hashes, split, class table) in the model's
-working folder.
+"""Training pairs of the learned backend: a folder of image/label files read and mapped onto the domain's class table,
+pairs (from a folder, or from a version that ``flows.train_data`` reads through the store) split into train and
+held-out by a stable hash of each pair's id, and cached as one ``pairs.npz`` (network units) plus ``data.json``
+(hashes, split, class table) in the model's working folder, which the training loops read back.
 """
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ class Pairs:
     source: dict[str, Any] = field(default_factory=dict)
 
 
-def _sha(data: bytes) -> str:
+def sha256_hex(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
@@ -43,46 +43,6 @@ def domain_table(domain: str) -> dict[str, str]:
         return class_table(domain).as_dict()
     except KeyError as e:
         raise SpecError(str(e).strip("'\"")) from None
-
-
-# ------------------------------------------------------------------------------------------------ versions
-def read_version(spec: TrainSpec) -> Pairs:
-    from store import DatasetStore
-
-    st = DatasetStore(spec.data.root)
-    name, version = st.resolve(spec.data.version)
-    m = st.manifest(name, version)
-    if m.domain != spec.domain:
-        raise SpecError(f"data.version {name}@v{version} holds {m.domain!r} pairs; this spec trains a {spec.domain!r} "
-                        "model (a model renders the domain it was trained on)")
-    table = domain_table(spec.domain)
-    if m.class_table and m.class_table != table:
-        diff = sorted(k for k in set(m.class_table) | set(table) if m.class_table.get(k) != table.get(k))
-        raise SpecError(f"data.version {name}@v{version} uses a different {spec.domain} class table (id {diff[0]}: "
-                        f"{m.class_table.get(diff[0])!r} there, {table.get(diff[0])!r} here)")
-    ds = st.load(f"{name}@v{version}")
-    rows = ds.table.select(["sample_id", "split", "image_sha256", "label_sha256"]).to_pylist()
-    known = sorted({r["split"] for r in rows})
-    bad = sorted(set(spec.data.splits) - set(known))
-    if bad:
-        raise SpecError(f"data.splits {', '.join(bad)} not in {name}@v{version}; splits there: {', '.join(known)}")
-    ids, images, labels, hashes = [], [], [], []
-    spacings = []
-    for i, r in enumerate(rows):
-        if r["split"] not in spec.data.splits:
-            continue
-        s = ds[i]  # every file checked against its sha256
-        ids.append(r["sample_id"])
-        images.append(s["image"])
-        labels.append(s["label"])
-        spacings.append(float(s["spacing_mm"]))
-        hashes.append(_sha(f"{r['image_sha256']} {r['label_sha256']}".encode()))
-    if not ids:
-        raise SpecError(f"{name}@v{version} has no pairs in splits {', '.join(spec.data.splits)}")
-    kind = "hu" if np.issubdtype(images[0].dtype, np.floating) else "uint8"
-    return Pairs(ids, images, labels, hashes, kind, [min(spacings), max(spacings)],
-                 {"version": f"{name}@v{version}", "root": st.url, "content_digest": m.content_digest,
-                  "splits": list(spec.data.splits)})
 
 
 # ------------------------------------------------------------------------------------------------ folders
@@ -168,7 +128,7 @@ def read_folder(spec: TrainSpec) -> Pairs:
         ids.append(sid)
         images.append(img)
         labels.append(mapped.astype(np.uint8))
-        hashes.append(_sha(f"{_sha(ib)} {_sha(lb)}".encode()))
+        hashes.append(sha256_hex(f"{sha256_hex(ib)} {sha256_hex(lb)}".encode()))
     sp = [spec.data.spacing_mm] * 2 if spec.data.spacing_mm else None
     return Pairs(ids, images, labels, hashes, kind, sp, {"folder": str(root.resolve())})
 
@@ -189,7 +149,7 @@ def held_out_ids(ids: list[str], fraction: float, seed: int) -> set[str]:
 def pairs_digest(pairs: Pairs) -> str:
     """sha256 over the sorted (id, pair hash) lines: what the model was trained on, byte for byte."""
     lines = "".join(f"{i} {h}\n" for i, h in sorted(zip(pairs.ids, pairs.hashes)))
-    return _sha(lines.encode())
+    return sha256_hex(lines.encode())
 
 
 def to_arrays(pairs: Pairs, size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -203,20 +163,6 @@ def to_arrays(pairs: Pairs, size: int) -> tuple[np.ndarray, np.ndarray]:
         raise SpecError(f"pairs are {h}x{w}, smaller than the training size {size}; lower size or give larger pairs")
     x = np.stack([to_network(im, pairs.image_kind) for im in pairs.images])
     return x, np.stack(pairs.labels)
-
-
-def prepare(spec: TrainSpec, workdir: Path) -> dict[str, Any]:
-    """Read, map, split and cache the pairs (reused when the data section, domain and size are unchanged)."""
-    workdir.mkdir(parents=True, exist_ok=True)
-    key = _sha(json.dumps({"data": spec.data.model_dump(mode="json"), "domain": spec.domain, "size": spec.size,
-                           "seed": spec.train.seed}, sort_keys=True).encode())
-    meta_path, arr_path = workdir / "data.json", workdir / "pairs.npz"
-    if meta_path.is_file() and arr_path.is_file():
-        meta = json.loads(meta_path.read_text())
-        if meta.get("key") == key:
-            return {**meta, "reused": True}
-    pairs = read_version(spec) if spec.data.version else read_folder(spec)
-    return write_prepared(pairs, workdir, spec.size, spec.data.held_out, spec.train.seed, spec.domain, key)
 
 
 def write_prepared(pairs: Pairs, workdir: Path, size: int, held_out: float, seed: int, domain: str,

@@ -11,9 +11,7 @@ import copy
 import datetime as dt
 import hashlib
 import json
-import math
 import shutil
-import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -24,10 +22,9 @@ import torch.nn.functional as F
 from generators.conditioning import segmentation_image
 from generators.learned import CONFIG, FORMAT, PROVENANCE, from_network
 from schemas.errors import SpecError
+from generators.learned_data import load_prepared
+from generators.learned_train import autocast_dtype, checkpoints, resolve_device, run_training, validation_grid
 from schemas.training import TrainSpec, train_spec_hash
-from training.data import load_prepared
-from training.loop import (autocast_dtype, checkpoints, load_checkpoint, resolve_device, save_checkpoint, step_rng,
-                           validation_grid, write_png)
 
 HU_WINDOW = "wide"  # the controlnet backend's -1024..1024 HU window: grey g = (HU + 1024) / 2048
 HU_LOW, HU_HIGH = -1024.0, 1024.0
@@ -115,6 +112,7 @@ class _Trainable(torch.nn.Module):
 
 def train_controlnet(spec: TrainSpec, workdir: str | Path, progress: Callable | None = None,
                      log: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Train (or resume) route 2 in ``workdir``: the ControlNet (+ LoRA) loss inside the shared ``run_training``."""
     workdir = Path(workdir)
     meta, x, y, tr, ho = load_prepared(workdir / "data")
     device = resolve_device(spec.train.device)
@@ -125,14 +123,6 @@ def train_controlnet(spec: TrainSpec, workdir: str | Path, progress: Callable | 
     ema = copy.deepcopy(trainable).requires_grad_(False)
     opt = torch.optim.AdamW([p for p in trainable.parameters() if p.requires_grad], lr=ts.lr,
                             weight_decay=ts.weight_decay)
-    state: dict[str, Any] = {"step": 0, "losses": [], "images_seen": 0, "train_seconds": 0.0}
-    ckdir = workdir / "checkpoints"
-    resumed_from = None
-    if checkpoints(ckdir):
-        state = load_checkpoint(checkpoints(ckdir)[-1], trainable, ema, opt, device)
-        resumed_from = state["step"]
-        if log:
-            log(f"resuming from step {resumed_from}")
     with torch.no_grad():
         ids = tok([spec.finetune.prompt], padding="max_length", max_length=tok.model_max_length, truncation=True,
                   return_tensors="pt").input_ids.to(device)
@@ -148,30 +138,11 @@ def train_controlnet(spec: TrainSpec, workdir: str | Path, progress: Callable | 
         ctrl = (ctrl.float() / 255.0).to(device)
     n = len(tr)
     pred_type = sched.config.get("prediction_type", "epsilon")
-    t0 = time.perf_counter()
-    if progress:
-        progress({"event": "start", "step": state["step"], "steps": ts.steps, "pairs": n, "device": device.type,
-                  "resumed_from": resumed_from})
-    t_log, step_log = t0, state["step"]
     val_idx = (ho if len(ho) else tr)[:4]
     vlab = np.ascontiguousarray(y[val_idx, oy:oy + size, ox:ox + size])
     vref = x[val_idx, :, oy:oy + size, ox:ox + size]
 
-    def checkpoint() -> None:
-        path = save_checkpoint(ckdir, state["step"], trainable, ema, opt, state, ts.keep_checkpoints)
-        gen = render_validation(spec, unet, vae, ema.net, emb, sched, vlab, meta["image_kind"], device)
-        grid = validation_grid(vlab, vref, gen, meta["image_kind"], spec.domain)
-        write_png(workdir / "validation" / f"{path.name}.png", grid)
-        if progress:
-            progress({"event": "checkpoint", "step": state["step"], "path": str(path),
-                      "grid": str(workdir / "validation" / f"{path.name}.png")})
-
-    saved = state["step"] if resumed_from is not None else -1
-    while state["step"] < ts.steps:
-        if ts.max_seconds is not None and time.perf_counter() - t0 >= ts.max_seconds:
-            break
-        step = state["step"]
-        rng = step_rng(ts.seed, step)
+    def step_loss(step: int, rng: np.random.Generator) -> torch.Tensor:
         idx = torch.from_numpy(rng.integers(0, n, ts.batch_size)).to(device)
         g = torch.Generator(device).manual_seed(int(rng.integers(0, 2**62)))
         x0 = lat[idx]
@@ -184,37 +155,15 @@ def train_controlnet(spec: TrainSpec, workdir: str | Path, progress: Callable | 
             down, mid = net(noisy, t, encoder_hidden_states=e, controlnet_cond=ctrl[idx], return_dict=False)
             pred = unet(noisy, t, encoder_hidden_states=e, down_block_additional_residuals=down,
                         mid_block_additional_residual=mid).sample
-        loss = F.mse_loss(pred.float(), target.float())
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(trainable.parameters(), 1.0)
-        opt.step()
-        decay = min(ts.ema_decay, (1 + step) / (10 + step))
-        with torch.no_grad():
-            torch._foreach_lerp_(list(ema.parameters()), list(trainable.parameters()), 1.0 - decay)
-        state["step"] = step + 1
-        state["images_seen"] += ts.batch_size
-        lv = float(loss.detach())
-        if not math.isfinite(lv):
-            raise RuntimeError(f"training diverged at step {state['step']} (loss {lv}); lower train.lr")
-        state["losses"].append([state["step"], round(lv, 6)])
-        now = time.perf_counter()
-        rate = (state["step"] - step_log) * ts.batch_size / max(now - t_log, 1e-9)
-        t_log, step_log = now, state["step"]
-        if progress:
-            progress({"event": "step", "step": state["step"], "steps": ts.steps, "loss": lv, "images_per_s": rate,
-                      "eta_s": (ts.steps - state["step"]) * ts.batch_size / rate if rate else None})
-        if state["step"] % ts.checkpoint_every == 0:
-            checkpoint()
-            saved = state["step"]
-    if saved != state["step"]:
-        checkpoint()
-    return {"step": state["step"], "steps": ts.steps, "resumed_from": resumed_from,
-            "checkpoint": str(checkpoints(ckdir)[-1]), "losses": state["losses"],
-            "final_loss": state["losses"][-1][1] if state["losses"] else None,
-            "seconds_this_run": time.perf_counter() - t0, "images_seen": state["images_seen"],
-            "steady_images_per_s": None, "device": device.type, "device_name": device.type,
-            "precision": "bf16" if dtype is not None else "fp32", "parameters": sum(p.numel() for p in net.parameters())}
+        return F.mse_loss(pred.float(), target.float())
+
+    def grid() -> np.ndarray:
+        gen = render_validation(spec, unet, vae, ema.net, emb, sched, vlab, meta["image_kind"], device)
+        return validation_grid(vlab, vref, gen, meta["image_kind"], spec.domain)
+
+    summary = run_training(ts, workdir, trainable, ema, opt, device, step_loss, grid, pairs=n, progress=progress,
+                           log=log)
+    return {**summary, "parameters": sum(p.numel() for p in net.parameters())}
 
 
 @torch.no_grad()

@@ -1,5 +1,6 @@
-"""The from-scratch training loop: AdamW on a label-conditioned diffusion network (rectified flow or v-prediction),
-EMA weights, bf16 autocast on GPU, checkpoints (safetensors: weights, EMA, optimizer; JSON: step, losses) written
+"""Training of the learned backend. ``run_training`` is the checkpoint/resume loop both routes share (the ControlNet
+route, ``generators.learned_finetune``, brings its own loss); ``train`` is route 1, from scratch: AdamW on a
+label-conditioned diffusion network (rectified flow or v-prediction), EMA weights, bf16 autocast on GPU, checkpoints (safetensors: weights, EMA, optimizer; JSON: step, losses) written
 atomically every ``checkpoint_every`` steps with a validation grid, resuming from the last complete checkpoint, and
 the export of the EMA weights as a model folder the ``learned`` backend renders with.
 
@@ -25,8 +26,8 @@ import torch.nn.functional as F
 from generators.learned import (CONFIG, FORMAT, PROVENANCE, WEIGHTS, build_network, from_network, one_hot, sample,
                                 sample_timesteps, training_target)
 from schemas.errors import SpecError
-from schemas.training import TrainSpec, train_spec_hash
-from training.data import load_prepared
+from generators.learned_data import load_prepared
+from schemas.training import TrainSettings, TrainSpec, train_spec_hash
 
 ProgressFn = Callable[[dict[str, Any]], None]
 CKPT_PREFIX = "step-"
@@ -191,42 +192,28 @@ def step_rng(seed: int, step: int) -> np.random.Generator:
     return np.random.Generator(np.random.PCG64(np.random.SeedSequence(seed, spawn_key=(1, step))))
 
 
-def train(spec: TrainSpec, workdir: str | Path, progress: ProgressFn | None = None,
-          log: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Train (or resume) in ``workdir`` (which holds ``data/`` from ``training.data.prepare``); returns a summary
-    with the last checkpoint. Stops at ``train.steps`` or after ``train.max_seconds`` of this run."""
-    workdir = Path(workdir)
-    meta, x, y, tr, ho = load_prepared(workdir / "data")
-    if meta["domain"] != spec.domain:
-        raise SpecError(f"{workdir}/data holds {meta['domain']!r} pairs, the spec trains {spec.domain!r}")
-    config = model_config(spec, meta)
-    device = resolve_device(spec.train.device)
-    dtype = autocast_dtype(spec.train.precision, device)
-    ts = spec.train
-    net = new_network(config, ts.seed).to(device)
-    ema = copy.deepcopy(net).requires_grad_(False)
-    opt = torch.optim.AdamW(net.parameters(), lr=ts.lr, betas=(0.9, 0.99), weight_decay=ts.weight_decay,
-                            **({"fused": True} if device.type == "cuda" else {}))
+def run_training(ts: TrainSettings, workdir: Path, trainable: torch.nn.Module, ema: torch.nn.Module,
+                 opt: torch.optim.Optimizer, device: torch.device, step_loss: Callable[[int, np.random.Generator],
+                                                                                     torch.Tensor],
+                 grid: Callable[[], np.ndarray], *, pairs: int, progress: ProgressFn | None = None,
+                 log: Callable[[str], None] | None = None, warmup_steps: int = 0) -> dict[str, Any]:
+    """The checkpoint/resume loop both routes share. Resumes from the last complete checkpoint in
+    ``workdir/checkpoints``; each step asks ``step_loss(step, rng)`` for the loss of one batch (every draw of step k from
+    ``step_rng(seed, k)``), then warm-up (``warmup_steps``, linear), AdamW, gradient clipping and the EMA update; the
+    mean loss is logged every ``log_every`` steps (10 on a GPU: one device sync per interval; 1 on the CPU); every
+    ``checkpoint_every`` steps and at the end a checkpoint with ``grid()`` (a validation grid of the EMA weights) is
+    written. Stops at ``ts.steps`` or after ``ts.max_seconds`` of this run."""
     state: dict[str, Any] = {"step": 0, "losses": [], "images_seen": 0, "train_seconds": 0.0}
     ckdir = workdir / "checkpoints"
     existing = checkpoints(ckdir)
     resumed_from = None
     if existing:
-        state = load_checkpoint(existing[-1], net, ema, opt, device)
+        state = load_checkpoint(existing[-1], trainable, ema, opt, device)
         resumed_from = state["step"]
         if log:
             log(f"resuming from {existing[-1].name} (step {state['step']})")
-    fwd = torch.compile(net) if ts.compile else net
-    xs = torch.from_numpy(x[tr]).to(device)
-    ys = torch.from_numpy(y[tr]).to(device)
-    n, size, (h, w) = len(tr), spec.size, x.shape[2:]
-    k = config["num_classes"]
-    vidx = np.concatenate([ho, tr])[:VALIDATION_SAMPLES]  # held-out pairs first (never trained on)
-    oy, ox = (h - size) // 2, (w - size) // 2
-    val_labels = np.ascontiguousarray(y[vidx, oy:oy + size, ox:ox + size])
-    val_ref = x[vidx, :, oy:oy + size, ox:ox + size]
-    val_seeds = [int(hashlib.sha256(f"validation:{i}".encode()).hexdigest()[:15], 16) for i in range(len(vidx))]
-
+    params = [p for p in trainable.parameters() if p.requires_grad]
+    ema_params = [p for p, q in zip(ema.parameters(), trainable.parameters()) if q.requires_grad]
     t_start = time.perf_counter()
     t_log, step_log = t_start, state["step"]
     loss_acc = torch.zeros((), device=device)
@@ -234,55 +221,39 @@ def train(spec: TrainSpec, workdir: str | Path, progress: ProgressFn | None = No
     log_every = 10 if device.type == "cuda" else 1
     last_saved = state["step"] if resumed_from is not None else -1
     timing: dict[str, Any] = {"warm_step": None, "warm_time": None}
-    net.train()
+    t_ck = [time.perf_counter()]
+    trainable.train()
 
     def checkpoint() -> Path:
         nonlocal last_saved
         state["train_seconds"] = state.get("train_seconds", 0.0) + (time.perf_counter() - t_ck[0])
         t_ck[0] = time.perf_counter()
-        path = save_checkpoint(ckdir, state["step"], net, ema, opt, state, ts.keep_checkpoints)
-        gen = render_validation(ema, config, val_labels, val_seeds, ts.sample_steps, device, dtype)
-        grid = validation_grid(val_labels, val_ref, gen, config["image"]["kind"], spec.domain)
-        write_png(workdir / "validation" / f"{path.name}.png", grid)
+        path = save_checkpoint(ckdir, state["step"], trainable, ema, opt, state, ts.keep_checkpoints)
+        png = workdir / "validation" / f"{path.name}.png"
+        write_png(png, grid())
         last_saved = state["step"]
         if progress:
-            progress({"event": "checkpoint", "step": state["step"], "path": str(path),
-                      "grid": str(workdir / "validation" / f"{path.name}.png")})
+            progress({"event": "checkpoint", "step": state["step"], "path": str(path), "grid": str(png)})
         return path
 
-    t_ck = [time.perf_counter()]
     if progress:
-        progress({"event": "start", "step": state["step"], "steps": ts.steps, "pairs": n, "device": device.type,
+        progress({"event": "start", "step": state["step"], "steps": ts.steps, "pairs": pairs, "device": device.type,
                   "resumed_from": resumed_from})
     while state["step"] < ts.steps:
         if ts.max_seconds is not None and time.perf_counter() - t_start >= ts.max_seconds:
             break
         step = state["step"]
-        rng = step_rng(ts.seed, step)
-        g = torch.Generator(device).manual_seed(int(rng.integers(0, 2**62)))
-        idx = torch.randint(0, n, (ts.batch_size,), generator=g, device=device)
-        if (h, w) == (size, size):
-            x0, lab = xs[idx], ys[idx]
-        else:  # one random crop per sample
-            cy = rng.integers(0, h - size + 1, ts.batch_size)
-            cx = rng.integers(0, w - size + 1, ts.batch_size)
-            x0 = torch.stack([xs[i, :, a:a + size, b:b + size] for i, a, b in zip(idx.tolist(), cy, cx)])
-            lab = torch.stack([ys[i, a:a + size, b:b + size] for i, a, b in zip(idx.tolist(), cy, cx)])
-        noise = torch.randn(x0.shape, generator=g, device=device)
-        t = sample_timesteps(ts.objective, ts.batch_size, g, device)
-        xt, target = training_target(ts.objective, x0, noise, t)
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            out = fwd(xt, t, one_hot(lab, k))
-        loss = F.mse_loss(out.float(), target)
-        for group in opt.param_groups:  # linear warm-up over the first WARMUP_STEPS steps
-            group["lr"] = ts.lr * min(1.0, (step + 1) / WARMUP_STEPS)
+        loss = step_loss(step, step_rng(ts.seed, step))
+        if warmup_steps:
+            for group in opt.param_groups:  # linear warm-up over the first warmup_steps steps
+                group["lr"] = ts.lr * min(1.0, (step + 1) / warmup_steps)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         decay = min(ts.ema_decay, (1 + step) / (10 + step))
         with torch.no_grad():
-            torch._foreach_lerp_(list(ema.parameters()), list(net.parameters()), 1.0 - decay)
+            torch._foreach_lerp_(ema_params, params, 1.0 - decay)
         state["step"] = step + 1
         state["images_seen"] += ts.batch_size
         loss_acc += loss.detach()
@@ -323,8 +294,61 @@ def train(spec: TrainSpec, workdir: str | Path, progress: ProgressFn | None = No
             "seconds_this_run": t_end - t_start, "train_seconds": state.get("train_seconds", 0.0),
             "images_seen": state["images_seen"], "steady_images_per_s": steady, "device": device.type,
             "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-            "precision": "bf16" if dtype is not None else "fp32", "compile": ts.compile,
-            "parameters": sum(p.numel() for p in net.parameters())}
+            "precision": "bf16" if autocast_dtype(ts.precision, device) is not None else "fp32",
+            "parameters": sum(p.numel() for p in params)}
+
+
+def train(spec: TrainSpec, workdir: str | Path, progress: ProgressFn | None = None,
+          log: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Train (or resume) the from-scratch route in ``workdir`` (which holds ``data/`` from the flow's data
+    preparation); returns a summary with the last checkpoint (``run_training``)."""
+    workdir = Path(workdir)
+    meta, x, y, tr, ho = load_prepared(workdir / "data")
+    if meta["domain"] != spec.domain:
+        raise SpecError(f"{workdir}/data holds {meta['domain']!r} pairs, the spec trains {spec.domain!r}")
+    config = model_config(spec, meta)
+    device = resolve_device(spec.train.device)
+    dtype = autocast_dtype(spec.train.precision, device)
+    ts = spec.train
+    net = new_network(config, ts.seed).to(device)
+    ema = copy.deepcopy(net).requires_grad_(False)
+    opt = torch.optim.AdamW(net.parameters(), lr=ts.lr, betas=(0.9, 0.99), weight_decay=ts.weight_decay,
+                            **({"fused": True} if device.type == "cuda" else {}))
+    fwd = torch.compile(net) if ts.compile else net
+    xs = torch.from_numpy(x[tr]).to(device)
+    ys = torch.from_numpy(y[tr]).to(device)
+    n, size, (h, w) = len(tr), spec.size, x.shape[2:]
+    k = config["num_classes"]
+    vidx = np.concatenate([ho, tr])[:VALIDATION_SAMPLES]  # held-out pairs first (never trained on)
+    oy, ox = (h - size) // 2, (w - size) // 2
+    val_labels = np.ascontiguousarray(y[vidx, oy:oy + size, ox:ox + size])
+    val_ref = x[vidx, :, oy:oy + size, ox:ox + size]
+    val_seeds = [int(hashlib.sha256(f"validation:{i}".encode()).hexdigest()[:15], 16) for i in range(len(vidx))]
+
+    def step_loss(step: int, rng: np.random.Generator) -> torch.Tensor:
+        g = torch.Generator(device).manual_seed(int(rng.integers(0, 2**62)))
+        idx = torch.randint(0, n, (ts.batch_size,), generator=g, device=device)
+        if (h, w) == (size, size):
+            x0, lab = xs[idx], ys[idx]
+        else:  # one random crop per sample
+            cy = rng.integers(0, h - size + 1, ts.batch_size)
+            cx = rng.integers(0, w - size + 1, ts.batch_size)
+            x0 = torch.stack([xs[i, :, a:a + size, b:b + size] for i, a, b in zip(idx.tolist(), cy, cx)])
+            lab = torch.stack([ys[i, a:a + size, b:b + size] for i, a, b in zip(idx.tolist(), cy, cx)])
+        noise = torch.randn(x0.shape, generator=g, device=device)
+        t = sample_timesteps(ts.objective, ts.batch_size, g, device)
+        xt, target = training_target(ts.objective, x0, noise, t)
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            out = fwd(xt, t, one_hot(lab, k))
+        return F.mse_loss(out.float(), target)
+
+    def grid() -> np.ndarray:
+        gen = render_validation(ema, config, val_labels, val_seeds, ts.sample_steps, device, dtype)
+        return validation_grid(val_labels, val_ref, gen, config["image"]["kind"], spec.domain)
+
+    summary = run_training(ts, workdir, net, ema, opt, device, step_loss, grid, pairs=n, progress=progress, log=log,
+                           warmup_steps=WARMUP_STEPS)
+    return {**summary, "compile": ts.compile}
 
 
 # ------------------------------------------------------------------------------------------------ export
