@@ -14,6 +14,7 @@ import cv2
 import numpy as np
 
 from generators.base import register_layout
+from generators.ct_models import strand, wavy_path
 from schemas.chest_ct import CT_IDS, DOMAIN, LOBE_NAMES, LOBES
 from schemas.errors import PlacementError, SpecError
 from schemas.findings import LOBE_LEVELS, SIDE_LOBES
@@ -72,6 +73,16 @@ def superellipse(cx: float, cy: float, ax: float, ay: float, n: float, k: int = 
     return np.stack([cx + x, cy + y], 1)
 
 
+def wavy(pts: np.ndarray, cx: float, cy: float, harmonics: list) -> np.ndarray:
+    """Perturb a closed outline's radius round (cx, cy) by low-order harmonics [[amp, phase], ...] (orders 2..)."""
+    d = pts - (cx, cy)
+    th = np.arctan2(d[:, 1], d[:, 0])
+    f = np.ones(len(pts))
+    for k, (amp, ph) in enumerate(harmonics, start=2):
+        f += amp * np.cos(k * th + ph)
+    return np.stack([cx + d[:, 0] * f, cy + d[:, 1] * f], 1)
+
+
 def _smooth(z: float, lo: float, hi: float) -> float:
     t = min(1.0, max(0.0, (z - lo) / (hi - lo)))
     return t * t * (3 - 2 * t)
@@ -100,12 +111,26 @@ def draw_anatomy(rng: np.random.Generator, level: float) -> dict[str, Any]:
         "n_ribs": int(rng.integers(7, 10)), "rib_phase": u(0, 1),
         "vessel_seed": int(rng.integers(0, 2**31 - 1)),
         "table_gap": u(2, 10),
+        # Realism of the wall and mediastinum (shared with the volume phantom's ranges where it has them).
+        "body_harmonics": [[u(0.0, 0.018), u(0, 2 * math.pi)] for _ in range(3)],  # orders 2, 3, 4
+        "female": bool(rng.random() < 0.5), "breast_mm": u(18, 42),
+        "rib_gaps": [u(0.65, 1.35) for _ in range(12)], "rib_len": [u(0.75, 1.3) for _ in range(12)],
+        "rib_half_mm": [u(2.2, 3.3) for _ in range(12)], "rib_cortex_mm": u(0.7, 1.0),
+        "fat_planes": [[u(-70, 250), u(0.35, 0.75)] for _ in range(3)],
+        "heart_harmonics": [[u(0.0, 0.05), u(0, 2 * math.pi)] for _ in range(3)],
+        "lv_wall": u(0.22, 0.3), "septum_angle": u(-12, 12),
+        "vessel_density": u(0.8, 1.2), "back_mm": u(8, 22),
     }
 
 
 # ---------------------------------------------------------------------------------------------- anatomy
-def draw_slice(a: dict[str, Any], h: int, w: int, sp: float) -> tuple[np.ndarray, np.ndarray, dict]:
-    """Label map and lobe map of one axial slice from an anatomy record (pure but for the recorded vessel seed)."""
+def draw_slice(a: dict[str, Any], h: int, w: int, sp: float, maps: dict | None = None
+               ) -> tuple[np.ndarray, np.ndarray, dict]:
+    """Label map and lobe map of one axial slice from an anatomy record (pure but for the recorded vessel seed).
+
+    ``maps``, when given, receives render-only detail the class table does not name: ``chambers`` (uint8, 1
+    inside the heart's blood pool, the cavities of the ventricles and atria, whose unenhanced blood is a little
+    less dense than the myocardium)."""
     cv = Canvas(h, w, sp)
     z = a["level"]
     bw, bd, by = a["body_w"] / 2, a["body_d"] / 2, a["body_dy"]
@@ -114,7 +139,7 @@ def draw_slice(a: dict[str, Any], h: int, w: int, sp: float) -> tuple[np.ndarray
     bw *= _interp(z, [0, 0.3, 1], [1.02, 1.0, 0.98])
 
     # Scanner table: a shallow curved carbon plate under the back, on a flat base.
-    back = by + bd
+    back = by + bd + a.get("back_mm", 0.0)
     tg = a["table_gap"]
     plate = np.zeros((h, w), np.uint8)
     cv.ellipse(1, 0, back + tg - 420, 420, 420, target=plate, thickness=max(1, int(round(7 / sp))))
@@ -127,14 +152,40 @@ def draw_slice(a: dict[str, Any], h: int, w: int, sp: float) -> tuple[np.ndarray
 
     # Body wall: skin -> subcutaneous fat -> muscle -> thoracic cavity (filled with mediastinal fat for now).
     n, pf = a["body_n"], a["post_flat"]
+    harm = a.get("body_harmonics", [])
     layers = [("skin", 0.0), ("subcutaneous_fat", a["skin"]), ("muscle", a["skin"] + a["fat"]),
               ("mediastinal_fat", a["skin"] + a["fat"] + a["muscle"] + a["rib_layer"])]
-    for name, inset in layers:
-        iy = inset * (1.35 if name == "mediastinal_fat" else 1.0)  # thicker posterior wall (paraspinal muscles)
-        cv.poly(C[name], superellipse(0, by + (inset - iy) / 2, bw - inset, bd - (inset + iy) / 2, n, post_flat=pf))
     cav_inset = layers[-1][1]
     cw, cd = bw - cav_inset, bd - cav_inset * 1.175
     ccy = by - cav_inset * 0.175
+    # Shoulder girdle near the apex: the trunk widens into the shoulders (arms raised, out of the slice).
+    sh = 1 - _smooth(z, 0.05, 0.3)
+    for name, inset in layers:
+        iy = inset * (1.35 if name == "mediastinal_fat" else 1.0)  # thicker posterior wall (paraspinal muscles)
+        if name == "muscle" and a.get("female") and 0.3 < z < 0.9:  # breasts: a soft bulge over the pectorals
+            bs = a["breast_mm"] * math.sin(math.pi * (z - 0.3) / 0.6)
+            for sgn in (-1, 1):
+                bx_, by_ = sgn * bw * 0.42, by - bd * 0.9
+                cv.ellipse(C["skin"], bx_, by_, bs * 2.2 + 8, bs * 0.75 + 2, sgn * 14)
+                cv.ellipse(C["subcutaneous_fat"], bx_, by_, bs * 2.2 + 6, bs * 0.75, sgn * 14)
+                cv.ellipse(C["muscle"], bx_, by_ - bs * 0.3, bs * 0.9, bs * 0.25, sgn * 14)  # glandular tissue
+        # shoulders: the trunk is wider and squarer toward the apex (arms raised, out of the slice)
+        bk = 0.0 if name == "mediastinal_fat" else a.get("back_mm", 0.0)
+        pts = superellipse(0, by + (inset - iy) / 2 + bk / 2, bw * (1 + 0.1 * sh) - inset, bd - (inset + iy) / 2 + bk / 2,
+                           n + 0.8 * sh, post_flat=pf)
+        cv.poly(C[name], wavy(pts, 0, by, harm) if name != "mediastinal_fat" else pts)
+        if name == "muscle":
+            # Fat planes between the muscle groups (pectoralis, serratus, latissimus): thin fat arcs.
+            fp = np.zeros((h, w), np.uint8)
+            th_px = max(1, int(round(1.2 / sp)))
+            for ang, frac in a.get("fat_planes", []):
+                ax_ = (cw + a["rib_layer"] + a["muscle"] * frac) / sp * SCALE
+                ay_ = (cd + a["rib_layer"] + a["muscle"] * frac) / sp * SCALE
+                for sgn in (-1, 1):  # an arc of about 50 degrees, mirrored
+                    mid = ang if sgn > 0 else 180 - ang
+                    cv2.ellipse(fp, cv.px(0, ccy), (int(ax_), int(ay_)), 0, mid - 25, mid + 25, 1, th_px,
+                                cv2.LINE_8, SHIFT)
+            cv.a[(fp > 0) & (cv.a == C["muscle"])] = C["subcutaneous_fat"]
     # Pectoral muscles anteriorly on upper and mid slices.
     if z < 0.75:
         for sgn in (-1, 1):
@@ -151,33 +202,50 @@ def draw_slice(a: dict[str, Any], h: int, w: int, sp: float) -> tuple[np.ndarray
     # Spine: vertebral body, canal, posterior elements, paraspinal muscles.
     sr = a["spine_r"]
     sy = ccy + cd - sr * 0.9
-    for sgn in (-1, 1):
-        cv.ellipse(C["muscle"], sgn * sr * 1.6, sy + sr * 1.9, sr * 1.3, sr * 1.1, sgn * -10)
+    for sgn in (-1, 1):  # erector spinae, with a fat streak between its columns
+        cv.ellipse(C["muscle"], sgn * sr * 1.7, sy + sr * 2.3, sr * 1.45, sr * 1.5, sgn * -10)
+        cv.line(C["subcutaneous_fat"], (sgn * sr * 1.6, sy + sr * 1.5), (sgn * sr * 2.1, sy + sr * 3.4), 1.0, cv.a)
+    # Vertebra: a thin cortex (about 1 mm) round trabecular bone, as in the volume phantom.
+    cx_ = 1.0
     cv.ellipse(C["cortical_bone"], 0, sy, sr, sr * 0.92)
-    cv.ellipse(C["cancellous_bone"], 0, sy, sr - 2.2, sr * 0.92 - 2.2)
-    lam = np.array([[-sr * 0.75, sy + sr * 0.8], [sr * 0.75, sy + sr * 0.8], [sr * 0.35, sy + sr * 2.3],
-                    [sr * 0.12, sy + sr * 3.4], [-sr * 0.12, sy + sr * 3.4], [-sr * 0.35, sy + sr * 2.3]])
-    cv.poly(C["cortical_bone"], lam)
-    cv.ellipse(C["spinal_canal"], 0, sy + sr * 1.45, sr * 0.5, sr * 0.45)
+    cv.ellipse(C["cancellous_bone"], 0, sy, sr - cx_, sr * 0.92 - cx_)
+    # Posterior arch: a bony ring round the canal (pedicles, laminae), a thin spinous process, transverse processes.
+    cv.ellipse(C["cortical_bone"], 0, sy + sr * 1.45, sr * 0.5 + 3.2, sr * 0.45 + 3.0)
+    spin = np.array([[-3.2, sy + sr * 1.9], [3.2, sy + sr * 1.9], [1.8, sy + sr * 3.3], [-1.8, sy + sr * 3.3]])
+    cv.poly(C["cortical_bone"], spin)
     for sgn in (-1, 1):  # transverse processes toward the rib heads
-        cv.ellipse(C["cortical_bone"], sgn * sr * 1.25, sy + sr * 1.0, sr * 0.8, sr * 0.28, sgn * 25)
+        cv.ellipse(C["cortical_bone"], sgn * sr * 1.15, sy + sr * 1.3, sr * 0.75, sr * 0.2, sgn * 22)
+        cv.ellipse(C["cancellous_bone"], sgn * sr * 1.15, sy + sr * 1.3, sr * 0.75 - 1.0, max(0.4, sr * 0.2 - 0.9),
+                   sgn * 22)
+    cv.ellipse(C["spinal_canal"], 0, sy + sr * 1.45, sr * 0.5, sr * 0.45)
 
     # Ribs around the cavity wall, as oblique cross-sections (cortex + marrow).
+    # Ribs: oblique cuts of sloping ribs, irregularly spaced, long laterally and anteriorly (the rib runs
+    # steeply through the slice there), short beside the spine; thin cortex round marrow.
     nr = a["n_ribs"]
     vrng = np.random.default_rng(a["vessel_seed"])
+    gaps = np.asarray(a.get("rib_gaps", [1.0] * 12), float)
+    lens = a.get("rib_len", [1.0] * 12)
+    halfs = a.get("rib_half_mm", [3.4] * 12)
+    ctx = a.get("rib_cortex_mm", 1.3)
     for sgn in (-1, 1):
+        g = np.roll(gaps, 0 if sgn < 0 else 5)[:nr]
+        pos = (np.cumsum(g) - g[0] + a["rib_phase"] * g[0]) / g.sum()
         for i in range(nr):
-            t = (i + a["rib_phase"]) / nr
+            t = float(pos[i])
             ang = math.radians(-80 + 250 * t)  # from anterior (sternum side) round to the back
             ca, sa = math.cos(ang), math.sin(ang)
             rx = sgn * (cw + a["rib_layer"] * 0.45) * ca
             ry = ccy + (cd + a["rib_layer"] * 0.45) * sa
             if ry > sy + sr * 0.5 and abs(rx) < sr * 2.6:
                 continue
-            length = float(vrng.uniform(7, 18)) if abs(ca) < 0.5 or sa < 0 else float(vrng.uniform(6, 11))
+            j = (i + (0 if sgn < 0 else 6)) % 12
+            base = 22 - 14 * max(0.0, sa) ** 2 if sa > -0.2 else 16  # posterior ribs cut nearly square
+            length = max(6.0, base * lens[j] * (0.8 + 0.4 * z))
+            half = halfs[j]
             tangent = math.degrees(math.atan2(cd * ca, -(sgn * cw) * sa))
-            cv.ellipse(C["cortical_bone"], rx, ry, length / 2, 3.4, tangent)
-            cv.ellipse(C["cancellous_bone"], rx, ry, max(0.5, length / 2 - 1.3), 2.1, tangent)
+            cv.ellipse(C["cortical_bone"], rx, ry, length / 2, half, tangent)
+            cv.ellipse(C["cancellous_bone"], rx, ry, max(0.5, length / 2 - ctx), max(0.4, half - ctx), tangent)
     # Scapulae behind the upper ribs.
     if z < 0.55:
         for sgn in (-1, 1):
@@ -195,7 +263,37 @@ def draw_slice(a: dict[str, Any], h: int, w: int, sp: float) -> tuple[np.ndarray
     hs = _smooth(z, 0.42, 0.72) * (1 - 0.45 * _smooth(z, 0.82, 1.0))
     if hs > 0.05:
         hx, hy = a["heart_x"], ccy - cd * 0.18
-        cv.ellipse(C["heart"], hx, hy, a["heart_rx"] * hs, a["heart_ry"] * hs, a["heart_angle"])
+        hrx, hry, hang = a["heart_rx"] * hs, a["heart_ry"] * hs, a["heart_angle"]
+        # Heart: a rounded outline (not an ellipse), in its pericardial fat; ventricles below, atria above.
+        t_ = np.linspace(0, 2 * np.pi, 72, endpoint=False)
+        ca_, sa_ = math.cos(math.radians(hang)), math.sin(math.radians(hang))
+        ex, ey = hrx * np.cos(t_), hry * np.sin(t_)
+        outline = np.stack([hx + ex * ca_ - ey * sa_, hy + ex * sa_ + ey * ca_], 1)
+        outline = wavy(outline, hx, hy, a.get("heart_harmonics", []))
+        cv.poly(C["heart"], outline)
+        # Epicardial fat in the interventricular and atrioventricular grooves (where the coronaries run).
+        for du, dv, ln_, ang_ in ((0.0, -0.95, 0.45, hang + 70 + a.get("septum_angle", 0.0)), (-0.6, 0.55, 0.5, hang - 30)):
+            gx, gy = hx + hrx * du * ca_ - hry * dv * sa_, hy + hrx * du * sa_ + hry * dv * ca_
+            cv.ellipse(C["mediastinal_fat"], gx, gy, hrx * ln_ * 0.5, 2.5, ang_)
+        if maps is not None:
+            ch = np.zeros((h, w), np.uint8)
+            hz = (z - 0.42) / 0.4  # 0 at the top of the heart .. 1 at its base on the diaphragm
+            wall = a.get("lv_wall", 0.25)
+            sep = math.radians(a.get("septum_angle", 0.0))
+
+            def at(u_, v_):  # heart-local fractions -> mm
+                return hx + hrx * u_ * ca_ - hry * v_ * sa_, hy + hrx * u_ * sa_ + hry * v_ * ca_
+
+            if hz < 0.45:  # atria and the aortic root
+                for u_, v_, fa, fb in ((0.3, 0.35, 0.35, 0.32), (-0.3, 0.3, 0.38, 0.34)):
+                    cv.ellipse(1, *at(u_, v_), hrx * fa, hry * fb, hang, target=ch)
+            if hz > 0.2:  # left ventricle (thick wall), right ventricle (thin wall), septum between
+                cv.ellipse(1, *at(0.32, 0.05), hrx * (0.55 - wall), hry * (0.62 - wall), hang + 20, target=ch)
+                cv.ellipse(1, *at(-0.42, -0.2), hrx * 0.4, hry * 0.42, hang - 10 + math.degrees(sep), target=ch)
+            if hz > 0.6:  # inferior cava entering the right atrium
+                cv.ellipse(1, *at(-0.55, 0.45), hrx * 0.2, hry * 0.25, 0, target=ch)
+            ch &= (lab == C["heart"]).astype(np.uint8)
+            maps["chambers"] = ch
     ar = a["aorta_r"]
     if z >= 0.25:  # descending aorta, left of the spine
         cv.ellipse(C["great_vessel"], sr * 0.9 + ar * 0.6, sy - sr * 0.6 - ar * 0.4, ar * 0.85, ar * 0.85)
@@ -268,60 +366,72 @@ def draw_slice(a: dict[str, Any], h: int, w: int, sp: float) -> tuple[np.ndarray
 
 def _draw_vessels_airways(cv: Canvas, lab: np.ndarray, lobes: np.ndarray, a: dict, rng: np.random.Generator,
                           params: dict) -> None:
-    """Pulmonary vessels (branching, tapering from the hila, plus cross-sections) and airways with walls."""
+    """Pulmonary vessels and airways as an axial plane cuts them (as in the volume phantom): round or oval dots
+    where a vessel crosses the slice, short tapering stubs where one runs obliquely through it, calibre falling
+    from the hilum to the periphery (Murray-like) and fewer, finer vessels toward the pleura; bronchi (wall +
+    lumen) beside the larger arteries. The renderer gives each vessel its partial-volume contrast."""
     sp = cv.sp
-    lung = (lobes > 0).view(np.uint8)
-    if cv2.countNonZero(lung) < 50:
+    h, w = lab.shape
+    if cv2.countNonZero(lobes) < 50:
         return
+    lung = (lobes > 0).astype(np.uint8)
     dist = cv2.distanceTransform(lung, cv2.DIST_L2, 3) * sp  # mm to the pleura
     vess = np.zeros_like(lab)
     z = a["level"]
     hilar = _smooth(z, 0.25, 0.45) * (1 - _smooth(z, 0.7, 0.95))
-    hh, ww = lab.shape
-    deep = dist > 4.0
-    half = -(-ww // 2)  # columns x < ww / 2 are the right lung's side (the image's left half)
-    line, ellipse = cv.line, cv.ellipse
-    uniform, random = rng.uniform, rng.random
-    vessel, wall, lumen = C["pulmonary_vessel"], C["airway_wall"], C["airway_lumen"]
+    dens = a.get("vessel_density", 1.0)
+
+    def dist_at(x: float, y: float) -> float:
+        px_, py_ = int(x / sp + w / 2), int(y / sp + h / 2)
+        if 0 <= px_ < w and 0 <= py_ < h:
+            return float(dist[py_, px_])
+        return 0.0
+
     for side, sgn in (("right", -1), ("left", 1)):
         L = params[f"{side}_lung"]
-        hx, hy = sgn * 22.0 + sgn * 8, L["cy"] - L["ay"] * 0.1
-        # In-plane branching trees from the hilum.
-        stack = []
-        for _ in range(int(1 + 2 * hilar)):
-            ang = math.atan2(uniform(-0.8, 0.8), sgn) + uniform(-0.6, 0.6)
-            stack.append((hx, hy, ang, 1.4 + 1.4 * hilar, 18 + 12 * hilar))
-        while stack:
-            x0, y0, ang, r, ln = stack.pop()
-            x1, y1 = x0 + ln * math.cos(ang), y0 + ln * math.sin(ang)
-            line(vessel, (x0, y0), (x1, y1), 2 * r, vess)
-            if r > 0.55 and len(stack) < 200:
-                for d in (-1, 1):
-                    stack.append((x1, y1, ang + d * uniform(0.25, 0.6), r * uniform(0.55, 0.72),
-                                  ln * uniform(0.5, 0.75)))
-        # Cross-sections: dots with radius shrinking toward the periphery; bronchi beside some arteries.
-        # (The deep pixels of this side in row-major order, as np.nonzero over the whole image would list them.)
-        ys_, xs_ = np.nonzero(deep[:, :half] if sgn < 0 else deep[:, half:])
-        if len(xs_) == 0:
-            continue
-        k = int(rng.integers(45, 80))
-        pick = rng.integers(0, len(xs_), size=k)
-        off = 0 if sgn < 0 else half
-        for px, py in zip((xs_[pick] + off).tolist(), ys_[pick].tolist()):
-            x = (px + 0.5 - ww / 2) * sp
-            y = (py + 0.5 - hh / 2) * sp
-            dh = math.hypot(x - hx, y - hy)
-            r = max(0.4, 2.6 * max(0.0, 1 - dh / 100) ** 1.6 + uniform(-0.2, 0.25))
-            if dist[py, px] < r + 3:
+        hx, hy = sgn * 30.0, L["cy"] - L["ay"] * 0.1
+        reach_mm = abs(hx) + abs(L["cx"]) + L["ax"]
+        # Lobar and segmental vessels near the hilum, cut obliquely: short, thick stubs pointing outward.
+        for _ in range(int(rng.integers(2, 5) * (0.4 + hilar))):
+            ang = math.atan2(rng.uniform(-0.9, 0.9), sgn) + rng.uniform(-0.5, 0.5)
+            d0 = rng.uniform(8, 30)
+            x0, y0 = hx + d0 * math.cos(ang), hy + d0 * math.sin(ang)
+            r = rng.uniform(2.0, 4.2) * (0.6 + 0.4 * hilar)
+            ln = rng.uniform(4, 16)
+            if dist_at(x0, y0) < r + 2:
                 continue
-            ellipse(vessel, x, y, r, r * uniform(0.8, 1.3), uniform(0, 180), target=vess)
-            if r > 1.4 and random() < 0.45:
-                bx, by = x + uniform(-1, 1) * (r + 2.5), y + uniform(-1, 1) * (r + 2.5)
-                br = r * uniform(0.7, 1.0)
-                if dist[min(hh - 1, max(0, int(by / sp + hh / 2))), min(ww - 1, max(0, int(bx / sp + ww / 2)))] > br + 3:
-                    ellipse(wall, bx, by, br + 0.9, br + 0.9, target=vess)
-                    ellipse(lumen, bx, by, br, br, target=vess)
-    np.copyto(lab, vess, where=(vess > 0) & lung.view(bool))
+            pts = wavy_path(x0, y0, ang, ln, 0.15, rng.standard_normal(4))
+            ok = [dist_at(px_, py_) > r + 2 for px_, py_ in pts]
+            k_ok = next((k for k, v in enumerate(ok) if not v), len(pts))
+            if k_ok >= 2:
+                strand(vess, (pts[:k_ok] / sp + (w / 2 - 0.5, h / 2 - 0.5)), 2 * r / sp, 1.4 * r / sp,
+                       C["pulmonary_vessel"], SHIFT)
+        # Cross-sections: candidates drawn round the hilum, denser near it; calibre tapering outward.
+        k = int(rng.integers(110, 170) * dens)
+        d = reach_mm * rng.random(k) ** 0.6
+        ang = math.atan2(0.0, sgn) + rng.uniform(-1.7, 1.7, k)
+        xs_, ys_ = hx + d * np.cos(ang), hy + d * np.sin(ang) * 0.9
+        rr = np.maximum(0.35, 2.6 * np.clip(1 - d / reach_mm, 0, 1) ** 1.5 * rng.uniform(0.6, 1.25, k))
+        oblique = rng.random(k) < 0.3
+        aspect = np.where(oblique, rng.uniform(1.8, 4.5, k), rng.uniform(1.0, 1.35, k))
+        orient = np.degrees(ang) + rng.uniform(-35, 35, k)
+        for x, y, r, asp, ori in zip(xs_, ys_, rr, aspect, orient):
+            dp = dist_at(x, y)
+            if dp < r * asp + 1.0:
+                continue
+            if dp < 12 and r > 0.9:  # subpleural vessels are fine
+                r *= 0.6
+            cv.ellipse(C["pulmonary_vessel"], x, y, r * asp, r, ori, target=vess)
+            if r > 1.3 and rng.random() < 0.4:  # the bronchus beside an artery
+                off = rng.uniform(-1, 1, 2)
+                off *= (r + 1.4) / (np.hypot(*off) + 1e-6)
+                bx, by = x + off[0] * 1.3, y + off[1] * 1.3
+                br = r * rng.uniform(0.6, 0.95)
+                if dist_at(bx, by) > br + 3:
+                    cv.ellipse(C["airway_wall"], bx, by, br + 0.6, br + 0.6, target=vess)
+                    cv.ellipse(C["airway_lumen"], bx, by, br, br, target=vess)
+    inside = (vess > 0) & (lobes > 0)
+    lab[inside] = vess[inside]
 
 
 # ---------------------------------------------------------------------------------------------- nodules
@@ -340,11 +450,16 @@ def nodule_shape(diameter_mm: float, margin: str, sp: float, rng: np.random.Gene
         amps = rng.uniform(0.02, 0.06, size=k.size)
     phases = rng.uniform(0, 2 * np.pi, size=k.size)
     spikes = []
-    if margin == "spiculated":
+    if margin == "spiculated":  # thin, tapering, slightly wavy strands (angle, length / R, half-width / R, wobble)
         for _ in range(int(rng.integers(6, 13))):
-            spikes.append((float(rng.uniform(0, 2 * np.pi)), float(rng.uniform(0.35, 0.9)), float(rng.uniform(0.1, 0.18))))
+            spikes.append((float(rng.uniform(0, 2 * np.pi)), float(rng.uniform(0.5, 1.4)), float(rng.uniform(0.06, 0.12)),
+                           *[round(float(v), 4) for v in rng.standard_normal(3)]))
     p = {"margin": margin, "harmonics": [float(v) for v in amps], "phases": [float(v) for v in phases],
-         "spicules": spikes, "subpixel": [float(rng.uniform(-0.5, 0.5)), float(rng.uniform(-0.5, 0.5))]}
+         "spicules": spikes, "subpixel": [float(rng.uniform(-0.5, 0.5)), float(rng.uniform(-0.5, 0.5))],
+         # solid core of a part-solid nodule: its own irregular outline, off centre (fractions of the radius)
+         "core": {"harmonics": [float(v) for v in rng.uniform(0.04, 0.14, 3)],
+                  "phases": [float(v) for v in rng.uniform(0, 2 * np.pi, 3)],
+                  "offset": [float(v) for v in rng.uniform(-0.22, 0.22, 2)]}}
     target_area = math.pi * (diameter_mm / 2 / sp) ** 2
     R = diameter_mm / 2 / sp
     for _ in range(6):
@@ -364,7 +479,7 @@ def nodule_shape(diameter_mm: float, margin: str, sp: float, rng: np.random.Gene
 
 def rasterise_nodule(R: float, p: dict) -> tuple[np.ndarray, tuple[float, float]]:
     amps, phases = np.asarray(p["harmonics"]), np.asarray(p["phases"])
-    reach = R * (1 + amps.sum() + max([s[1] for s in p["spicules"]], default=0)) + 2
+    reach = R * (1 + amps.sum() + max([s[1] for s in p["spicules"]], default=0)) + 2  # ct_insert uses the same rule
     n = int(math.ceil(reach)) * 2 + 1
     c = n // 2
     sx, sy = p["subpixel"]
@@ -375,14 +490,36 @@ def rasterise_nodule(R: float, p: dict) -> tuple[np.ndarray, tuple[float, float]
     k = np.arange(2, 2 + amps.size, dtype=np.float32)
     r = R * (1 + (amps[:, None, None] * np.cos(k[:, None, None] * th[None] + phases[:, None, None])).sum(0))
     patch = (rho <= r).astype(np.uint8)
-    for ang, length, base in p["spicules"]:
-        tip = (c + sx + math.cos(ang) * R * (1 + length), c + sy + math.sin(ang) * R * (1 + length))
-        b = R * base
-        nx, ny = -math.sin(ang), math.cos(ang)
-        root = (c + sx + math.cos(ang) * R * 0.8, c + sy + math.sin(ang) * R * 0.8)
-        tri = np.array([[root[0] + nx * b, root[1] + ny * b], [root[0] - nx * b, root[1] - ny * b], tip])
-        cv2.fillPoly(patch, [np.round(tri * SCALE).astype(np.int32)], 1, cv2.LINE_8, SHIFT)
+    for spk in p["spicules"]:
+        ang, length, base = spk[:3]
+        wob = np.asarray(spk[3:6] if len(spk) >= 6 else (0.0, 0.0, 0.0), float)
+        r0 = R * 0.8
+        path = wavy_path(c + sx + math.cos(ang) * r0, c + sy + math.sin(ang) * r0, ang, R * (1 + length) - r0,
+                         0.25, np.concatenate([[0.0], wob]))
+        strand(patch, path, 2 * R * base, 0.6, 1, SHIFT)
     return patch.astype(bool), (c + sx, c + sy)
+
+
+def core_patch(patch: np.ndarray, shape_p: dict, off: tuple[float, float], frac: float) -> np.ndarray:
+    """The solid core of a part-solid nodule: radius ``frac`` of the nodule's, its own irregular outline, off
+    centre by ``shape_p['core']['offset']`` radii, clipped to the nodule."""
+    ox, oy = off
+    cp_ = shape_p.get("core") or {"harmonics": [], "phases": [], "offset": [0.0, 0.0]}
+    R = shape_p["radius_px"]
+    q = {"harmonics": cp_["harmonics"], "phases": cp_["phases"], "spicules": [], "subpixel": shape_p["subpixel"]}
+    core, (cox, coy) = rasterise_nodule(R * frac, q)
+    dx, dy = (int(round(v * R)) for v in cp_["offset"])
+    cy0, cx0 = int(round(oy - coy)) + dy, int(round(ox - cox)) + dx
+    ph, pw = patch.shape
+    cp = np.zeros_like(patch)
+    y0, x0 = max(0, cy0), max(0, cx0)
+    y1, x1 = min(ph, cy0 + core.shape[0]), min(pw, cx0 + core.shape[1])
+    if y1 > y0 and x1 > x0:
+        cp[y0:y1, x0:x1] = core[y0 - cy0:y1 - cy0, x0 - cx0:x1 - cx0]
+    cp &= patch
+    if not cp.any():  # never an empty core
+        cp[int(round(oy)), int(round(ox))] = patch[int(round(oy)), int(round(ox))]
+    return cp
 
 
 def place_nodules(label: np.ndarray, lobes: np.ndarray, instance: np.ndarray, findings: list[dict], sp: float,
@@ -433,13 +570,7 @@ def place_nodules(label: np.ndarray, lobes: np.ndarray, instance: np.ndarray, fi
             if kind == "part_solid":
                 frac = float(rng.uniform(0.35, 0.6))
                 shape_p["solid_fraction"] = frac
-                core, (cox, coy) = rasterise_nodule(shape_p["radius_px"] * frac,
-                                                    {**shape_p, "spicules": [], "subpixel": shape_p["subpixel"]})
-                cy0, cx0 = int(round(oy - coy)), int(round(ox - cox))
-                cp = np.zeros_like(patch)
-                cp[cy0:cy0 + core.shape[0], cx0:cx0 + core.shape[1]] = core[: ph - cy0, : pw - cx0]
-                cp &= patch
-                label[sl][cp] = C["nodule_solid"]
+                label[sl][core_patch(patch, shape_p, (ox, oy), frac)] = C["nodule_solid"]
         instance[sl][patch] = i
         taken[max(0, y0 - 2):y0 + ph + 2, max(0, x0 - 2):x0 + pw + 2] = 1
         placed.append({**f, "instance": i, "lobe": lobe, "requested_location": f["location"],
@@ -481,7 +612,8 @@ def chest_ct_layout(spec, request: SampleRequest, rng: np.random.Generator) -> L
     tries = []
     for t in range(LEVEL_TRIES):
         anatomy = draw_anatomy(rng, level)
-        label, lobes, geo = draw_slice(anatomy, h, w, sp)
+        maps: dict[str, np.ndarray] = {}
+        label, lobes, geo = draw_slice(anatomy, h, w, sp, maps)
         instance = np.zeros((h, w), np.uint16)
         try:
             placed = place_nodules(label, lobes, instance, request.findings, sp, rng)
@@ -500,7 +632,7 @@ def chest_ct_layout(spec, request: SampleRequest, rng: np.random.Generator) -> L
                 level = float(rng.uniform(lo, hi))
     return Layout(label=label, instance=instance, spacing_mm=sp, findings=placed,
                   params={"anatomy": anatomy, "geometry": geo, "slice_level": level, "level_tries": tries},
-                  extras={"lobes": lobes})
+                  extras={"lobes": lobes, **maps})
 
 
 # ----------------------------------------------------------------------------------------------------------------

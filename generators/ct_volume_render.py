@@ -15,6 +15,7 @@ from typing import Any
 import cv2
 import numpy as np
 
+from generators.ct_models import band_noise, soft_occupancy, trabecular
 from generators.ct_render import HU_RANGES as SLICE_HU_RANGES
 from schemas.volume import VOLUME_IDS, VolumeGeometry
 
@@ -120,8 +121,7 @@ def render_volume(layout: dict[str, Any], geom: VolumeGeometry, p: dict[str, Any
         bn = nrng.standard_normal(bshape, dtype=np.float32)
         bone = IS_BONE[lab]
         if bone.any():
-            b = cv2.resize(bn, (bshape[1] * bstep, bshape[0] * bstep), interpolation=cv2.INTER_CUBIC)[:ny, :nx]
-            img += bone * (np.abs(b) - 0.8) * p["bone_texture_hu"]
+            img += bone * trabecular(bn, bstep, ny, nx) * p["bone_texture_hu"]
         w = vessel_w[k]
         if w.any():
             wf = w.astype(np.float32) * np.float32(1 / 255)
@@ -145,7 +145,7 @@ def render_volume(layout: dict[str, Any], geom: VolumeGeometry, p: dict[str, Any
         v = wz[0] * prev + wz[1] * cur + wz[2] * nxt
         prev = cur
         n = nrng.standard_normal((ny, nx), dtype=np.float32)
-        nb = cv2.GaussianBlur(n, (0, 0), s1) - p["nps_low_cut"] * cv2.GaussianBlur(n, (0, 0), 3 * s1)
+        nb = band_noise(n, s1, p["nps_low_cut"])
         if norm is None:
             norm = p["noise_hu"] / (float(nb.std()) + 1e-6)
         v += nb * norm
@@ -164,8 +164,7 @@ def _composite_nodule(img: np.ndarray, k: int, nd: dict, p: dict, geom: VolumeGe
     # soft, irregular boundary: distance to the label surface in mm, perturbed by the texture field
     win = img[by, bx]
     tw = tex[by, bx]
-    dmm = (g - 1.0) * ras.radius_mm + 0.35 * shp["edge_mm"] * tw
-    occ = 1.0 / (1.0 + np.exp(np.clip(dmm / (0.45 * shp["edge_mm"]), -30, 30)))
+    occ = soft_occupancy((g - 1.0) * ras.radius_mm, shp["edge_mm"], tw)
     kind = nd["kind"]
     hu_solid = p["hu"]["nodule_solid"]
     hu_gg = p["hu"]["nodule_ground_glass"]
