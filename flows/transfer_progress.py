@@ -8,6 +8,8 @@ import json
 import sys
 from typing import Any, TextIO
 
+from flows.progress import NoProgress
+
 
 class PullBar:
     def __init__(self, console: Any):
@@ -55,15 +57,7 @@ class PullJson:
         self.stream.flush()
 
 
-class NoPullProgress:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-    def __call__(self, ev: dict[str, Any]) -> None:
-        pass
+NoPullProgress = NoProgress  # --quiet: the events are dropped
 
 
 def pull_reporter(console: Any, quiet: bool = False, as_json: bool = False, stream: TextIO | None = None):
