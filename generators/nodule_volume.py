@@ -170,31 +170,18 @@ def place_nodules(rng: np.random.Generator, findings: list[dict[str, Any]], geom
             vessel_pts = (mid[ok][ok_l], r[ok][ok_l])
         done = None
         tries = 0
-        surface = None
         for tries in range(1, max_tries + 1):
             if juxta_v and vessel_pts is not None and len(vessel_pts[0]):
                 j = int(rng.integers(len(vessel_pts[0])))
                 n = _unit(rng, 1)[0]
                 c = vessel_pts[0][j] + n * (d / 2 + vessel_pts[1][j] * 0.6)
             elif juxta_p:
-                # Along the pleural surface of the lobe: a surface voxel, its outward normal, the centre one
-                # radius (about) inside, so the nodule abuts the pleura from within the lobe.
-                if surface is None:
-                    surface = pleural_surface(lobes, lobe_id)
-                    # keep the surface voxels round which the nodule's box fits inside the grid
-                    ext = reach(shape) * d / 2 * 1.35 + margin_mm + 2 * max(geom.spacing)
-                    rv = np.ceil(ext / np.asarray(geom.spacing)).astype(int) + 1
-                    fits = np.all((surface >= rv) & (surface < np.asarray(geom.shape) - rv), axis=1)
-                    surface = surface[fits] if fits.any() else surface
-                    if len(surface) == 0:
-                        raise PlacementError(f"lobe {want} shows no pleural surface in this volume")
-                q = surface[int(rng.integers(len(surface)))]
-                n = _outward_normal(lobes, q, geom)
-                if n is None:
-                    continue
-                c = _abut(geom.to_mm(q.astype(float)), n, d, f.get("volume_mm3"), shape, geom, margin_mm, lobes)
+                start = geom.to_mm(np.array(np.unravel_index(vox[int(rng.integers(len(vox)))], geom.shape), float))
+                n = _unit(rng, 1)[0]
+                c = _march_to_edge(start, n, lobes, lobe_id, geom)
                 if c is None:
                     continue
+                c = c - n * (d / 2) * rng.uniform(0.7, 0.95)
             else:
                 c = geom.to_mm(np.array(np.unravel_index(vox[int(rng.integers(len(vox)))], geom.shape), float)
                                + rng.uniform(-0.5, 0.5, 3))
@@ -210,10 +197,7 @@ def place_nodules(rng: np.random.Generator, findings: list[dict[str, Any]], geom
                     continue
                 near = ras.gamma <= 1 + margin_mm / ras.radius_mm
                 vals = lb[near]
-                if (vals != 0).any() and ((vals != 0) & (vals != lobe_id)).any():
-                    continue  # near a fissure
-                shell = _shell(ras.mask)  # the one-voxel shell must reach the pleura (what the measurement checks)
-                if not (lb[shell] == 0).any():
+                if not ((vals == 0).any() and not ((vals != 0) & (vals != lobe_id)).any()):
                     continue
             else:
                 far = ras.gamma <= 1 + margin_mm / ras.radius_mm
@@ -236,60 +220,6 @@ def place_nodules(rng: np.random.Generator, findings: list[dict[str, Any]], geom
                        "shape": shape, "tries": tries, "box": [[s.start, s.stop] for s in ras.box],
                        "radius_mm": ras.radius_mm, "_raster": ras})
     return placed
-
-
-def pleural_surface(lobes: np.ndarray, lobe_id: int) -> np.ndarray:
-    """Voxel indices (N, 3) of the lobe with a face neighbour outside the lung (inside the grid: the grid's own
-    border is not pleura)."""
-    m = lobes == lobe_id
-    lung = np.pad(lobes != 0, 1, mode="edge")
-    out = np.zeros_like(m)
-    for ax in range(3):
-        for sh in (-1, 1):
-            out |= ~np.roll(lung, sh, axis=ax)[1:-1, 1:-1, 1:-1]
-    return np.argwhere(m & out)
-
-
-def _abut(q_mm, n, d, volume_mm3, shape, geom, margin_mm, lobes, steps: int = 7):
-    """Centre on the inward normal at the depth where the nodule's one-voxel shell just reaches outside the lung
-    (bisection between touching and clear); None if no depth works."""
-    def touches(t):
-        ras = rasterise_nodule(q_mm - n * t, d, volume_mm3, shape, geom, margin_mm)
-        if ras is None:
-            return None
-        return bool((lobes[ras.box][_shell(ras.mask)] == 0).any())
-
-    lo, hi = 0.0, d / 2 * reach(shape) + max(geom.spacing)
-    if touches(hi) is not False:
-        return None
-    for _ in range(steps):
-        mid = 0.5 * (lo + hi)
-        t = touches(mid)
-        if t is None:
-            return None
-        lo, hi = (mid, hi) if t else (lo, mid)
-    return q_mm - n * lo
-
-
-def _outward_normal(lobes: np.ndarray, q: np.ndarray, geom: VolumeGeometry, radius_mm: float = 4.0):
-    """Unit vector (mm frame) from the centroid of the lung voxels round ``q`` to ``q``: out of the lung."""
-    rv = np.maximum(1, np.round(radius_mm / np.asarray(geom.spacing)).astype(int))
-    lo = np.maximum(0, q - rv)
-    hi = np.minimum(np.asarray(lobes.shape), q + rv + 1)
-    win = lobes[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]] != 0
-    idx = np.argwhere(win)
-    if len(idx) == 0:
-        return None
-    v = (q - lo - idx.mean(0)) * np.asarray(geom.spacing)
-    nv = float(np.linalg.norm(v))
-    return v / nv if nv > 1e-6 else None
-
-
-def _shell(mask: np.ndarray) -> np.ndarray:
-    """Voxels of the 26-neighbourhood shell round ``mask`` (inside its box)."""
-    from scipy.ndimage import binary_dilation
-
-    return binary_dilation(mask, np.ones((3, 3, 3), bool)) & ~mask
 
 
 def _march_to_edge(p, n, lobes, lobe_id, geom, step=0.7, max_mm=200.0):
