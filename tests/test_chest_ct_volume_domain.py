@@ -202,14 +202,14 @@ def test_dicom_export_reads_back_with_label_ids_and_geometry_of_the_nifti(built)
 def test_dicom_export_refuses_a_2d_version(tmp_path):
     from flows.pipeline import make_samples
     from schemas.errors import SpecError
-    from schemas.spec import load_spec_text
+    from schemas.spec import load_spec_text, spec_hash
     from store import DatasetStore
     from store.export import export_version
 
-    spec = load_spec_text("name: flat\ndomain: chest_ct\nsamples: 1\nshard_size: 1\nimage: {size: 128}\n"
-                          "findings: {negatives: 1}\n")
+    text = "name: flat\ndomain: chest_ct\nsamples: 1\nshard_size: 1\nimage: {size: 128}\nfindings: {negatives: 1}\n"
+    spec = load_spec_text(text)
     st = DatasetStore(str(tmp_path))
-    staging = st.open_build(spec, "x", "d" * 64, "test")
+    staging = st.open_build(spec, text, spec_hash(spec), "test")
     staging.write_shard(0, make_samples(spec, range(1)))
     staging.publish()
     with pytest.raises(SpecError) as e:
