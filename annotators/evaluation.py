@@ -245,8 +245,12 @@ def histogram_quantile(hist: np.ndarray, q: float, lo: int) -> float:
     return float(np.searchsorted(cum, q * cum[-1])) + lo
 
 
+MIN_TISSUE_PIXELS = 200  # fewer labelled pixels than this (a sliver at a slice's edge, mostly partial volume): reported, not judged
+
+
 def tissue_intensity_report(hists: dict[str, np.ndarray], profile: EvalProfile) -> list[dict[str, Any]]:
-    """Per tissue with a reference range: median, 5th/95th percentile, share of pixels in range, median in range."""
+    """Per tissue with a reference range: median, 5th/95th percentile, share of pixels in range, median in range
+    (judged only with at least MIN_TISSUE_PIXELS pixels: a few boundary pixels of a class measure its neighbours)."""
     lo = profile.value_range[0]
     rows = []
     for name, (_, a, b) in profile.reference_ranges.items():
@@ -258,7 +262,10 @@ def tissue_intensity_report(hists: dict[str, np.ndarray], profile: EvalProfile) 
         share = float(h[max(0, ia):max(0, ib + 1)].sum() / h.sum())
         rows.append({"class": name, "median": med, "p05": histogram_quantile(h, 0.05, lo),
                      "p95": histogram_quantile(h, 0.95, lo), "range": [a, b], "share_in_range": round(share, 4),
-                     "pixels": int(h.sum()), "passed": bool(a <= med <= b)})
+                     "pixels": int(h.sum()),
+                     "passed": bool(a <= med <= b) or int(h.sum()) < MIN_TISSUE_PIXELS,
+                     **({"note": f"fewer than {MIN_TISSUE_PIXELS} pixels: not judged"}
+                        if int(h.sum()) < MIN_TISSUE_PIXELS else {})})
     return rows
 
 
