@@ -284,8 +284,11 @@ class BuildStaging:
 
         body = json.dumps({"token": token, "time": time.time(), "host": socket.gethostname(), "pid": os.getpid()},
                           sort_keys=True).encode()
-        if self.root.create_exclusive(lease, body):
-            return True
+        try:
+            if self.root.create_exclusive(lease, body):
+                return True
+        except FileNotFoundError:
+            return False  # the staging folder is gone: another process published and removed it (the caller looks)
         try:
             held = json.loads(self.root.read_bytes(lease))
         except (FileNotFoundError, ValueError):
@@ -296,8 +299,11 @@ class BuildStaging:
         if not gone and (now - float(held.get("time", 0)) < LEASE_STALE_S
                          or (beat is not None and now - beat < LEASE_STALE_S)):
             return False
-        self.root.rm(lease)  # its holder stopped beating: take over
-        return self.root.create_exclusive(lease, body)
+        try:
+            self.root.rm(lease)  # its holder stopped beating: take over
+            return self.root.create_exclusive(lease, body)
+        except FileNotFoundError:
+            return False  # taken over or published meanwhile: look again
 
     def _published_here(self) -> PublishedVersion | None:
         """This build's version if its manifest exists (same spec and code), else None; PublishError if another
