@@ -21,7 +21,8 @@ PER_COMMAND = 30
 
 
 @pytest.fixture(scope="module")
-def sandbox():
+def sandbox(tmp_path_factory):
+    tmp_path_factory.getbasetemp()  # fixed now: the session points TMPDIR into its sandbox, removed afterwards
     with fuzz_session() as sb:
         yield sb
     assert not sb.violations, sb.violations
