@@ -119,7 +119,8 @@ def main(argv: list[str] | None = None) -> int:
         tasks += [(g, k, form, H[k], inst[k]) for k in range(len(H)) for form in forms]
     with Pool(a.workers) as pool:
         res = pool.map(_task, tasks, chunksize=2)
-    lines = [f"| group | copy | traced | pilot sync, min (threshold {wm.SYNC_THRESHOLD:g}) | soft-bit SNR min / median |",
+    lines = [f"| group | copy | traced | pilot sync, min (threshold {wm.SYNC_THRESHOLD:g}) | "
+             "soft-bit SNR min / median |",
              "| --- | --- | ---: | ---: | ---: |"]
     for g, *_ in GROUPS:
         for form in ("16-bit HU PNG", "lung window 8-bit", "8-bit grey"):

@@ -203,7 +203,8 @@ def main(argv: list[str] | None = None) -> int:
         "",
         "| quantity | value |",
         "| --- | ---: |",
-        f"| larger of the v3 and v2 pilot peaks on unmarked tiles, sd: median / 99.9th percentile / max (threshold {wm.SYNC_THRESHOLD:g}) | "
+        f"| larger of the v3 and v2 pilot peaks on unmarked tiles, sd: median / 99.9th percentile / max "
+        f"(threshold {wm.SYNC_THRESHOLD:g}) | "
         f"{np.median(z):.2f} / {np.percentile(z, 99.9):.2f} / {z.max():.2f} |",
         f"| v1 pilot peak on the same tiles: median / max (v1 threshold {wm.SYNC_THRESHOLD_V1:g}) | "
         f"{np.median(z1):.2f} / {z1.max():.2f} |",
@@ -214,8 +215,8 @@ def main(argv: list[str] | None = None) -> int:
         f"| … their template score median / max; sync score median / max | {np.median(ts):.1f} / {ts.max():.1f}; "
         f"{np.median(zs):.2f} / {zs.max():.2f} |",
         f"| analytic bound per keyed check: 32-bit check | 2^-32 = {2.0 ** -32:.2e} |",
-        f"| analytic bound per image (v3): {wm.MAX_READS} reads × {wm.CHECKS_PER_READ} keyed checks (v3, v2) × 2^-32 | "
-        f"{bound:.2e} |",
+        f"| analytic bound per image (v3): {wm.MAX_READS} reads × {wm.CHECKS_PER_READ} keyed checks (v3, v2) "
+        f"× 2^-32 | {bound:.2e} |",
         f"| … with the sync threshold too (Gaussian tail over 128² offsets × that bound) | "
         f"{p_sync * bound:.1e} |",
         f"| v1 fallback per image: 5 scales × 2^-16 × P(v1 pilot ≥ {wm.SYNC_THRESHOLD_V1:g} sd) (Gaussian tail "

@@ -1,5 +1,6 @@
 """Scheme v2 of the invisible image watermark, kept so versions published with it still decode (new versions embed
-scheme v3, ``store/watermark.py``, which reuses this module's template search and warp). Scheme v2: a keyed, tiled spread-spectrum mark carrying a 64-bit payload (dataset id,
+scheme v3, ``store/watermark.py``, which reuses this module's template search and warp, and reads v2 marks with
+``read_folded`` below). Scheme v2: a keyed, tiled spread-spectrum mark carrying a 64-bit payload (dataset id,
 version, sample index) with a 32-bit keyed check, plus a fixed sinusoidal *synchronisation template* from which the
 decoder estimates any rescale and rotation blindly (no list of factors), before it reads the payload.
 
