@@ -133,6 +133,22 @@ def _buf(key: str, shape: tuple[int, ...], dtype: Any = np.float32) -> np.ndarra
     return a
 
 
+_GAUSS8: np.ndarray | None = None
+
+
+def gauss_white8(nrng: np.random.Generator, h: int, w: int, out: np.ndarray | None = None) -> np.ndarray:
+    """(h, w) float32 white noise of unit variance from 8 random bits per sample through a 256-level inverse normal
+    CDF (cv2.LUT): for noise that is then blurred over several pixels (the quantum noise), where the sum makes it
+    Gaussian; three times cheaper than ``gauss_white``."""
+    global _GAUSS8
+    if _GAUSS8 is None:
+        t = _gauss_table().astype(np.float64).reshape(256, 256).mean(1)  # bin means of the 16-bit table
+        _GAUSS8 = (t / math.sqrt(np.mean(t * t))).astype(np.float32)
+    n = h * w
+    raw = nrng.bit_generator.random_raw((n + 7) // 8).astype("<u8", copy=False).view(np.uint8)[:n].reshape(h, w)
+    return cv2.LUT(raw, _GAUSS8, dst=out)
+
+
 def gauss_white(nrng: np.random.Generator, h: int, w: int, out: np.ndarray | None = None) -> np.ndarray:
     """(h, w) float32 white Gaussian noise, unit variance: 16 raw bits per sample through the inverse-CDF table
     (little-endian order of the generator's 64-bit words, so the same on every platform)."""
@@ -212,6 +228,16 @@ def _composite_nodules(img: np.ndarray, label: np.ndarray, sp: float, p: dict[st
         win += occ * (target - win)
 
 
+def nonzero_yx(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``np.nonzero`` of a 2D uint8 (or bool) mask, row-major like it, by cv2.findNonZero (several times faster)."""
+    pts = cv2.findNonZero(mask.view(np.uint8) if mask.dtype == np.bool_ else mask)
+    if pts is None:
+        e = np.zeros(0, np.intp)
+        return e, e
+    pts = pts.reshape(-1, 2)
+    return pts[:, 1].astype(np.intp), pts[:, 0].astype(np.intp)
+
+
 def _bbox(mask: np.ndarray) -> tuple[slice, slice] | None:
     x, y, bw, bh = cv2.boundingRect(mask)
     return (slice(y, y + bh), slice(x, x + bw)) if bw else None
@@ -255,7 +281,7 @@ def render_ct(label: np.ndarray, lobes: np.ndarray | None, spacing_mm: float, p:
         extra *= paren[box]
         img[box] += extra
     if "bone_texture_hu" in p:  # trabecular pattern from the fine field (cells of about 1 mm), on bone pixels only
-        iy, ix = np.nonzero(cv2.LUT(label, IS_BONE.view(np.uint8), dst=_buf("bone", (h, w), np.uint8)))
+        iy, ix = nonzero_yx(cv2.LUT(label, IS_BONE.view(np.uint8), dst=_buf("bone", (h, w), np.uint8)))
         if iy.size:
             img[iy, ix] += (np.abs(fine[iy, ix]) - np.float32(0.8)) * np.float32(p["bone_texture_hu"])
     if chambers is not None and "chamber_drop_hu" in p:
@@ -267,7 +293,7 @@ def render_ct(label: np.ndarray, lobes: np.ndarray | None, spacing_mm: float, p:
     # varying contrast (vessels cut obliquely or off-centre in the slab are fainter).
     if box is not None:
         ves = (label[box] == C["pulmonary_vessel"]).astype(np.uint8)
-        iy, ix = np.nonzero(ves)
+        iy, ix = nonzero_yx(ves)
         if iy.size:
             d = cv2.distanceTransform(np.pad(ves, 1), cv2.DIST_L2, 3)[iy + 1, ix + 1] * np.float32(sp)
             c0, c1 = p.get("vessel_contrast", (1.0, 1.0))
@@ -290,7 +316,7 @@ def render_ct(label: np.ndarray, lobes: np.ndarray | None, spacing_mm: float, p:
 
     # Scanner blur (partial volume at edges), then noise with a CT-like NPS (the volume renderer's band-pass model).
     out = cv2.GaussianBlur(img, (0, 0), max(0.3, p["psf_sigma_mm"] / sp))
-    n = band_noise_2d(gauss_white(nrng, h, w, out=_buf("white", (h, w))), p["noise_sigma_px"], p.get("nps_low_cut", 0.5))
+    n = band_noise_2d(gauss_white8(nrng, h, w, out=_buf("white", (h, w))), p["noise_sigma_px"], p.get("nps_low_cut", 0.5))
     cv2.scaleAdd(n, float(p["noise_hu"] / (cv2.meanStdDev(n)[1][0, 0] + 1e-6)), out, dst=out)
     np.clip(out, -1024, 3071, out=out)
     return out
