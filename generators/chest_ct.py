@@ -63,13 +63,19 @@ class Canvas:
         return xs[None, :], ys[:, None]
 
 
+_SE_TRIG: dict[int, tuple[np.ndarray, ...]] = {}
+
+
 def superellipse(cx: float, cy: float, ax: float, ay: float, n: float, k: int = 120,
                  post_flat: float = 0.0) -> np.ndarray:
-    t = np.linspace(0, 2 * np.pi, k, endpoint=False)
-    c, s = np.cos(t), np.sin(t)
-    x = ax * np.sign(c) * np.abs(c) ** (2 / n)
-    y = ay * np.sign(s) * np.abs(s) ** (2 / n)
-    y = np.where(y > 0, y * (1 - post_flat * np.abs(c) ** 4), y)  # a flatter back, as on the table
+    if k not in _SE_TRIG:  # the angles' cosines and sines, computed once per point count
+        t = np.linspace(0, 2 * np.pi, k, endpoint=False)
+        c, s = np.cos(t), np.sin(t)
+        _SE_TRIG[k] = (np.sign(c), np.abs(c), np.sign(s), np.abs(s), np.abs(c) ** 4)
+    sc, ac, ss, as_, c4 = _SE_TRIG[k]
+    x = ax * sc * ac ** (2 / n)
+    y = ay * ss * as_ ** (2 / n)
+    y = np.where(y > 0, y * (1 - post_flat * c4), y)  # a flatter back, as on the table
     return np.stack([cx + x, cy + y], 1)
 
 
@@ -459,10 +465,17 @@ def _draw_vessels_airways(cv: Canvas, lab: np.ndarray, lobes: np.ndarray, a: dic
         dps = dist_many(xs_, ys_)
         keep = ~(dps < rr * aspect + 1.0)
         rr = np.where(keep & (dps < 12) & (rr > 0.9), rr * 0.6, rr)  # subpleural vessels are fine
-        for i in np.flatnonzero(keep).tolist():
-            x, y, r, ori = float(xs_[i]), float(ys_[i]), float(rr[i]), float(orient[i])
-            ell(vess, cen(x, y), (axl(r * aspect[i]), axl(r)), ori, 0, 360, vid, -1, cv2.LINE_8, SHIFT)
+        # Fixed-point centres and axes of every kept cross-section at once (as Canvas.ellipse rounds them).
+        ki = np.flatnonzero(keep)
+        qx = np.round((xs_[ki] / sp + w / 2 - 0.5) * SCALE).astype(np.int64).tolist()
+        qy = np.round((ys_[ki] / sp + h / 2 - 0.5) * SCALE).astype(np.int64).tolist()
+        qa = np.maximum(1, np.round(rr[ki] * aspect[ki] / sp * SCALE)).astype(np.int64).tolist()
+        qb = np.maximum(1, np.round(rr[ki] / sp * SCALE)).astype(np.int64).tolist()
+        for n_, i in enumerate(ki.tolist()):
+            ell(vess, (qx[n_], qy[n_]), (qa[n_], qb[n_]), float(orient[i]), 0, 360, vid, -1, cv2.LINE_8, SHIFT)
+            r = float(rr[i])
             if r > 1.3 and rng.random() < 0.4:  # the bronchus beside an artery
+                x, y = float(xs_[i]), float(ys_[i])
                 off = rng.uniform(-1, 1, 2)
                 off *= (r + 1.4) / (np.hypot(*off) + 1e-6)
                 bx, by = x + off[0] * 1.3, y + off[1] * 1.3
