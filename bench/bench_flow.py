@@ -42,6 +42,7 @@ settings.silence_shutdown_noise()
 
 import yaml  # noqa: E402
 
+from flows.browser import sample_files as browser_files  # noqa: E402  (the browser's per-sample images)
 from flows.card import card  # noqa: E402
 from flows.inputs import code_version, resolve_spec  # noqa: E402  (no Prefect import: the bare loop stays bare)
 from flows.pipeline import make_samples  # noqa: E402
@@ -85,7 +86,7 @@ def bench_spec_text(samples: int, size: int, shard_size: int | str) -> str:
 def _bare_shard(spec, staging, i: int, start: int, stop: int) -> int:
     """One shard, no orchestration: the same calls the flow's shard task makes, with the same arguments."""
     samples = make_samples(spec, range(start, stop), digest=staging.digest)
-    staging.write_shard(i, samples)
+    staging.write_shard(i, samples, sample_files=browser_files)
     return len(samples)
 
 

@@ -24,6 +24,7 @@ from prefect.futures import wait
 from prefect.tasks import exponential_backoff
 
 from flows import interrupt
+from flows.browser import sample_files as browser_files
 from flows.card import card
 from flows.card import warm_up as card_warm_up
 from flows.pipeline import make_samples
@@ -86,7 +87,8 @@ def build_lane(spec: BaseSpec, staging: Any, lane: int, n_lanes: int, shards: li
         t0 = time.perf_counter()
         interrupt.hold("shard")
         samples = make_samples(spec, range(start, stop), digest=staging.digest, backend=_backend(spec, staging.digest))
-        info = dict(staging.write_shard(i, samples))
+        # The browser's per-sample images are drawn here, while the arrays are in memory (not at publish).
+        info = dict(staging.write_shard(i, samples, sample_files=browser_files))
         info.update(shard=i, n=len(samples), reused=False, seconds=time.perf_counter() - t0)
         log.info("shard %d/%d: %d samples in %.1f s (lane %d/%d)", i + 1, n_shards, info["n"], info["seconds"],
                  lane + 1, n_lanes)
