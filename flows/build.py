@@ -164,8 +164,9 @@ def _store(root: str | None, storage_options: dict | None = None):
     return DatasetStore(root, storage_options)
 
 
-# What a worker process imports before its first shard task: Prefect, this flow's task, the pipeline, the store.
-SHARD_MODULES = ("annotators", "generators", "store", "flows.build")
+# What a worker process imports before its first shard task: Prefect, this flow's task, the pipeline, the store,
+# and what pyarrow imports on a shard's first write (flows.shard_imports); forked workers inherit it all.
+SHARD_MODULES = ("annotators", "generators", "store", "flows.build", "flows.shard_imports")
 
 
 def make_runner(runner: str = "local", workers: int | None = None, dask_address: str | None = None):
