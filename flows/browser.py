@@ -38,7 +38,18 @@ def _region(f: dict) -> str | None:
     return None
 
 
+_LUTS: dict[int, tuple[Any, np.ndarray]] = {}
+
+
 def _colours(class_table, n: int = 256) -> np.ndarray:
+    """The label picture's colour per class id (the class table's colours, fixed random ones for the rest)."""
+    key = id(class_table)
+    if key not in _LUTS or _LUTS[key][0] is not class_table or n != 256:
+        _LUTS[key] = (class_table, _make_colours(class_table, n))
+    return _LUTS[key][1]
+
+
+def _make_colours(class_table, n: int = 256) -> np.ndarray:
     lut = np.zeros((max(n, 256), 3), np.uint8)
     rng = np.random.default_rng(7)
     lut[1:] = rng.integers(60, 255, (lut.shape[0] - 1, 3))
@@ -84,7 +95,7 @@ def draw_sample(img: np.ndarray, lab: np.ndarray, ins: np.ndarray, row: dict, do
     trgb = outline(tv, tl, class_table, classes=outline_ids) if class_table is not None else tv
     thumb, view_p, over_p, label_p = image_paths(row["sample_id"])
     return {thumb: encode_png(instance_outline(trgb, ti, thickness=1)), view_p: encode_png(view),
-            over_p: encode_png(over), label_p: encode_png(_colours(class_table)[lab])}
+            over_p: encode_png(over), label_p: encode_png(lab, png_filter="none", palette=_colours(class_table))}
 
 
 _DOMAINS: dict[str, Any] = {}
