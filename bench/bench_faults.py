@@ -28,26 +28,16 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import bench.faults as faults  # noqa: E402
-from flows.pipeline import make_samples  # noqa: E402
 from schemas.spec import load_spec_text, spec_hash  # noqa: E402
 from store import DatasetStore, verify_version  # noqa: E402
 from store.errors import StoreError  # noqa: E402
 
-SPEC = """
-name: {name}
-samples: 4
-shard_size: 2
-image: {{size: 256, spacing_mm: [1.2, 1.4]}}
-findings:
-  negatives: 0.2
-  mixture: ["8 mm solid nodule, right lower lobe"]
-"""
 CODE = "bench-faults"
 
 
 def one_build(url: str, opts: dict | None, name: str, samples: dict) -> tuple[str, str]:
     """-> (outcome, detail): published / failed_clean / failed_unclean."""
-    text = SPEC.format(name=name)
+    text = faults.small_ct_spec(name)
     spec = load_spec_text(text)
     try:
         st = DatasetStore(url, opts)
@@ -170,8 +160,7 @@ def main() -> None:
     ap.add_argument("--backends", default="s3,local")
     ap.add_argument("--json", default=None)
     a = ap.parse_args()
-    spec = load_spec_text(SPEC.format(name="fault-samples"))
-    samples = {s.index: s for s in make_samples(spec, range(spec.samples), digest=spec_hash(spec))}
+    samples = faults.small_ct_samples(faults.small_ct_spec("fault-samples"))
     work = tempfile.mkdtemp(prefix="pairforge-bench-faults-")
     results = []
     try:

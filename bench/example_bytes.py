@@ -23,7 +23,7 @@ sys.path.insert(0, str(REPO))
 
 EXAMPLES = ("chest_ct_nodules.yaml", "surface_defects.yaml")
 CODE = "frozen-code-version"
-VOLATILE = ("created_at", "run_id", "libraries")
+VOLATILE = ("created_at", "run_id", "libraries", "manifest_sha256")
 
 
 def _manifest_view(data: bytes) -> str:

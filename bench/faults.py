@@ -282,3 +282,29 @@ class FaultyLocalFileSystem(LocalFileSystem):
 
 
 fsspec.register_implementation("faultfile", FaultyLocalFileSystem, clobber=True)
+
+
+SMALL_CT_SPEC = """
+name: {name}
+samples: {samples}
+shard_size: 2
+seed: {seed}
+image: {{size: 256, spacing_mm: [1.2, 1.4]}}
+findings:
+  negatives: 0.2
+  mixture: ["8 mm solid nodule, right lower lobe"]
+"""
+
+
+def small_ct_spec(name: str, samples: int = 4, seed: int = 0) -> str:
+    """A small chest-CT spec text (256 px, shards of 2) for storage, concurrency and fault runs."""
+    return SMALL_CT_SPEC.format(name=name, samples=samples, seed=seed)
+
+
+def small_ct_samples(text: str) -> dict:
+    """The samples of a spec text, by index (made once, written by every build of a run)."""
+    from flows.pipeline import make_samples
+    from schemas.spec import load_spec_text, spec_hash
+
+    spec = load_spec_text(text)
+    return {s.index: s for s in make_samples(spec, range(spec.samples), digest=spec_hash(spec))}

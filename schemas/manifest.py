@@ -65,6 +65,20 @@ class Manifest(BaseModel):
     watermark: WatermarkInfo | None = None
     created_at: str = Field(description="UTC, ISO 8601")
     run_id: str | None = Field(None, description="the orchestration (Prefect flow) run id")
+    manifest_sha256: str | None = Field(
+        None, description="sha256 of this manifest's JSON (indent 2) with this field null: covers every field, free "
+                          "text included; absent in versions published before it existed")
+
+    def self_digest(self) -> str:
+        """The sha256 ``manifest_sha256`` records: of this manifest, serialised as published, with that field null."""
+        import hashlib
+
+        return hashlib.sha256(self.model_copy(update={"manifest_sha256": None}).model_dump_json(indent=2).encode()
+                              ).hexdigest()
+
+    def sealed(self) -> "Manifest":
+        """This manifest with ``manifest_sha256`` filled in."""
+        return self.model_copy(update={"manifest_sha256": self.self_digest()})
 
     @property
     def ref(self) -> str:

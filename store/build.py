@@ -418,7 +418,8 @@ class BuildStaging:
                      ("instance_path", "instance_sha256")):
             all_files.update(zip(cols[p], cols[h]))
         self._check_present(table)
-        manifest = self._manifest(counts, samples_bytes, files=files, digest=content_digest(all_files), run_id=run_id)
+        manifest = self._manifest(counts, samples_bytes, files=files, digest=content_digest(all_files),
+                                  run_id=run_id).sealed()
         body = manifest.model_dump_json(indent=2).encode()
         if root.local:
             _commit_local(root, self.data_dir, self.version_dir, body)

@@ -392,9 +392,12 @@ def _version_files(root: Root, name: str, version: int, m: Manifest) -> tuple[di
 def manifest_problems(m: Manifest, name: str, version: int, table=None) -> list[str]:
     """What in ``manifest.json`` contradicts its own folder, its spec or the index (``table``, already checked
     against the manifest's sha256): each a line naming manifest.json. A changed byte in a hash, a count, the spec,
-    the name or the version shows here or in the content digest; free text (created_at, library versions) is not
-    covered by any hash (docs/robustness.md)."""
+    the name or the version shows here or in the content digest; any other changed value (created_at, library
+    versions) shows in the manifest's own ``manifest_sha256`` (versions published before it existed do not record
+    one, and their free text stays uncovered)."""
     out = []
+    if m.manifest_sha256 is not None and m.self_digest() != m.manifest_sha256:
+        out.append(f"{MANIFEST}: its content does not match its own manifest_sha256 (a value in it was changed)")
     if m.name != name or m.version != version:
         out.append(f"{MANIFEST}: names {m.name}@v{m.version} but lies in {name}/v{version}")
     d = {k: v for k, v in m.spec.items() if k not in ("schedule", "description")}  # as schemas.spec.spec_hash

@@ -27,6 +27,23 @@ os.environ["XDG_CONFIG_HOME"] = os.path.join(_PREFECT_HOME, "xdg-config")
 os.environ["XDG_DATA_HOME"] = os.path.join(_PREFECT_HOME, "xdg-data")
 
 
+@pytest.fixture(scope="module")
+def moto_s3(request):
+    """fsspec options of moto's real S3 server, one per test module, with the module's ``MOTO_BUCKET`` created."""
+    import bench.faults as faults
+
+    with faults.moto_server(bucket=request.module.MOTO_BUCKET) as (_endpoint, opts):
+        yield opts
+
+
+@pytest.fixture(params=["local", "s3"])
+def store_root(request, tmp_path):
+    """(url, storage options) of an empty dataset root: a local folder, then a prefix in the module's moto bucket."""
+    if request.param == "local":
+        return str(tmp_path / "datasets"), None
+    return f"s3://{request.module.MOTO_BUCKET}/{tmp_path.name}", request.getfixturevalue("moto_s3")
+
+
 @pytest.fixture(scope="session")
 def prefect_api():
     """A real Prefect API (SQLite, subprocess server) shared by the whole session; yields its URL.

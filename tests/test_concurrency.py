@@ -15,20 +15,11 @@ import time
 import pytest
 
 import bench.faults as faults
-from flows.pipeline import make_samples
 from schemas.spec import load_spec_text, spec_hash
 from store import DatasetStore, IntegrityError, StoreError, verify_version
 
-SPEC = """
-name: {name}
-samples: 4
-shard_size: 2
-seed: {seed}
-image: {{size: 256, spacing_mm: [1.2, 1.4]}}
-findings:
-  negatives: 0.2
-  mixture: ["8 mm solid nodule, right lower lobe"]
-"""
+
+MOTO_BUCKET = "pairforge-conc"
 
 BUILDER = r"""
 import json, pickle, sys, time
@@ -50,21 +41,7 @@ print(json.dumps({{"name": spec.name, "seed": spec.seed, "version": b.publish(ru
 
 @pytest.fixture(scope="module")
 def samples():
-    spec = load_spec_text(SPEC.format(name="conc", seed=1))
-    return {s.index: s for s in make_samples(spec, range(spec.samples), digest=spec_hash(spec))}
-
-
-@pytest.fixture(scope="module")
-def s3():
-    with faults.moto_server(bucket="pairforge-conc") as (endpoint, opts):
-        yield opts
-
-
-@pytest.fixture(params=["local", "s3"])
-def root(request, tmp_path):
-    if request.param == "local":
-        return str(tmp_path / "datasets"), None
-    return f"s3://pairforge-conc/{tmp_path.name}", request.getfixturevalue("s3")
+    return faults.small_ct_samples(faults.small_ct_spec("conc", seed=1))
 
 
 def _reader(url, opts, stop: threading.Event, seen: dict, errors: list) -> None:
@@ -86,8 +63,8 @@ def _reader(url, opts, stop: threading.Event, seen: dict, errors: list) -> None:
         time.sleep(0.05)
 
 
-def test_concurrent_builds_of_same_and_different_specs_with_readers(root, samples, tmp_path):
-    url, opts = root
+def test_concurrent_builds_of_same_and_different_specs_with_readers(store_root, samples, tmp_path):
+    url, opts = store_root
     if opts is None:
         os.makedirs(url)  # the readers start before any build has created the root
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -99,7 +76,7 @@ def test_concurrent_builds_of_same_and_different_specs_with_readers(root, sample
     procs = []
     for k, (name, seed) in enumerate(jobs):
         arg = tmp_path / f"job{k}.pkl"
-        arg.write_bytes(pickle.dumps((SPEC.format(name=name, seed=seed), samples, url, opts, go)))
+        arg.write_bytes(pickle.dumps((faults.small_ct_spec(name, seed=seed), samples, url, opts, go)))
         procs.append(subprocess.Popen([sys.executable, str(script), str(arg), f"proc-{k}"], stdout=subprocess.PIPE,
                                       stderr=subprocess.PIPE, text=True))
     stop, seen, errors = threading.Event(), {}, []

@@ -9,31 +9,19 @@ import pytest
 from typer.testing import CliRunner
 
 import bench.faults as faults
-from flows.pipeline import make_samples
 from schemas.spec import load_spec_text, spec_hash
 from store import DatasetStore, NoSpaceError, PublishError, StoreError, verify_version
 
-SPEC = """
-name: {name}
-samples: 6
-shard_size: 2
-seed: {seed}
-image: {{size: 256, spacing_mm: [1.2, 1.4]}}
-findings:
-  negatives: 0.2
-  mixture: ["8 mm solid nodule, right lower lobe"]
-"""
 CODE = "faults-code-1"
 
 
 def spec_text(name: str = "faulty-ct", seed: int = 1) -> str:
-    return SPEC.format(name=name, seed=seed)
+    return faults.small_ct_spec(name, samples=6, seed=seed)
 
 
 @pytest.fixture(scope="module")
 def samples():
-    spec = load_spec_text(spec_text())
-    return {s.index: s for s in make_samples(spec, range(spec.samples), digest=spec_hash(spec))}
+    return faults.small_ct_samples(spec_text())
 
 
 def build(url, opts, samples, text=None, code=CODE):

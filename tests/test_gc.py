@@ -16,21 +16,13 @@ import pytest
 from typer.testing import CliRunner
 
 import bench.faults as faults
-from flows.pipeline import make_samples
 from schemas.spec import load_spec_text, spec_hash
 from store import DatasetStore, verify_version
 from store.gc import collect, parse_duration
 from store.errors import StoreError
 
-SPEC = """
-name: {name}
-samples: 4
-shard_size: 2
-image: {{size: 256, spacing_mm: [1.2, 1.4]}}
-findings:
-  negatives: 0.2
-  mixture: ["8 mm solid nodule, right lower lobe"]
-"""
+
+MOTO_BUCKET = "pairforge-gc"
 
 KILLED = r"""
 import pickle, sys, time
@@ -49,21 +41,7 @@ time.sleep(600)  # killed here, mid-build
 
 @pytest.fixture(scope="module")
 def samples():
-    spec = load_spec_text(SPEC.format(name="gc-ct"))
-    return {s.index: s for s in make_samples(spec, range(spec.samples), digest=spec_hash(spec))}
-
-
-@pytest.fixture(scope="module")
-def s3():
-    with faults.moto_server(bucket="pairforge-gc") as (endpoint, opts):
-        yield opts
-
-
-@pytest.fixture(params=["local", "s3"])
-def root(request, tmp_path):
-    if request.param == "local":
-        return str(tmp_path / "datasets"), None
-    return f"s3://pairforge-gc/{tmp_path.name}", request.getfixturevalue("s3")
+    return faults.small_ct_samples(faults.small_ct_spec("gc-ct"))
 
 
 def _killed_build(url, opts, samples, tmp_path, name="dead-ct") -> str:
@@ -71,7 +49,7 @@ def _killed_build(url, opts, samples, tmp_path, name="dead-ct") -> str:
     script = tmp_path / "killed.py"
     script.write_text(KILLED.format(repo=repo))
     arg = tmp_path / f"{name}.pkl"
-    arg.write_bytes(pickle.dumps((SPEC.format(name=name), samples, url, opts)))
+    arg.write_bytes(pickle.dumps((faults.small_ct_spec(name), samples, url, opts)))
     p = subprocess.Popen([sys.executable, str(script), str(arg)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                          text=True)
     key = p.stdout.readline().strip()
@@ -81,15 +59,16 @@ def _killed_build(url, opts, samples, tmp_path, name="dead-ct") -> str:
     return key
 
 
-def test_a_killed_builds_staging_is_listed_then_removed_and_a_live_one_is_left_alone(root, samples, tmp_path):
-    url, opts = root
+def test_a_killed_builds_staging_is_listed_then_removed_and_a_live_one_is_left_alone(store_root, samples, tmp_path):
+    url, opts = store_root
     st = DatasetStore(url, opts)
     dead_key = _killed_build(url, opts, samples, tmp_path)
     # a published version and a live build (fresh heartbeat) beside the dead one
-    text = SPEC.format(name="live-ct")
+    text = faults.small_ct_spec("live-ct")
     spec = load_spec_text(text)
-    done = st.open_build(load_spec_text(SPEC.format(name="pub-ct")), SPEC.format(name="pub-ct"),
-                         spec_hash(load_spec_text(SPEC.format(name="pub-ct"))), "gc-code")
+    pub_text = faults.small_ct_spec("pub-ct")
+    pub_spec = load_spec_text(pub_text)
+    done = st.open_build(pub_spec, pub_text, spec_hash(pub_spec), "gc-code")
     for i, r in enumerate(done.shards):
         done.write_shard(i, [samples[j] for j in r])
     done.publish()

@@ -169,7 +169,8 @@ CASES = [  # (version, file (a sample's kind or a version file), damage, manifes
     ("ct", "samples.parquet", "delete", None),
     ("ct", "manifest.json", "truncate", None), ("ct", "manifest.json", "flip", "content_digest"),
     ("ct", "manifest.json", "flip", "samples_parquet_sha256"), ("ct", "manifest.json", "flip", "spec_hash"),
-    ("ct", "manifest.json", "flip", "findings"), ("ct", "manifest.json", "delete", None),
+    ("ct", "manifest.json", "flip", "findings"), ("ct", "manifest.json", "flip", "created_at"),
+    ("ct", "manifest.json", "delete", None),
     ("vol", "image", "truncate", None), ("vol", "image", "flip", None), ("vol", "label", "delete", None),
     ("vol", "instance", "flip", None),
 ]
