@@ -393,6 +393,18 @@ def draw_slice(a: dict[str, Any], h: int, w: int, sp: float, maps: dict | None =
     lb = _bbox(lobes)
     if lb is not None:
         np.copyto(lab[lb], lobes[lb], where=lobes[lb] > 0)
+    # Toward the apex the thoracic cavity narrows to the lung apices and the mediastinum between them: what lies
+    # lateral to the central mediastinum there is chest wall (scalene, serratus, subscapularis muscle), not fat.
+    # The mediastinum keeps its fat inside a rounded outline round the trachea, and each lung a thin rim of
+    # extrapleural fat (about 2 mm).
+    x_wall = 26.0 + 220.0 * _smooth(z, 0.22, 0.45)
+    if x_wall < bw:
+        my, mry = ccy + cd * 0.1, cd * 1.05
+        keep = (xs / x_wall) ** 2 + ((ys - my) / mry) ** 2 < 1
+        r_px = max(1, int(round(2.0 / sp)))
+        rim = cv2.dilate((lobes > 0).astype(np.uint8), cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * r_px + 1,) * 2))
+        wall = (lab == C["mediastinal_fat"]) & ~keep & (rim == 0) & (cavity > 0)
+        lab[wall] = C["muscle"]
 
     _draw_vessels_airways(cv, lab, lobes, a, vrng, params)
     return lab, lobes, params
