@@ -18,6 +18,7 @@ from scipy import ndimage
 
 from schemas.classes import LOBES
 from schemas.volume import VOLUME_IDS, VolumeGeometry
+from schemas.volume_contact import shell_contact
 
 V = VOLUME_IDS
 LOBE_BY_ID = {v: k for k, v in LOBES.items()}
@@ -110,8 +111,8 @@ def label_lobe_measures(label: np.ndarray, mask: np.ndarray, spacing: tuple[floa
     - ``lobe`` / ``in_lobe_fraction``: lobe classes of the label in the shell 1-3 mm outside the finding (vessels,
       airways, findings and non-lung tissue do not count): the most frequent, and the requested lobe's share.
     - ``shell_in_lobe_fraction``, ``touches_pleura``, ``touches_fissure``: over the voxels touching the finding
-      (one-voxel dilation) less vessels, airways and other findings: share in the requested lobe; any non-lung
-      tissue; any other lobe."""
+      (one-voxel dilation, face neighbours) less vessels, airways and other findings: share in the requested lobe;
+      any non-lung tissue; any other lobe (``schemas.volume_contact``, the rule the placement uses too)."""
     zz, yy, xx = np.nonzero(mask)
     pad = [int(math.ceil(RING_MM[1] / s)) + 1 for s in spacing]
     box = tuple(slice(max(0, lo.min() - p), min(n, lo.max() + 1 + p))
@@ -126,13 +127,10 @@ def label_lobe_measures(label: np.ndarray, mask: np.ndarray, spacing: tuple[floa
     if want_id is None:
         want_id = lobe_id
     in_lobe = float(counts[want_id] / total) if total and want_id else 0.0
-    shell = ndimage.binary_dilation(m, iterations=1) & ~m
-    sv = lab[shell]
-    sv = sv[~np.isin(sv, IN_LUNG_STRUCTURES)]
+    c = shell_contact(lab, m, want_id)  # the same rule the placement judges contact by
     return {"lobe": LOBE_BY_ID.get(lobe_id, "none"), "in_lobe_fraction": round(in_lobe, 5),
-            "shell_in_lobe_fraction": round(float((sv == want_id).mean()) if sv.size else 1.0, 5),
-            "touches_pleura": bool((~np.isin(sv, LUNG_IDS)).any()),
-            "touches_fissure": bool((np.isin(sv, LUNG_IDS) & (sv != want_id)).any())}
+            "shell_in_lobe_fraction": c["shell_in_lobe_fraction"], "touches_pleura": c["touches_pleura"],
+            "touches_fissure": c["touches_fissure"]}
 
 
 def measure_volume_findings(label: np.ndarray, instance: np.ndarray, lobes: np.ndarray | None, geom: VolumeGeometry,

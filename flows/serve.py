@@ -59,7 +59,7 @@ def _absolute_root(root: str | None) -> str | None:
     root = choose_root(root).url  # the root a build started here would use (see store/config.py)
     if "://" in root:
         return root
-    return str(Path(root).expanduser().resolve())
+    return str(Path(os.path.expanduser(root)).resolve())
 
 
 def serve_deployments(deployments: list[Any]) -> None:

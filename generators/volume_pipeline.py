@@ -33,8 +33,18 @@ def volume_geometry(req: VolumeRequest, P: dict[str, Any], rng: np.random.Genera
         from scipy.ndimage import distance_transform_edt
 
         atlas, g = lobe_atlas(P)
-        dist = distance_transform_edt(atlas == LOBES[req.center_on_lobe], sampling=g.spacing)
+        inside = atlas == LOBES[req.center_on_lobe]
+        dist = distance_transform_edt(inside, sampling=g.spacing)
         idx = np.argwhere(dist >= 0.7 * dist.max()) if dist.max() > 0 else np.zeros((0, 3), int)
+        juxta = [f for f in req.findings if f.get("juxtapleural") and f.get("location") == req.center_on_lobe]
+        if juxta:  # a juxtapleural finding needs pleura in the crop: centre near the lobe's pleural surface
+            d = max(float(f["diameter_mm"]) for f in juxta)
+            to_pleura = distance_transform_edt(atlas != 0, sampling=g.spacing)
+            to_other = distance_transform_edt(~(inside | (atlas == 0)), sampling=g.spacing)
+            band = inside & (to_pleura <= 8.0)
+            if band.any():  # the part of that band farthest from the other lobes (fissures)
+                far = to_other[band].max()
+                idx = np.argwhere(band & (to_other >= min(far, d + 10.0) * 0.8))
         if len(idx):  # deep inside the lobe, so a crop round it has room for a finding
             pick = idx[int(rng.integers(len(idx)))] if rng is not None else idx[len(idx) // 2]
             center = tuple(float(v) for v in g.to_mm(pick))

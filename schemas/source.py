@@ -7,6 +7,7 @@ rebuild) covers the data, not just its path. Reading pixel data is the generator
 from __future__ import annotations
 
 import hashlib
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -61,7 +62,7 @@ def file_sha256(path: str) -> str:
 def enumerate_units(path: str) -> list[SourceUnit]:
     """Source units under ``path``: a file is one unit; in a folder (searched recursively) every NIfTI file is a
     unit, and every folder directly holding DICOM files (or PNG slices) is one series. ValueError when none."""
-    root = Path(path).expanduser()
+    root = Path(os.path.expanduser(path))
     if not root.exists():
         raise ValueError(f"source.path {path!r} does not exist")
     units: list[SourceUnit] = []
@@ -130,7 +131,7 @@ class CTSource(BaseModel):
         if any(u.kind == "png" for u in units) and self.spacing_mm is None:
             raise ValueError(f"source {self.path!r} has PNG slices, which carry no spacing; give source.spacing_mm")
         if self.masks is not None:
-            if not Path(self.masks).expanduser().is_dir():
+            if not Path(os.path.expanduser(self.masks)).is_dir():
                 raise ValueError(f"source.masks {self.masks!r} is not a readable folder")
             if not self.mask_classes:
                 raise ValueError("source.masks is given without source.mask_classes (label value -> class name)")
@@ -143,7 +144,7 @@ class CTSource(BaseModel):
         for u in units:
             h.update(u.sha256.encode())
         if self.masks is not None:
-            mfiles = sorted(f for f in Path(self.masks).expanduser().rglob("*") if f.is_file())
+            mfiles = sorted(f for f in Path(os.path.expanduser(self.masks)).rglob("*") if f.is_file())
             h.update(_hash_files(mfiles).encode())
         self.content_sha256 = h.hexdigest()
         return self

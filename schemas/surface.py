@@ -5,6 +5,7 @@ here (pure functions, no randomness) so that the layout and the annotator judge 
 """
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -70,7 +71,7 @@ class SurfaceSource(BaseModel):
         for f in list_photos(self.path):
             h.update(file_sha256(str(f)).encode())
         if self.masks is not None:
-            mdir = Path(self.masks).expanduser()
+            mdir = Path(os.path.expanduser(self.masks))
             if not mdir.is_dir():
                 raise ValueError(f"source.masks {self.masks!r} is not a readable folder")
             for f in sorted(p for p in mdir.iterdir() if p.is_file()):
@@ -262,7 +263,7 @@ PHOTO_SUFFIXES = (".png", ".jpg", ".jpeg")
 
 
 def list_photos(folder: str) -> list[Path]:
-    p = Path(folder).expanduser()
+    p = Path(os.path.expanduser(folder))
     if not p.is_dir():
         raise ValueError(f"photos.folder {folder!r} is not a readable folder")
     try:
@@ -275,7 +276,7 @@ def list_photos(folder: str) -> list[Path]:
 
 
 def mask_path_for(photo: Path, masks_folder: str) -> Path | None:
-    folder = Path(masks_folder).expanduser()
+    folder = Path(os.path.expanduser(masks_folder))
     for cand in (folder / f"{photo.stem}.png", folder / f"{photo.stem}_mask.png", folder / photo.name):
         if cand.is_file():
             return cand
@@ -286,7 +287,7 @@ def check_photos(photos: PhotoSpec, hw: tuple[int, int]) -> None:
     from PIL import Image
 
     files = list_photos(photos.folder)
-    if photos.masks_folder is not None and not Path(photos.masks_folder).expanduser().is_dir():
+    if photos.masks_folder is not None and not Path(os.path.expanduser(photos.masks_folder)).is_dir():
         raise ValueError(f"photos.masks_folder {photos.masks_folder!r} is not a readable folder")
     for f in files:
         try:

@@ -120,7 +120,7 @@ def set_user_root(value: str) -> Path:
     """Write ``root = value`` to the user config (other keys kept); returns the file."""
     path = user_config_path()
     if "://" not in value:
-        value = str(Path(value).expanduser().resolve())
+        value = str(Path(os.path.expanduser(value)).resolve())
     lines = []
     if path.is_file():
         lines = [ln for ln in path.read_text(encoding="utf-8").splitlines() if not ln.strip().startswith("root")]

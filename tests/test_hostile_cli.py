@@ -21,7 +21,8 @@ PER_COMMAND = 30
 
 
 @pytest.fixture(scope="module")
-def sandbox():
+def sandbox(tmp_path_factory):
+    tmp_path_factory.getbasetemp()  # fixed now: the session points TMPDIR into its sandbox, removed afterwards
     with fuzz_session() as sb:
         yield sb
     assert not sb.violations, sb.violations
@@ -62,6 +63,8 @@ def test_known_inputs_reach_where_they_should(sandbox):
         code, out, err = run_cli(argv)
         lines = err.strip().splitlines()
         assert code == 2 and len(lines) == 1 and words in lines[0], (argv, code, err)
+    # "~name" of no such user: os.path leaves it as written, pathlib raised RuntimeError (found by the 10,000 run)
+    assert run_cli_target(sandbox, ["root", "--set", "~\U000c8b5b\U000ccb0fB"]) in ("ok", "refused")
     assert run_cli_target(sandbox, ["verify", str(sandbox.files / "image.png")]) in ("ok", "verdict")
     assert run_cli_target(sandbox, ["build", str(sandbox.files / "fz.yaml")]) == "ok"  # up to date: no build
     assert run_cli_target(sandbox, ["build", str(sandbox.files / "fz.yaml"), "--force-new"]) == "orchestration"
