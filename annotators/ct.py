@@ -6,6 +6,7 @@ copied from the request.
 from __future__ import annotations
 
 import math
+import threading
 from typing import Any
 
 import cv2
@@ -22,6 +23,8 @@ LUNG_IDS = list(LOBES.values())
 NODULE_IDS = [CT_IDS["nodule_solid"], CT_IDS["nodule_ground_glass"]]
 _IS_NODULE = np.zeros(256, np.uint8)
 _IS_NODULE[NODULE_IDS] = 1
+_IS_LUNG = np.zeros(256, bool)
+_IS_LUNG[LUNG_IDS] = True
 
 # Median HU each tissue must show in a rendered slice (published ranges widened by noise and partial volume;
 # ../shared/docs/DOMAIN.md). A class is checked only where it has at least MIN_PIXELS pixels.
@@ -150,6 +153,18 @@ def measure_findings(label: np.ndarray, instance: np.ndarray, lobes: np.ndarray 
 def class_histograms(image: np.ndarray, label: np.ndarray, classes: list[int] | None = None) -> np.ndarray:
     """HU histogram (1 HU bins from -1024) of every class id, in one pass: shape (256, 4096); with ``classes``, of
     those ids only, in their order: shape (len(classes), 4096) (the same counts, a smaller table)."""
+    if classes is not None and label.dtype == np.uint8 and label.ndim == 2 and image.shape == label.shape:
+        # The same counts with no full-frame temporaries: per-thread scratch arrays and one int64 index pass.
+        n = len(classes)
+        row = np.full(256, n * HU_BINS, np.int32)  # every other class goes to one spare row, dropped below
+        row[list(classes)] = np.arange(n, dtype=np.int32) * HU_BINS
+        q = _scratch("q", image.shape, np.float32)
+        np.add(image, HU_OFFSET, out=q, casting="unsafe")
+        np.clip(q, 0, HU_BINS - 1, out=q)
+        idx = _scratch("idx", image.shape, np.int64)
+        np.copyto(idx, q, casting="unsafe")  # truncation, as astype
+        np.add(idx, cv2.LUT(label, row, dst=_scratch("row", image.shape, np.int32)), out=idx)
+        return np.bincount(idx.ravel(), minlength=(n + 1) * HU_BINS).reshape(n + 1, HU_BINS)[:n]
     q = np.clip(image + HU_OFFSET, 0, HU_BINS - 1).astype(np.int32)
     if classes is None:
         hist = np.bincount(label.astype(np.int32).ravel() * HU_BINS + q.ravel(), minlength=256 * HU_BINS)
@@ -161,6 +176,20 @@ def class_histograms(image: np.ndarray, label: np.ndarray, classes: list[int] | 
     idx *= HU_BINS
     idx += q
     return np.bincount(idx.ravel(), minlength=(n + 1) * HU_BINS).reshape(n + 1, HU_BINS)[:n]
+
+
+_SCRATCH = threading.local()
+
+
+def _scratch(key: str, shape: tuple[int, ...], dtype: Any) -> np.ndarray:
+    """A reusable array of this thread (contents undefined; callers overwrite it whole)."""
+    d = getattr(_SCRATCH, "d", None)
+    if d is None:
+        d = _SCRATCH.d = {}
+    a = d.get(key)
+    if a is None or a.shape != tuple(shape) or a.dtype != dtype:
+        a = d[key] = np.empty(shape, dtype)
+    return a
 
 
 def histogram_median(hist: np.ndarray) -> float:
@@ -184,7 +213,7 @@ def contrast_to_noise(image: np.ndarray, instance: np.ndarray, label: np.ndarray
     k1 = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * r1 + 1, 2 * r1 + 1))
     k4 = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * r4 + 1, 2 * r4 + 1))
     ring = (cv2.dilate(m, k4) > 0) & ~(cv2.dilate(m, k1) > 0)
-    ring &= np.isin(label[y0:y1, x0:x1], LUNG_IDS)  # parenchyma only, not vessels or other findings
+    ring &= _IS_LUNG[label[y0:y1, x0:x1]]  # parenchyma only, not vessels or other findings
     if ring.sum() < 10:
         return 0.0
     crop = image[y0:y1, x0:x1]
@@ -201,9 +230,10 @@ def connected_findings(label: np.ndarray) -> int:
     nodule's solid core and ground-glass halo are one region). Recomputable from the published label alone."""
     mask = cv2.LUT(label, _IS_NODULE) if label.dtype == np.uint8 and label.ndim == 2 else \
         np.isin(label, NODULE_IDS).astype(np.uint8)
-    if not mask.any():
+    x, y, bw, bh = cv2.boundingRect(mask)
+    if bw == 0:
         return 0
-    n, _ = cv2.connectedComponents(mask, connectivity=8)
+    n, _ = cv2.connectedComponents(mask[y:y + bh, x:x + bw], connectivity=8)
     return int(n - 1)
 
 

@@ -42,6 +42,7 @@ settings.silence_shutdown_noise()
 
 import yaml  # noqa: E402
 
+from flows.browser import sample_files as browser_files  # noqa: E402  (the browser's per-sample images)
 from flows.card import card  # noqa: E402
 from flows.inputs import code_version, resolve_spec  # noqa: E402  (no Prefect import: the bare loop stays bare)
 from flows.pipeline import make_samples  # noqa: E402
@@ -85,7 +86,7 @@ def bench_spec_text(samples: int, size: int, shard_size: int | str) -> str:
 def _bare_shard(spec, staging, i: int, start: int, stop: int) -> int:
     """One shard, no orchestration: the same calls the flow's shard task makes, with the same arguments."""
     samples = make_samples(spec, range(start, stop), digest=staging.digest)
-    staging.write_shard(i, samples)
+    staging.write_shard(i, samples, sample_files=browser_files)
     return len(samples)
 
 
@@ -137,14 +138,22 @@ def cli_run(argv: list[str], spec_text: str, root: str) -> dict:
     spec_file.write_text(spec_text)
     data_root = str(Path(root) / "data")
     argv = [a.format(spec=spec_file, root=data_root) for a in argv]
+    import resource
+
+    ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     p = subprocess.run(argv, env=_command_env(), cwd=str(REPO), capture_output=True, text=True)
     seconds = time.perf_counter() - t0
+    ru1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    # CPU of the command and every process it waited for (pool workers, the API server): less sensitive to other
+    # tenants' load than wall time, and what separates the two commands on a quiet machine.
+    cpu = (ru1.ru_utime - ru0.ru_utime) + (ru1.ru_stime - ru0.ru_stime)
     if p.returncode != 0:
         raise RuntimeError(f"{' '.join(argv)} exited {p.returncode}: {p.stderr.strip()[-2000:]}")
     n = int(json.loads(p.stdout.strip().splitlines()[-1])["samples"]) if "--bare-run" in argv else \
         int(next(ln for ln in p.stdout.splitlines() if ln.startswith("samples:")).split()[1])
-    return {"samples": n, "seconds": seconds, "phases": {"start": 0.0, "shards": seconds, "publish": 0.0}}
+    return {"samples": n, "seconds": seconds, "cpu_seconds": cpu,
+            "phases": {"start": 0.0, "shards": seconds, "publish": 0.0}}
 
 
 def flow_run(spec_text: str, root: str, runner: str, workers: int) -> dict:
@@ -246,9 +255,10 @@ def main() -> None:
                 r["samples_per_s"] = r["samples"] / r["seconds"]
                 results["runs"].setdefault(name, []).append(r)
                 ph = r["phases"]
+                cpu = f", CPU {r['cpu_seconds']:.1f} s" if "cpu_seconds" in r else ""
                 print(f"{name:15s} {r['samples']:6d} samples {r['seconds']:8.1f} s {r['samples_per_s']:7.2f} "
                       f"samples/s [start {ph['start']:.1f} s, shards {ph['shards']:.1f} s, publish "
-                      f"{ph['publish']:.1f} s] (load {r['loadavg_1m_before']:.1f} -> {r['loadavg_1m_after']:.1f})",
+                      f"{ph['publish']:.1f} s{cpu}] (load {r['loadavg_1m_before']:.1f} -> {r['loadavg_1m_after']:.1f})",
                       flush=True)
     # Per configuration, over its repetitions: total samples / total seconds.
     R = {}
@@ -266,11 +276,22 @@ def main() -> None:
     if "dask1" in R and "dask2" in R:
         ratios["dask2 / dask1, shard phase only"] = (R["dask2"]["shard_phase_samples_per_s"]
                                                      / R["dask1"]["shard_phase_samples_per_s"])
+    runs_ = results["runs"]
+    if "cli_build" in runs_ and "cli_bare" in runs_:
+        # Repetition k of each is a pair run back to back: per-pair ratios (build samples/s over the loop's, i.e.
+        # loop seconds over build seconds) and their median are less exposed to slow load drifts than the totals.
+        pairs = [b["seconds"] / a["seconds"] for a, b in zip(runs_["cli_build"], runs_["cli_bare"])]
+        ratios["cli_build / cli_bare, per pair"] = pairs
+        ratios["cli_build / cli_bare, median of pairs"] = float(sorted(pairs)[len(pairs) // 2]) if len(pairs) % 2 \
+            else float(sum(sorted(pairs)[len(pairs) // 2 - 1:len(pairs) // 2 + 1]) / 2)
+        cpu = [(a.get("cpu_seconds"), b.get("cpu_seconds")) for a, b in zip(runs_["cli_build"], runs_["cli_bare"])]
+        if all(a and b for a, b in cpu):
+            ratios["CPU s, cli_build / cli_bare, per pair"] = [a / b for a, b in cpu]
     results["ratios"] = ratios
     if results["api_start_seconds"] is not None:
         print(f"API start {results['api_start_seconds']:.1f} s")
     for k, v in ratios.items():
-        print(f"{k:45s} {v:.3f}")
+        print(f"{k:45s} " + (" ".join(f"{x:.3f}" for x in v) if isinstance(v, list) else f"{v:.3f}"))
     if a.out:
         Path(a.out).write_text(json.dumps(results, indent=2))
 

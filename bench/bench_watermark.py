@@ -1,4 +1,4 @@
-"""Benchmark of the store's invisible watermark (scheme v2): exact-payload rates over a grid of geometric and lossy
+"""Benchmark of the store's invisible watermark (scheme v3): exact-payload rates over a grid of geometric and lossy
 attacks, distortion (max HU change / PSNR), encode and decode time. Writes the tables into docs/watermark.md
 (between the bench markers).
 

@@ -38,7 +38,18 @@ def _region(f: dict) -> str | None:
     return None
 
 
+_LUTS: dict[int, tuple[Any, np.ndarray]] = {}
+
+
 def _colours(class_table, n: int = 256) -> np.ndarray:
+    """The label picture's colour per class id (the class table's colours, fixed random ones for the rest)."""
+    key = id(class_table)
+    if key not in _LUTS or _LUTS[key][0] is not class_table or n != 256:
+        _LUTS[key] = (class_table, _make_colours(class_table, n))
+    return _LUTS[key][1]
+
+
+def _make_colours(class_table, n: int = 256) -> np.ndarray:
     lut = np.zeros((max(n, 256), 3), np.uint8)
     rng = np.random.default_rng(7)
     lut[1:] = rng.integers(60, 255, (lut.shape[0] - 1, 3))
@@ -55,25 +66,74 @@ def _view(stored: np.ndarray, row: dict, domain) -> np.ndarray:
     return display(codec_for_row(row).decode(stored), domain.display_window if domain is not None else None)
 
 
-def write_browser(fs, base: str, manifest: Any, domain) -> list[str]:
-    """Write index.html, sample.html and browser/* under ``base`` (an fsspec filesystem path); returns them."""
+IMAGE_KINDS = ("thumb", "view", "overlay", "label")
+
+
+def image_paths(sample_id: str) -> list[str]:
+    """The browser's images of one sample, relative to the version."""
+    return [f"browser/img/{sample_id}_{kind}.png" for kind in IMAGE_KINDS]
+
+
+def draw_sample(img: np.ndarray, lab: np.ndarray, ins: np.ndarray, row: dict, domain) -> dict[str, bytes]:
+    """One sample's browser images from its stored image, label (uint8) and instance map (uint16): a thumbnail with
+    outlines, the 8-bit view, the full-size overlay and the label in class colours, as PNG bytes by path."""
     import cv2
-    import pyarrow.parquet as pq
 
     from annotators.overlay import instance_outline, outline
+    from store.codec import encode_png
+
+    class_table = domain.classes if domain is not None else None
+    outline_ids = list(domain.outline_classes) if domain is not None and domain.outline_classes else None
+    view = _view(img, row, domain)
+    rgb = outline(view, lab, class_table, classes=outline_ids) if class_table is not None else view
+    over = instance_outline(rgb, ins, thickness=1)
+    scale = THUMB_PX / max(view.shape[:2])
+    size = (max(1, round(view.shape[1] * scale)), max(1, round(view.shape[0] * scale)))
+    tv = cv2.resize(view, size, interpolation=cv2.INTER_AREA)
+    tl = cv2.resize(lab, size, interpolation=cv2.INTER_NEAREST)
+    ti = cv2.resize(ins, size, interpolation=cv2.INTER_NEAREST)
+    trgb = outline(tv, tl, class_table, classes=outline_ids) if class_table is not None else tv
+    thumb, view_p, over_p, label_p = image_paths(row["sample_id"])
+    return {thumb: encode_png(instance_outline(trgb, ti, thickness=1)), view_p: encode_png(view),
+            over_p: encode_png(over), label_p: encode_png(lab, png_filter="none", palette=_colours(class_table))}
+
+
+_DOMAINS: dict[str, Any] = {}
+
+
+def sample_files(sample, stored: np.ndarray, row: dict) -> dict[str, bytes]:
+    """``BuildStaging.write_shard``'s per-sample hook: the browser images of a sample, drawn in the shard's worker
+    from the arrays it holds (no PNG decoding at publish). The same bytes ``write_browser`` would draw from the
+    published files; 2-D PNG images only (other codecs get the card's views)."""
+    if not str(row["image_path"]).endswith(".png"):
+        return {}
+    if sample.domain not in _DOMAINS:
+        from schemas.domain import get_domain
+
+        try:
+            _DOMAINS[sample.domain] = get_domain(sample.domain)
+        except KeyError:
+            _DOMAINS[sample.domain] = None
+    return draw_sample(stored, np.asarray(sample.label, np.uint8), np.asarray(sample.instance, np.uint16), row,
+                       _DOMAINS[sample.domain])
+
+
+def write_browser(fs, base: str, manifest: Any, domain) -> list[str]:
+    """Write index.html, sample.html and browser/* under ``base`` (an fsspec filesystem path); returns them.
+    A sample whose images the shards already wrote (``sample_files``) is not drawn again."""
+    import pyarrow.parquet as pq
+
     from schemas.arrow import finding_dict
-    from store.codec import decode_png, encode_png
+    from store.codec import decode_png
 
     with fs.open(f"{base}/samples.parquet", "rb") as f:
         pf = pq.ParquetFile(f)
         rows = pf.read(columns=[c for c in COLUMNS if c in pf.schema_arrow.names]).to_pylist()
     if any(not str(r["image_path"]).endswith(".png") for r in rows):
         return []  # the browser shows 2-D PNG images; other codecs (NIfTI volumes) have the card's tri-planar views
-    class_table = domain.classes if domain is not None else None
-    outline_ids = list(domain.outline_classes) if domain is not None and domain.outline_classes else None
-    lut = _colours(class_table)
     written: list[str] = []
     fs.makedirs(f"{base}/browser/img", exist_ok=True)
+    there = {p.rsplit("/", 1)[-1] for p in fs.find(f"{base}/browser/img")}
 
     def put(rel: str, data: bytes) -> None:
         fs.pipe_file(f"{base}/{rel}", data)
@@ -81,22 +141,15 @@ def write_browser(fs, base: str, manifest: Any, domain) -> list[str]:
 
     def one(r: dict) -> dict:
         sid = r["sample_id"]
-        img = decode_png(fs.cat_file(f"{base}/{r['image_path']}"))
-        lab = decode_png(fs.cat_file(f"{base}/{r['label_path']}"))
-        ins = decode_png(fs.cat_file(f"{base}/{r['instance_path']}"))
-        view = _view(img, r, domain)
-        rgb = outline(view, lab, class_table, classes=outline_ids) if class_table is not None else view
-        over = instance_outline(rgb, ins, thickness=1)
-        scale = THUMB_PX / max(view.shape[:2])
-        size = (max(1, round(view.shape[1] * scale)), max(1, round(view.shape[0] * scale)))
-        tv = cv2.resize(view, size, interpolation=cv2.INTER_AREA)
-        tl = cv2.resize(lab, size, interpolation=cv2.INTER_NEAREST)
-        ti = cv2.resize(ins, size, interpolation=cv2.INTER_NEAREST)
-        trgb = outline(tv, tl, class_table, classes=outline_ids) if class_table is not None else tv
-        put(f"browser/img/{sid}_thumb.png", encode_png(instance_outline(trgb, ti, thickness=1)))
-        put(f"browser/img/{sid}_view.png", encode_png(view))
-        put(f"browser/img/{sid}_overlay.png", encode_png(over))
-        put(f"browser/img/{sid}_label.png", encode_png(lut[lab]))
+        paths = image_paths(sid)
+        if all(p.rsplit("/", 1)[-1] in there for p in paths):
+            written.extend(paths)  # drawn by the shard's worker (sample_files)
+        else:
+            img = decode_png(fs.cat_file(f"{base}/{r['image_path']}"))
+            lab = decode_png(fs.cat_file(f"{base}/{r['label_path']}"))
+            ins = decode_png(fs.cat_file(f"{base}/{r['instance_path']}"))
+            for rel, data in draw_sample(img, lab, ins, r, domain).items():
+                put(rel, data)
         req = [finding_dict(f) for f in r["requested"] or []]
         mea = [finding_dict(f) for f in r["measured"] or []]
         sizes = [s for s in (_size(f) for f in mea) if s is not None]
@@ -116,8 +169,7 @@ def write_browser(fs, base: str, manifest: Any, domain) -> list[str]:
     # Decoding, drawing and PNG encoding release the GIL: one thread per core (publish runs in one process).
     with ThreadPoolExecutor(max_workers=max(1, min(8, os.cpu_count() or 1))) as pool:
         samples = list(pool.map(one, rows))
-    order = {rel: k for k, rel in enumerate(f"browser/img/{r['sample_id']}_{kind}.png" for r in rows
-                                            for kind in ("thumb", "view", "overlay", "label"))}
+    order = {rel: k for k, rel in enumerate(p for r in rows for p in image_paths(r["sample_id"]))}
     written.sort(key=order.__getitem__)  # the threads finish in any order; the list keeps the rows' order
     m = manifest
     get = (lambda k: getattr(m, k, None) if not isinstance(m, dict) else m.get(k))

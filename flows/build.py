@@ -24,6 +24,7 @@ from prefect.futures import wait
 from prefect.tasks import exponential_backoff
 
 from flows import interrupt
+from flows.browser import sample_files as browser_files
 from flows.card import card
 from flows.card import warm_up as card_warm_up
 from flows.pipeline import make_samples
@@ -86,7 +87,8 @@ def build_lane(spec: BaseSpec, staging: Any, lane: int, n_lanes: int, shards: li
         t0 = time.perf_counter()
         interrupt.hold("shard")
         samples = make_samples(spec, range(start, stop), digest=staging.digest, backend=_backend(spec, staging.digest))
-        info = dict(staging.write_shard(i, samples))
+        # The browser's per-sample images are drawn here, while the arrays are in memory (not at publish).
+        info = dict(staging.write_shard(i, samples, sample_files=browser_files))
         info.update(shard=i, n=len(samples), reused=False, seconds=time.perf_counter() - t0)
         log.info("shard %d/%d: %d samples in %.1f s (lane %d/%d)", i + 1, n_shards, info["n"], info["seconds"],
                  lane + 1, n_lanes)
@@ -162,8 +164,9 @@ def _store(root: str | None, storage_options: dict | None = None):
     return DatasetStore(root, storage_options)
 
 
-# What a worker process imports before its first shard task: Prefect, this flow's task, the pipeline, the store.
-SHARD_MODULES = ("annotators", "generators", "store", "flows.build")
+# What a worker process imports before its first shard task: Prefect, this flow's task, the pipeline, the store,
+# and what pyarrow imports on a shard's first write (flows.shard_imports); forked workers inherit it all.
+SHARD_MODULES = ("annotators", "generators", "store", "flows.build", "flows.shard_imports")
 
 
 def make_runner(runner: str = "local", workers: int | None = None, dask_address: str | None = None):

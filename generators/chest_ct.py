@@ -63,13 +63,19 @@ class Canvas:
         return xs[None, :], ys[:, None]
 
 
+_SE_TRIG: dict[int, tuple[np.ndarray, ...]] = {}
+
+
 def superellipse(cx: float, cy: float, ax: float, ay: float, n: float, k: int = 120,
                  post_flat: float = 0.0) -> np.ndarray:
-    t = np.linspace(0, 2 * np.pi, k, endpoint=False)
-    c, s = np.cos(t), np.sin(t)
-    x = ax * np.sign(c) * np.abs(c) ** (2 / n)
-    y = ay * np.sign(s) * np.abs(s) ** (2 / n)
-    y = np.where(y > 0, y * (1 - post_flat * np.abs(c) ** 4), y)  # a flatter back, as on the table
+    if k not in _SE_TRIG:  # the angles' cosines and sines, computed once per point count
+        t = np.linspace(0, 2 * np.pi, k, endpoint=False)
+        c, s = np.cos(t), np.sin(t)
+        _SE_TRIG[k] = (np.sign(c), np.abs(c), np.sign(s), np.abs(s), np.abs(c) ** 4)
+    sc, ac, ss, as_, c4 = _SE_TRIG[k]
+    x = ax * sc * ac ** (2 / n)
+    y = ay * ss * as_ ** (2 / n)
+    y = np.where(y > 0, y * (1 - post_flat * c4), y)  # a flatter back, as on the table
     return np.stack([cx + x, cy + y], 1)
 
 
@@ -81,6 +87,25 @@ def wavy(pts: np.ndarray, cx: float, cy: float, harmonics: list) -> np.ndarray:
     for k, (amp, ph) in enumerate(harmonics, start=2):
         f += amp * np.cos(k * th + ph)
     return np.stack([cx + d[:, 0] * f, cy + d[:, 1] * f], 1)
+
+
+def _bbox(mask: np.ndarray, pad: int = 0) -> tuple[slice, slice] | None:
+    """Row and column slices of the non-zero pixels' bounding box of a uint8 mask, grown by ``pad`` (None if empty)."""
+    x, y, bw, bh = cv2.boundingRect(mask)
+    if bw == 0:
+        return None
+    h, w = mask.shape
+    return slice(max(0, y - pad), min(h, y + bh + pad)), slice(max(0, x - pad), min(w, x + bw + pad))
+
+
+def _nonzero_yx(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``np.nonzero`` of a 2D bool or uint8 mask (row-major, like it) by cv2.findNonZero, several times faster."""
+    pts = cv2.findNonZero(mask.view(np.uint8) if mask.dtype == np.bool_ else mask)
+    if pts is None:
+        e = np.zeros(0, np.intp)
+        return e, e
+    pts = pts.reshape(-1, 2)
+    return pts[:, 1].astype(np.intp), pts[:, 0].astype(np.intp)
 
 
 def _smooth(z: float, lo: float, hi: float) -> float:
@@ -144,8 +169,11 @@ def draw_slice(a: dict[str, Any], h: int, w: int, sp: float, maps: dict | None =
     plate = np.zeros((h, w), np.uint8)
     cv.ellipse(1, 0, back + tg - 420, 420, 420, target=plate, thickness=max(1, int(round(7 / sp))))
     xs, ys = cv.coords()
-    plate &= ((ys > back + tg - 60) & (np.abs(xs) < 215)).astype(np.uint8)
-    cv.a[plate > 0] = C["table"]
+    plate[~(ys[:, 0] > back + tg - 60)] = 0
+    plate[:, ~(np.abs(xs[0]) < 215)] = 0
+    pb = _bbox(plate)
+    if pb is not None:
+        cv.a[pb][plate[pb] > 0] = C["table"]
     cv.poly(C["table"], np.array([[-230, back + tg + 28], [230, back + tg + 28], [230, back + tg + 36],
                                   [-230, back + tg + 36]], float))
     lab = cv.a
@@ -185,7 +213,9 @@ def draw_slice(a: dict[str, Any], h: int, w: int, sp: float, maps: dict | None =
                     mid = ang if sgn > 0 else 180 - ang
                     cv2.ellipse(fp, cv.px(0, ccy), (int(ax_), int(ay_)), 0, mid - 25, mid + 25, 1, th_px,
                                 cv2.LINE_8, SHIFT)
-            cv.a[(fp > 0) & (cv.a == C["muscle"])] = C["subcutaneous_fat"]
+            fb = _bbox(fp)
+            if fb is not None:
+                cv.a[fb][(fp[fb] > 0) & (cv.a[fb] == C["muscle"])] = C["subcutaneous_fat"]
     # Pectoral muscles anteriorly on upper and mid slices.
     if z < 0.75:
         for sgn in (-1, 1):
@@ -292,7 +322,9 @@ def draw_slice(a: dict[str, Any], h: int, w: int, sp: float, maps: dict | None =
                 cv.ellipse(1, *at(-0.42, -0.2), hrx * 0.4, hry * 0.42, hang - 10 + math.degrees(sep), target=ch)
             if hz > 0.6:  # inferior cava entering the right atrium
                 cv.ellipse(1, *at(-0.55, 0.45), hrx * 0.2, hry * 0.25, 0, target=ch)
-            ch &= (lab == C["heart"]).astype(np.uint8)
+            cb = _bbox(ch)
+            if cb is not None:
+                ch[cb] &= (lab[cb] == C["heart"]).astype(np.uint8)
             maps["chambers"] = ch
     ar = a["aorta_r"]
     if z >= 0.25:  # descending aorta, left of the spine
@@ -322,9 +354,6 @@ def draw_slice(a: dict[str, Any], h: int, w: int, sp: float, maps: dict | None =
     scale = _interp(z, [0, 0.12, 0.35, 1], [0.25, 0.45, 0.95, 1.0]) * a["inspiration"] ** 0.5
     cavity = np.zeros((h, w), np.uint8)
     cv.poly(1, superellipse(0, ccy, cw - 2, cd - 2, n, post_flat=pf * 0.7), target=cavity)
-    free = (lab == C["mediastinal_fat"]) & (cavity > 0)
-    # Anterior junction line and posterior mediastinum keep the lungs apart.
-    band = np.abs(xs) < (9 + 14 * np.clip((ys - (ccy - cd)) / (2 * cd), 0, 1))  # (h, w) via broadcasting
     lobes = np.zeros((h, w), np.uint8)
     params: dict[str, Any] = {"lung_scale": scale}
     for side, sgn in (("right", -1), ("left", 1)):
@@ -340,7 +369,10 @@ def draw_slice(a: dict[str, Any], h: int, w: int, sp: float, maps: dict | None =
         r1 = min(h, int((lcy + lay) / sp + h / 2) + 2)
         bx, byy = xs[:, c0:c1], ys[r0:r1]
         env = ((bx - lx) / lax) ** 2 + ((byy - lcy) / lay) ** 2 < 1
-        lung = env & free[r0:r1, c0:c1] & ~band[r0:r1, c0:c1] & ((bx * sgn) > 0)
+        free = (lab[r0:r1, c0:c1] == C["mediastinal_fat"]) & (cavity[r0:r1, c0:c1] > 0)
+        # Anterior junction line and posterior mediastinum keep the lungs apart.
+        band = np.abs(bx) < (9 + 14 * np.clip((byy - (ccy - cd)) / (2 * cd), 0, 1))
+        lung = env & free & ~band & ((bx * sgn) > 0)
         # Fissures in lung-local coordinates: u lateral fraction, v anterior->posterior fraction.
         y_ant, y_post = lcy - lay, lcy + lay
         u_ = np.clip((np.abs(bx) - 10) / (abs(lx) + lax - 10), 0, 1)
@@ -358,7 +390,21 @@ def draw_slice(a: dict[str, Any], h: int, w: int, sp: float, maps: dict | None =
             box[lung & ~lower] = LOBES["LUL"]
             box[lung & lower] = LOBES["LLL"]
         params[f"{side}_lung"] = {"cx": lx, "cy": lcy, "ax": lax, "ay": lay, "fissure_p": p}
-    np.copyto(lab, lobes, where=lobes > 0)
+    lb = _bbox(lobes)
+    if lb is not None:
+        np.copyto(lab[lb], lobes[lb], where=lobes[lb] > 0)
+    # Toward the apex the thoracic cavity narrows to the lung apices and the mediastinum between them: what lies
+    # lateral to the central mediastinum there is chest wall (scalene, serratus, subscapularis muscle), not fat.
+    # The mediastinum keeps its fat inside a rounded outline round the trachea, and each lung a thin rim of
+    # extrapleural fat (about 2 mm).
+    x_wall = 26.0 + 220.0 * _smooth(z, 0.22, 0.45)
+    if x_wall < bw:
+        my, mry = ccy + cd * 0.1, cd * 1.05
+        keep = (xs / x_wall) ** 2 + ((ys - my) / mry) ** 2 < 1
+        r_px = max(1, int(round(2.0 / sp)))
+        rim = cv2.dilate((lobes > 0).astype(np.uint8), cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * r_px + 1,) * 2))
+        wall = (lab == C["mediastinal_fat"]) & ~keep & (rim == 0) & (cavity > 0)
+        lab[wall] = C["muscle"]
 
     _draw_vessels_airways(cv, lab, lobes, a, vrng, params)
     return lab, lobes, params
@@ -374,19 +420,33 @@ def _draw_vessels_airways(cv: Canvas, lab: np.ndarray, lobes: np.ndarray, a: dic
     h, w = lab.shape
     if cv2.countNonZero(lobes) < 50:
         return
-    lung = (lobes > 0).astype(np.uint8)
+    # Distance to the pleura inside the lungs' bounding box (grown by 2 px of background: the same values as a
+    # whole-frame transform, since every path to the background crosses that ring).
+    lb = _bbox(lobes, 2)
+    r0, c0 = lb[0].start, lb[1].start
+    lung = (lobes[lb] > 0).astype(np.uint8)
     dist = cv2.distanceTransform(lung, cv2.DIST_L2, 3) * sp  # mm to the pleura
+    dh, dw = dist.shape
     vess = np.zeros_like(lab)
     z = a["level"]
     hilar = _smooth(z, 0.25, 0.45) * (1 - _smooth(z, 0.7, 0.95))
     dens = a.get("vessel_density", 1.0)
 
-    def dist_at(x: float, y: float) -> float:
-        px_, py_ = int(x / sp + w / 2), int(y / sp + h / 2)
-        if 0 <= px_ < w and 0 <= py_ < h:
-            return float(dist[py_, px_])
-        return 0.0
+    def dist_many(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+        px_ = (x / sp + w / 2).astype(np.int64) - c0  # int() of each value, as for one point
+        py_ = (y / sp + h / 2).astype(np.int64) - r0
+        ok = (px_ >= 0) & (px_ < dw) & (py_ >= 0) & (py_ < dh)
+        out = np.zeros(len(px_))
+        out[ok] = dist[py_[ok], px_[ok]]
+        return out
 
+    def dist_at(x: float, y: float) -> float:
+        return float(dist_many(np.array([x]), np.array([y]))[0])
+
+    ell = cv2.ellipse
+    cen = lambda x, y: (int(round((x / sp + w / 2 - 0.5) * SCALE)), int(round((y / sp + h / 2 - 0.5) * SCALE)))  # noqa: E731
+    axl = lambda v: max(1, int(round(v / sp * SCALE)))  # noqa: E731
+    vid, wid, lid = C["pulmonary_vessel"], C["airway_wall"], C["airway_lumen"]
     for side, sgn in (("right", -1), ("left", 1)):
         L = params[f"{side}_lung"]
         hx, hy = sgn * 30.0, L["cy"] - L["ay"] * 0.1
@@ -401,11 +461,10 @@ def _draw_vessels_airways(cv: Canvas, lab: np.ndarray, lobes: np.ndarray, a: dic
             if dist_at(x0, y0) < r + 2:
                 continue
             pts = wavy_path(x0, y0, ang, ln, 0.15, rng.standard_normal(4))
-            ok = [dist_at(px_, py_) > r + 2 for px_, py_ in pts]
-            k_ok = next((k for k, v in enumerate(ok) if not v), len(pts))
+            ok = dist_many(pts[:, 0], pts[:, 1]) > r + 2
+            k_ok = int(np.argmin(ok)) if not ok.all() else len(pts)
             if k_ok >= 2:
-                strand(vess, (pts[:k_ok] / sp + (w / 2 - 0.5, h / 2 - 0.5)), 2 * r / sp, 1.4 * r / sp,
-                       C["pulmonary_vessel"], SHIFT)
+                strand(vess, (pts[:k_ok] / sp + (w / 2 - 0.5, h / 2 - 0.5)), 2 * r / sp, 1.4 * r / sp, vid, SHIFT)
         # Cross-sections: candidates drawn round the hilum, denser near it; calibre tapering outward.
         k = int(rng.integers(110, 170) * dens)
         d = reach_mm * rng.random(k) ** 0.6
@@ -415,23 +474,30 @@ def _draw_vessels_airways(cv: Canvas, lab: np.ndarray, lobes: np.ndarray, a: dic
         oblique = rng.random(k) < 0.3
         aspect = np.where(oblique, rng.uniform(1.8, 4.5, k), rng.uniform(1.0, 1.35, k))
         orient = np.degrees(ang) + rng.uniform(-35, 35, k)
-        for x, y, r, asp, ori in zip(xs_, ys_, rr, aspect, orient):
-            dp = dist_at(x, y)
-            if dp < r * asp + 1.0:
-                continue
-            if dp < 12 and r > 0.9:  # subpleural vessels are fine
-                r *= 0.6
-            cv.ellipse(C["pulmonary_vessel"], x, y, r * asp, r, ori, target=vess)
+        dps = dist_many(xs_, ys_)
+        keep = ~(dps < rr * aspect + 1.0)
+        rr = np.where(keep & (dps < 12) & (rr > 0.9), rr * 0.6, rr)  # subpleural vessels are fine
+        # Fixed-point centres and axes of every kept cross-section at once (as Canvas.ellipse rounds them).
+        ki = np.flatnonzero(keep)
+        qx = np.round((xs_[ki] / sp + w / 2 - 0.5) * SCALE).astype(np.int64).tolist()
+        qy = np.round((ys_[ki] / sp + h / 2 - 0.5) * SCALE).astype(np.int64).tolist()
+        qa = np.maximum(1, np.round(rr[ki] * aspect[ki] / sp * SCALE)).astype(np.int64).tolist()
+        qb = np.maximum(1, np.round(rr[ki] / sp * SCALE)).astype(np.int64).tolist()
+        for n_, i in enumerate(ki.tolist()):
+            ell(vess, (qx[n_], qy[n_]), (qa[n_], qb[n_]), float(orient[i]), 0, 360, vid, -1, cv2.LINE_8, SHIFT)
+            r = float(rr[i])
             if r > 1.3 and rng.random() < 0.4:  # the bronchus beside an artery
+                x, y = float(xs_[i]), float(ys_[i])
                 off = rng.uniform(-1, 1, 2)
                 off *= (r + 1.4) / (np.hypot(*off) + 1e-6)
                 bx, by = x + off[0] * 1.3, y + off[1] * 1.3
                 br = r * rng.uniform(0.6, 0.95)
                 if dist_at(bx, by) > br + 3:
-                    cv.ellipse(C["airway_wall"], bx, by, br + 0.6, br + 0.6, target=vess)
-                    cv.ellipse(C["airway_lumen"], bx, by, br, br, target=vess)
-    inside = (vess > 0) & (lobes > 0)
-    lab[inside] = vess[inside]
+                    c_ = cen(bx, by)
+                    ell(vess, c_, (axl(br + 0.6), axl(br + 0.6)), 0.0, 0, 360, wid, -1, cv2.LINE_8, SHIFT)
+                    ell(vess, c_, (axl(br), axl(br)), 0.0, 0, 360, lid, -1, cv2.LINE_8, SHIFT)
+    vb, lv = vess[lb], lab[lb]
+    np.copyto(lv, vb, where=(vb > 0) & (lobes[lb] > 0))
 
 
 # ---------------------------------------------------------------------------------------------- nodules
@@ -461,20 +527,83 @@ def nodule_shape(diameter_mm: float, margin: str, sp: float, rng: np.random.Gene
                   "phases": [float(v) for v in rng.uniform(0, 2 * np.pi, 3)],
                   "offset": [float(v) for v in rng.uniform(-0.22, 0.22, 2)]}}
     target_area = math.pi * (diameter_mm / 2 / sp) ** 2
-    R = diameter_mm / 2 / sp
-    for _ in range(6):
-        patch, off = rasterise_nodule(R, p)
-        area = float(patch.sum())
-        if area == 0:
-            R *= 1.2
-            continue
-        ratio = target_area / area
-        if abs(ratio - 1) < 0.002:
-            break
-        R *= math.sqrt(ratio)
+    R = calibrate_radius(diameter_mm / 2 / sp, p, target_area)
     patch, off = rasterise_nodule(R, p)
     p["radius_px"] = float(R)
     return p, patch, off
+
+
+def _polar_grid(R_max: float, p: dict) -> tuple[np.ndarray, np.ndarray, int, float, float]:
+    """Distance ``rho`` from the nodule centre and the outline factor ``f(theta)`` (radius = R f) on a square grid
+    wide enough for radius ``R_max``: the per-pixel values ``rasterise_nodule`` computes at any R (same offsets)."""
+    amps, phases = np.asarray(p["harmonics"]), np.asarray(p["phases"])
+    reach = R_max * (1 + amps.sum() + max([s[1] for s in p["spicules"]], default=0)) + 2
+    n = int(math.ceil(reach)) * 2 + 1
+    c = n // 2
+    sx, sy = p["subpixel"]
+    yy, xx = np.mgrid[0:n, 0:n].astype(np.float32)
+    dx, dy = xx - c - sx, yy - c - sy
+    rho = np.hypot(dx, dy)
+    th = np.arctan2(dy, dx)
+    k = np.arange(2, 2 + amps.size, dtype=np.float32)
+    f = 1 + (amps[:, None, None] * np.cos(k[:, None, None] * th[None] + phases[:, None, None])).sum(0)
+    return rho, f, c, sx, sy
+
+
+def calibrate_radius(R0: float, p: dict, target_area: float) -> float:
+    """The radius R (px) at which the rasterised nodule covers ``target_area`` pixels (rounded).
+
+    Without spicules, area(R) = #{pixels: rho / f(theta) <= R}: one polar grid and a partial sort give the R
+    between the n-th and (n+1)-th smallest rho / f, so the area is the target to the pixel. With spicules (whose
+    strands widen with R) a few ratio steps on the same grid: only the strands are redrawn per step."""
+    rho, f, c, sx, sy = _polar_grid(R0 * 1.6 + 2, p)
+    q = (rho / f).ravel()
+    m = max(1, int(round(target_area)))
+    if m >= q.size:
+        return float(R0)
+    lo, hi = np.partition(q, (m - 1, m))[[m - 1, m]]
+    if not p["spicules"]:
+        return float((lo + hi) / 2)
+    # Spicules add area in proportion to R^2 as well (their length and width scale with R): start from the core's
+    # radius shrunk by the first step's ratio, then proportional steps.
+    R, best = float((lo + hi) / 2), (math.inf, R0)
+    for _ in range(8):
+        patch = (q <= R).reshape(rho.shape).astype(np.uint8)
+        _draw_spicules(patch, R, p, c + sx, c + sy)
+        area = float(cv2.countNonZero(patch))
+        if area == 0:
+            R *= 1.2
+            continue
+        best = min(best, (abs(area - target_area), R))
+        if abs(area - target_area) <= max(1.5, 0.005 * target_area):  # 0.25 % of the diameter at most
+            break
+        R = min(R * math.sqrt(target_area / area), R0 * 1.6)
+    return float(best[1])
+
+
+def _draw_spicules(patch: np.ndarray, R: float, p: dict, cx: float, cy: float) -> None:
+    """The spicules as tapering, slightly wavy strands (``ct_models.wavy_path`` + ``strand``, all at once)."""
+    spk = p["spicules"]
+    if not spk:
+        return
+    ang = np.array([s[0] for s in spk], float)
+    length = np.array([s[1] for s in spk], float)
+    base = np.array([s[2] for s in spk], float)
+    wob = np.array([list(s[3:6]) if len(s) >= 6 else [0.0, 0.0, 0.0] for s in spk], float)
+    r0 = R * 0.8
+    ca, sa = np.cos(ang), np.sin(ang)
+    ln = R * (1 + length) - r0  # wavy_path with 4 points: t = 0, 1/3, 2/3, 1; lateral = cumsum(wobble) * 0.25 L / 4
+    t = np.linspace(0.0, 1.0, 4)
+    lat = np.cumsum(np.concatenate([np.zeros((len(spk), 1)), wob], 1), 1) * (0.25 * ln / 4)[:, None]
+    x = (cx + ca * r0)[:, None] + ca[:, None] * t[None] * ln[:, None] - sa[:, None] * lat
+    y = (cy + sa * r0)[:, None] + sa[:, None] * t[None] * ln[:, None] + ca[:, None] * lat
+    q = np.round(np.stack([x, y], 2) * SCALE).astype(np.int64).tolist()
+    for i in range(len(spk)):
+        w0, w1 = 2 * R * base[i], 0.6
+        qi = q[i]
+        for j in range(3):
+            wd = max(1, int(round(w0 + (w1 - w0) * (j + 0.5) / 3)))
+            cv2.line(patch, tuple(qi[j]), tuple(qi[j + 1]), 1, wd, cv2.LINE_8, SHIFT)
 
 
 def rasterise_nodule(R: float, p: dict) -> tuple[np.ndarray, tuple[float, float]]:
@@ -490,13 +619,7 @@ def rasterise_nodule(R: float, p: dict) -> tuple[np.ndarray, tuple[float, float]
     k = np.arange(2, 2 + amps.size, dtype=np.float32)
     r = R * (1 + (amps[:, None, None] * np.cos(k[:, None, None] * th[None] + phases[:, None, None])).sum(0))
     patch = (rho <= r).astype(np.uint8)
-    for spk in p["spicules"]:
-        ang, length, base = spk[:3]
-        wob = np.asarray(spk[3:6] if len(spk) >= 6 else (0.0, 0.0, 0.0), float)
-        r0 = R * 0.8
-        path = wavy_path(c + sx + math.cos(ang) * r0, c + sy + math.sin(ang) * r0, ang, R * (1 + length) - r0,
-                         0.25, np.concatenate([[0.0], wob]))
-        strand(patch, path, 2 * R * base, 0.6, 1, SHIFT)
+    _draw_spicules(patch, R, p, c + sx, c + sy)
     return patch.astype(bool), (c + sx, c + sy)
 
 
@@ -528,10 +651,18 @@ def place_nodules(label: np.ndarray, lobes: np.ndarray, instance: np.ndarray, fi
     placed: list[dict] = []
     if not findings:
         return placed
-    taken = np.zeros(label.shape, np.uint8)
-    present = [name for name, k in LOBES.items() if (lobes == k).any()]
+    # Everything below runs in the lungs' bounding box grown by 2 px of background (distances to the background
+    # are then the same as over the whole frame); positions come back in frame pixels.
+    lb = _bbox(lobes, 2)
+    if lb is None:
+        lb = (slice(0, lobes.shape[0]), slice(0, lobes.shape[1]))
+    r_off, c_off = lb[0].start, lb[1].start
+    lob = lobes[lb]
+    taken = np.zeros(lob.shape, np.uint8)
+    counts = np.bincount(lob.ravel(), minlength=256)
+    present = [name for name, k in LOBES.items() if counts[k]]
     # Lobe edges (pleura, fissures): a pixel whose 3x3 neighbourhood holds another lobe or no lung.
-    edges = cv2.erode(lobes, np.ones((3, 3), np.uint8)) != cv2.dilate(lobes, np.ones((3, 3), np.uint8))
+    edges = cv2.erode(lob, np.ones((3, 3), np.uint8)) != cv2.dilate(lob, np.ones((3, 3), np.uint8))
     for i, f in enumerate(findings, start=1):
         shape_p, patch, (ox, oy) = nodule_shape(f["diameter_mm"], f["margin"], sp, rng)
         ys, xs = np.nonzero(patch)
@@ -540,13 +671,13 @@ def place_nodules(label: np.ndarray, lobes: np.ndarray, instance: np.ndarray, fi
         loc = f["location"]
         choices = present if loc == "any" else [n for n in SIDE_LOBES[loc] if n in present] if loc in SIDE_LOBES \
             else [loc]
-        region = ((lobes > 0) & ~edges & (taken == 0)).astype(np.uint8)
+        region = ((lob > 0) & ~edges & (taken == 0)).astype(np.uint8)
         dist = cv2.distanceTransform(region, cv2.DIST_L2, 5)
         if f.get("juxtapleural"):
             ok = (dist >= reach) & (dist <= reach + 1.5)
         else:
             ok = dist >= reach + margin_px
-        room = np.bincount(lobes[ok], minlength=256)  # candidate pixels per lobe id, in one pass
+        room = np.bincount(lob[ok], minlength=256)  # candidate pixels per lobe id, in one pass
         sizes = np.array([room[LOBES[name]] for name in choices], float)
         if sizes.sum() == 0:
             where = "any lobe" if loc == "any" else loc
@@ -554,9 +685,9 @@ def place_nodules(label: np.ndarray, lobes: np.ndarray, instance: np.ndarray, fi
         # "any" picks a lobe in proportion to the room it has for this nodule.
         li = int(rng.choice(len(choices), p=sizes / sizes.sum())) if len(choices) > 1 else 0
         lobe = choices[li]
-        cy_, cx_ = np.nonzero(ok & (lobes == LOBES[lobe]))
+        cy_, cx_ = _nonzero_yx(ok & (lob == LOBES[lobe]))
         j = int(rng.integers(len(cx_)))
-        cx, cy = int(cx_[j]), int(cy_[j])
+        cx, cy = int(cx_[j]) + c_off, int(cy_[j]) + r_off
         y0, x0 = cy - int(round(oy)), cx - int(round(ox))
         ph, pw = patch.shape
         sl = (slice(y0, y0 + ph), slice(x0, x0 + pw))
@@ -572,7 +703,7 @@ def place_nodules(label: np.ndarray, lobes: np.ndarray, instance: np.ndarray, fi
                 shape_p["solid_fraction"] = frac
                 label[sl][core_patch(patch, shape_p, (ox, oy), frac)] = C["nodule_solid"]
         instance[sl][patch] = i
-        taken[max(0, y0 - 2):y0 + ph + 2, max(0, x0 - 2):x0 + pw + 2] = 1
+        taken[max(0, y0 - 2 - r_off):max(0, y0 + ph + 2 - r_off), max(0, x0 - 2 - c_off):max(0, x0 + pw + 2 - c_off)] = 1
         placed.append({**f, "instance": i, "lobe": lobe, "requested_location": f["location"],
                        "center_px": [cx + ox - round(ox), cy + oy - round(oy)],
                        "center_mm": [round((cx + 0.5 - label.shape[1] / 2) * sp, 3),

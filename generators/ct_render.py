@@ -7,13 +7,14 @@ own except noise fields drawn from a child seed stored in that record.
 from __future__ import annotations
 
 import math
+import threading
 from typing import Any
 
 import cv2
 import numpy as np
 
 from generators.base import Renderer, register_renderer
-from generators.ct_models import band_noise, soft_occupancy
+from generators.ct_models import soft_occupancy
 from schemas.chest_ct import CT_IDS
 from schemas.sample import Layout
 
@@ -99,15 +100,96 @@ def draw_render_params(rng: np.random.Generator, spacing_mm: float) -> dict[str,
     }
 
 
-def _field(nrng: np.random.Generator, h: int, w: int, step: float, sigma: float) -> np.ndarray:
-    """Unit-variance Gaussian field with cells of ``step`` px, cubic-upsampled to (h, w)."""
+# Inverse normal CDF at the centres of 65,536 equal-probability bins, scaled to unit variance: one table lookup per
+# 16 random bits gives a Gaussian sample (tails to +-4.3 sigma) about six times faster than standard_normal.
+_GAUSS16: np.ndarray | None = None
+
+
+def _gauss_table() -> np.ndarray:
+    global _GAUSS16
+    if _GAUSS16 is None:
+        from statistics import NormalDist
+
+        q = (np.arange(65536, dtype=np.float64) + 0.5) / 65536
+        inv = NormalDist().inv_cdf
+        t = np.array([inv(v) for v in q[:32768]])
+        t = np.concatenate([t, -t[::-1]])  # exactly symmetric
+        _GAUSS16 = (t / math.sqrt(np.mean(t * t))).astype(np.float32)
+    return _GAUSS16
+
+
+_SCRATCH = threading.local()
+
+
+def _buf(key: str, shape: tuple[int, ...], dtype: Any = np.float32) -> np.ndarray:
+    """A scratch array of this thread, reused from sample to sample (its contents are undefined: callers overwrite
+    it whole). Fresh megabyte-sized temporaries cost page faults on every sample; reused ones do not."""
+    d = getattr(_SCRATCH, "d", None)
+    if d is None:
+        d = _SCRATCH.d = {}
+    a = d.get(key)
+    if a is None or a.shape != tuple(shape) or a.dtype != dtype:
+        a = d[key] = np.empty(shape, dtype)
+    return a
+
+
+_GAUSS8: np.ndarray | None = None
+
+
+def gauss_white8(nrng: np.random.Generator, h: int, w: int, out: np.ndarray | None = None) -> np.ndarray:
+    """(h, w) float32 white noise of unit variance from 8 random bits per sample through a 256-level inverse normal
+    CDF (cv2.LUT): for noise that is then blurred over several pixels (the quantum noise), where the sum makes it
+    Gaussian; three times cheaper than ``gauss_white``."""
+    global _GAUSS8
+    if _GAUSS8 is None:
+        t = _gauss_table().astype(np.float64).reshape(256, 256).mean(1)  # bin means of the 16-bit table
+        _GAUSS8 = (t / math.sqrt(np.mean(t * t))).astype(np.float32)
+    n = h * w
+    raw = nrng.bit_generator.random_raw((n + 7) // 8).astype("<u8", copy=False).view(np.uint8)[:n].reshape(h, w)
+    return cv2.LUT(raw, _GAUSS8, dst=out)
+
+
+def gauss_white(nrng: np.random.Generator, h: int, w: int, out: np.ndarray | None = None) -> np.ndarray:
+    """(h, w) float32 white Gaussian noise, unit variance: 16 raw bits per sample through the inverse-CDF table
+    (little-endian order of the generator's 64-bit words, so the same on every platform)."""
+    n = h * w
+    raw = nrng.bit_generator.random_raw((n + 3) // 4).astype("<u8", copy=False).view("<u2")[:n]
+    if out is None:
+        return np.take(_gauss_table(), raw).reshape(h, w)
+    np.take(_gauss_table(), raw, out=out.reshape(n))
+    return out
+
+
+def _field(nrng: np.random.Generator, h: int, w: int, step: float, sigma: float, key: str | None = None
+           ) -> np.ndarray:
+    """Unit-variance Gaussian field with cells of ``step`` px, cubic-upsampled to (h, w) (into this thread's
+    scratch array ``key`` when given)."""
     st = max(1.0, step)
-    f = nrng.standard_normal((int(h / st) + 2, int(w / st) + 2), dtype=np.float32)
+    f = gauss_white(nrng, int(h / st) + 2, int(w / st) + 2)
     if sigma > 0:
         f = cv2.GaussianBlur(f, (0, 0), sigma)
-    f = cv2.resize(f, (int(round(f.shape[1] * st)), int(round(f.shape[0] * st))), interpolation=cv2.INTER_CUBIC)
+    if st > 1.0:
+        size = (int(round(f.shape[1] * st)), int(round(f.shape[0] * st)))
+        if key is None:
+            f = cv2.resize(f, size, interpolation=cv2.INTER_CUBIC)
+        else:
+            f = cv2.resize(f, size, dst=_buf(key, (size[1], size[0])), interpolation=cv2.INTER_CUBIC)
     f = f[:h, :w]
-    return f * np.float32(1.0 / (f.std() + 1e-6))
+    f *= np.float32(1.0 / (cv2.meanStdDev(f)[1][0, 0] + 1e-6))
+    return f
+
+
+def band_noise_2d(white: np.ndarray, sigma_px: float, low_cut: float) -> np.ndarray:
+    """``ct_models.band_noise`` (G(sigma) - low_cut G(3 sigma) of white noise) with the wide Gaussian taken at half
+    resolution: G(3 sigma) = G(s) * pyrUp * G(s') * pyrDown * G(sigma), the pyramid's 5-tap binomial kernels each
+    adding about 1 px^2 of variance, so s'^2 = (8 sigma^2 - 2) / 4 in half-resolution pixels (sigma >= 0.65 px here).
+    The radially averaged NPS matches the full-resolution filter within 1 % at every frequency (measured)."""
+    h, w = white.shape
+    b1 = cv2.GaussianBlur(white, (0, 0), sigma_px, dst=_buf("band", (h, w)))
+    half = cv2.pyrDown(b1)
+    half = cv2.GaussianBlur(half, (0, 0), math.sqrt(max(8.0 * sigma_px * sigma_px - 2.0, 0.04)) / 2)
+    wide = cv2.pyrUp(half, dst=_buf("wide", (h, w)), dstsize=(w, h))
+    return cv2.scaleAdd(wide, -float(low_cut), b1, dst=b1)
 
 
 def _composite_nodules(img: np.ndarray, label: np.ndarray, sp: float, p: dict[str, Any], tex: np.ndarray) -> None:
@@ -146,67 +228,98 @@ def _composite_nodules(img: np.ndarray, label: np.ndarray, sp: float, p: dict[st
         win += occ * (target - win)
 
 
+def nonzero_yx(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``np.nonzero`` of a 2D uint8 (or bool) mask, row-major like it, by cv2.findNonZero (several times faster)."""
+    pts = cv2.findNonZero(mask.view(np.uint8) if mask.dtype == np.bool_ else mask)
+    if pts is None:
+        e = np.zeros(0, np.intp)
+        return e, e
+    pts = pts.reshape(-1, 2)
+    return pts[:, 1].astype(np.intp), pts[:, 0].astype(np.intp)
+
+
+def _bbox(mask: np.ndarray) -> tuple[slice, slice] | None:
+    x, y, bw, bh = cv2.boundingRect(mask)
+    return (slice(y, y + bh), slice(x, x + bw)) if bw else None
+
+
 def render_ct(label: np.ndarray, lobes: np.ndarray | None, spacing_mm: float, p: dict[str, Any],
               chambers: np.ndarray | None = None) -> np.ndarray:
-    """HU image of one slice. ``chambers`` (optional, from the layout): the heart's blood pool."""
+    """HU image of one slice. ``chambers`` (optional, from the layout): the heart's blood pool.
+
+    Work that concerns a few classes runs inside their bounding box or on their pixels only (lungs, vessels, bone,
+    fissures, nodules); only the tissue lookup, the texture, the scanner blur and the noise touch every pixel."""
     h, w = label.shape
     sp = spacing_mm
+    if label.dtype != np.uint8:
+        label = label.astype(np.uint8)
     lut = np.full(256, -1000.0, np.float32)
     for name, v in p["hu"].items():
         lut[C[name]] = v
     lung_hu = float(np.mean([p["hu"][n] for n in LUNG_NAMES]))
     for name in ("pulmonary_vessel", "nodule_solid", "nodule_ground_glass"):
         lut[C[name]] = lung_hu  # composited below
-    img = lookup(label, lut)
+    img = cv2.LUT(label, lut, dst=_buf("img", (h, w)))
     nrng = np.random.default_rng(p["noise_seed"])
 
-    paren = lookup(label, IS_PAREN)
-    # Parenchymal texture, sub-resolution specks and the gravity gradient (denser posteriorly), in the lungs.
-    tex = _field(nrng, h, w, 4.0, max(0.5, p["lung_texture_sigma_mm"] / sp / 4))
-    fine = _field(nrng, h, w, max(1.0, p.get("micro_mm", 1.0) / sp), 0.0)
-    ys = np.linspace(0, 1, h, dtype=np.float32)[:, None]
-    lungv = tex * np.float32(p["lung_texture_hu"]) + np.float32(p["lung_gradient_hu"]) * (ys - 0.5)
-    lungv += np.maximum(fine - 1.6, 0) * np.float32(p.get("micro_hu", 0.0))
-    img += np.where(paren, lungv, np.float32(0))
-    img += lookup(label, IS_SOFT) * tex * np.float32(p["soft_texture_hu"])
-    bone = lookup(label, IS_BONE)
-    if "bone_texture_hu" in p and bone.any():  # trabecular pattern from the fine field (cells of about 1 mm)
-        img += bone * (np.abs(fine) - 0.8) * np.float32(p["bone_texture_hu"])
+    # Texture (one coarse field) in the parenchyma and the soft tissues, weighted per class in one lookup.
+    tex = _field(nrng, h, w, 4.0, max(0.5, p["lung_texture_sigma_mm"] / sp / 4), key="tex")
+    fine = _field(nrng, h, w, max(1.0, p.get("micro_mm", 1.0) / sp), 0.0, key="fine")
+    tw = np.zeros(256, np.float32)
+    tw[IS_PAREN] = p["lung_texture_hu"]
+    tw[IS_SOFT] = p["soft_texture_hu"]
+    tmp = cv2.LUT(label, tw, dst=_buf("tmp", (h, w)))
+    cv2.multiply(tmp, tex, dst=tmp)
+    cv2.add(img, tmp, dst=img)
+    # Sub-resolution specks and the gravity gradient (denser posteriorly), in the lungs' bounding box.
+    paren = cv2.LUT(label, IS_PAREN.view(np.uint8), dst=_buf("paren", (h, w), np.uint8))
+    box = _bbox(paren)
+    if box is not None:
+        ys = np.linspace(0, 1, h, dtype=np.float32)[box[0], None]
+        extra = np.maximum(fine[box] - np.float32(1.6), np.float32(0)) * np.float32(p.get("micro_hu", 0.0))
+        extra += np.float32(p["lung_gradient_hu"]) * (ys - np.float32(0.5))
+        extra *= paren[box]
+        img[box] += extra
+    if "bone_texture_hu" in p:  # trabecular pattern from the fine field (cells of about 1 mm), on bone pixels only
+        iy, ix = nonzero_yx(cv2.LUT(label, IS_BONE.view(np.uint8), dst=_buf("bone", (h, w), np.uint8)))
+        if iy.size:
+            img[iy, ix] += (np.abs(fine[iy, ix]) - np.float32(0.8)) * np.float32(p["bone_texture_hu"])
     if chambers is not None and "chamber_drop_hu" in p:
-        x, y, bw, bh = cv2.boundingRect(chambers)
-        if bw:
-            sl = (slice(y, y + bh), slice(x, x + bw))
+        sl = _bbox(chambers)
+        if sl is not None:
             img[sl] -= (chambers[sl] > 0) * (label[sl] == C["heart"]) * np.float32(p["chamber_drop_hu"])
 
     # Pulmonary vessels: partial-volume weight from the calibre (distance to the vessel's edge), times a slowly
     # varying contrast (vessels cut obliquely or off-centre in the slab are fainter).
-    ves = (label == C["pulmonary_vessel"]).astype(np.uint8)
-    if ves.any():
-        x, y, bw, bh = cv2.boundingRect(ves)
-        sl = (slice(y, y + bh), slice(x, x + bw))
-        d = cv2.distanceTransform(np.pad(ves[sl], 1), cv2.DIST_L2, 3)[1:-1, 1:-1] * np.float32(sp)
-        c0, c1 = p.get("vessel_contrast", (1.0, 1.0))
-        wgt = np.where(d > 0, np.clip(0.15 + 0.6 * d, 0, 1), 0) * (c0 + (c1 - c0) * np.clip(0.5 + 0.5 * fine[sl], 0, 1))
-        win = img[sl]
-        win += wgt.astype(np.float32) * (np.float32(p["hu"]["pulmonary_vessel"]) - win)
+    if box is not None:
+        ves = (label[box] == C["pulmonary_vessel"]).astype(np.uint8)
+        iy, ix = nonzero_yx(ves)
+        if iy.size:
+            d = cv2.distanceTransform(np.pad(ves, 1), cv2.DIST_L2, 3)[iy + 1, ix + 1] * np.float32(sp)
+            c0, c1 = p.get("vessel_contrast", (1.0, 1.0))
+            wgt = np.clip(0.15 + 0.6 * d, 0, 1) * (c0 + (c1 - c0) * np.clip(0.5 + 0.5 * fine[box][iy, ix], 0, 1))
+            win = img[box]
+            v = win[iy, ix]
+            win[iy, ix] = v + wgt.astype(np.float32) * (np.float32(p["hu"]["pulmonary_vessel"]) - v)
 
     # Fissures: thin dense lines where two lobes meet.
-    if lobes is not None and lobes.any():
-        er = cv2.erode(lobes, np.ones((3, 3), np.uint8))
-        di = cv2.dilate(lobes, np.ones((3, 3), np.uint8))
-        fis = (er != di) & (er > 0) & (di > 0) & IS_LUNG[label]
-        img[fis] += p["fissure_hu"] * 0.6
+    lb = _bbox(lobes) if lobes is not None else None
+    if lb is not None:
+        sl = (slice(max(0, lb[0].start - 1), lb[0].stop + 1), slice(max(0, lb[1].start - 1), lb[1].stop + 1))
+        lo = lobes[sl]
+        er = cv2.erode(lo, np.ones((3, 3), np.uint8))
+        di = cv2.dilate(lo, np.ones((3, 3), np.uint8))
+        fis = (er != di) & (er > 0) & (di > 0) & lookup(label[sl], IS_LUNG)
+        img[sl][fis] += p["fissure_hu"] * 0.6
 
     _composite_nodules(img, label, sp, p, tex)
 
-    # Scanner blur (partial volume at edges), then noise with a CT-like NPS (shared with the volume renderer).
-    img = cv2.GaussianBlur(img, (0, 0), max(0.3, p["psf_sigma_mm"] / sp))
-    n = nrng.standard_normal((h, w), dtype=np.float32)
-    n = band_noise(n, p["noise_sigma_px"], p.get("nps_low_cut", 0.5))
-    n *= p["noise_hu"] / (n.std() + 1e-6)
-    img += n
-    np.clip(img, -1024, 3071, out=img)
-    return img
+    # Scanner blur (partial volume at edges), then noise with a CT-like NPS (the volume renderer's band-pass model).
+    out = cv2.GaussianBlur(img, (0, 0), max(0.3, p["psf_sigma_mm"] / sp))
+    n = band_noise_2d(gauss_white8(nrng, h, w, out=_buf("white", (h, w))), p["noise_sigma_px"], p.get("nps_low_cut", 0.5))
+    cv2.scaleAdd(n, float(p["noise_hu"] / (cv2.meanStdDev(n)[1][0, 0] + 1e-6)), out, dst=out)
+    np.clip(out, -1024, 3071, out=out)
+    return out
 
 
 @register_renderer

@@ -149,6 +149,18 @@ def _provenance(name: str, version: int, sample: Sample, code_version: str, payl
 def encode_sample(name: str, version: int, sample: Sample, code_version: str,
                   watermark: bool) -> tuple[dict[str, bytes], dict[str, Any]]:
     """One sample -> {relative path: PNG bytes} and its index row (file hashes included)."""
+    files, row, _ = _encode_sample(name, version, sample, code_version, watermark)
+    return files, row
+
+
+# A caller's per-sample files, drawn while a shard's arrays are in memory (e.g. the version browser's thumbnails):
+# (sample, stored image array as written, its index row) -> {path relative to the version: bytes}.
+SampleFiles = Callable[[Sample, np.ndarray, dict], "dict[str, bytes]"]
+SAMPLE_DIRS = ("images", "labels", "instances")
+
+
+def _encode_sample(name: str, version: int, sample: Sample, code_version: str,
+                   watermark: bool) -> tuple[dict[str, bytes], dict[str, Any], np.ndarray]:
     image_codec = codecs.codec_for_domain(sample.domain)
     stored = image_codec.encode(np.asarray(sample.image))
     encoding = image_codec.describe(stored)
@@ -197,7 +209,7 @@ def encode_sample(name: str, version: int, sample: Sample, code_version: str,
         "image_codec": image_codec.record(),
         "group": getattr(sample, "group", None),
     }
-    return files, row
+    return files, row, stored
 
 
 # ---------------------------------------------------------------- the build
@@ -233,8 +245,12 @@ class BuildStaging:
         self.root.refresh()
         return self.root.exists(self._marker(i))
 
-    def write_shard(self, i: int, samples: list[Sample]) -> dict[str, Any]:
-        """Watermark, encode and write one shard's PNGs, then its Parquet part, then its commit marker (last)."""
+    def write_shard(self, i: int, samples: list[Sample], sample_files: SampleFiles | None = None) -> dict[str, Any]:
+        """Watermark, encode and write one shard's PNGs, then its Parquet part, then its commit marker (last).
+
+        ``sample_files(sample, stored image, index row)`` adds files of the caller's per sample (paths relative to
+        the version, outside images/labels/instances), made here while the arrays are in memory: they are written
+        with the shard, their sha256 recorded in its marker, and published with the version."""
         if not 0 <= i < len(self.shards):
             raise StoreError(f"shard {i} does not exist; {self.name} has shards 0 to {len(self.shards) - 1}")
         want = list(self.shards[i])
@@ -248,9 +264,16 @@ class BuildStaging:
         class_pixels = np.zeros(256, np.int64)
         class_samples = np.zeros(256, np.int64)
         findings = qc_failed = 0
+        extra: dict[str, bytes] = {}
         for s in sorted(samples, key=lambda s: s.index):
-            f, row = encode_sample(self.name, self.version, s, self.code_version, bool(self.spec.watermark))
+            f, row, stored = _encode_sample(self.name, self.version, s, self.code_version, bool(self.spec.watermark))
             files.update({f"{self.data_dir}/{rel}": data for rel, data in f.items()})
+            if sample_files is not None:
+                for rel, data in sample_files(s, stored, row).items():
+                    if rel.split("/", 1)[0] in SAMPLE_DIRS or rel in (MANIFEST, SAMPLES, README) or rel in extra:
+                        raise StoreError(f"sample {s.sample_id}: extra file {rel!r} would overwrite a file of the "
+                                         "version; use a folder of your own")
+                    extra[rel] = data
             rows.append(row)
             splits[s.split] = splits.get(s.split, 0) + 1
             counts = np.bincount(np.asarray(s.label, np.uint8).ravel(), minlength=256)
@@ -258,7 +281,7 @@ class BuildStaging:
             class_samples += counts > 0
             findings += len(s.measured)
             qc_failed += not bool(s.qc.get("passed", True))
-        self.root.write_many(files)
+        self.root.write_many({**files, **{f"{self.data_dir}/{rel}": data for rel, data in extra.items()}})
         part = parquet_bytes(pa.Table.from_pylist(rows, schema=SAMPLE_SCHEMA))
         self.root.write_bytes(self._part(i), part)
         summary = {"shard": i, "n": len(rows), "bytes": int(sum(len(d) for d in files.values()) + len(part)),
@@ -267,6 +290,8 @@ class BuildStaging:
                       part_sha256=codec.sha256(part),
                       class_pixels={str(k): int(v) for k, v in enumerate(class_pixels) if v},
                       class_samples={str(k): int(v) for k, v in enumerate(class_samples) if v})
+        if extra:
+            marker["files_sha256"] = {rel: codec.sha256(data) for rel, data in sorted(extra.items())}
         self.root.write_bytes(self._marker(i), json.dumps(marker, sort_keys=True).encode())
         return summary
 
@@ -384,7 +409,8 @@ class BuildStaging:
             else:
                 card(where, draft)
 
-        files = self._extra_files()  # samples.parquet, README.md and whatever the card added
+        # samples.parquet, README.md, whatever the card added, and the shards' own extra files (hashed when written)
+        files = self._extra_files({rel: h for mk in markers for rel, h in (mk.get("files_sha256") or {}).items()})
         all_files = dict(files)
         cols = table.select(["image_path", "image_sha256", "label_path", "label_sha256", "instance_path",
                              "instance_sha256"]).to_pydict()
@@ -430,16 +456,18 @@ class BuildStaging:
                            f"({', '.join(names[:3])}{' ...' if len(names) > 3 else ''}); shards "
                            f"{', '.join(map(str, bad))} will be written again when the build is rerun")
 
-    def _extra_files(self) -> dict[str, str]:
-        """sha256 of every file of the version that is not a sample PNG (walked, so card files are included)."""
+    def _extra_files(self, known: dict[str, str] | None = None) -> dict[str, str]:
+        """sha256 of every file of the version that is not a sample PNG (walked, so card files are included);
+        ``known``: hashes recorded when a shard wrote its extra files (used for the ones that are there)."""
+        known = known or {}
         fs, base = self.root.fs, self.data_dir.rstrip("/")
         self.root.refresh()
         out = {}
         for path in sorted(fs.find(base)):
             rel = path[len(base) + 1:] if path.startswith(base + "/") else path.split(base.lstrip("/") + "/", 1)[-1]
-            if rel.split("/", 1)[0] in ("images", "labels", "instances") or rel == MANIFEST:
+            if rel.split("/", 1)[0] in SAMPLE_DIRS or rel == MANIFEST:
                 continue
-            out[rel] = codec.sha256(self.root.read_bytes(path))
+            out[rel] = known[rel] if rel in known else codec.sha256(self.root.read_bytes(path))
         return out
 
     def _counts(self, markers: list[dict]) -> Counts:

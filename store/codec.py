@@ -73,14 +73,30 @@ def _filtered_rows(a: np.ndarray, kind: int) -> np.ndarray:
     return out
 
 
-def encode_png(array: np.ndarray, text: dict[str, Any] | None = None, png_filter: str = "up") -> bytes:
+def encode_png(array: np.ndarray, text: dict[str, Any] | None = None, png_filter: str = "up",
+               palette: np.ndarray | None = None) -> bytes:
     """Standard PNG bytes: 8- or 16-bit grey, RGB or RGBA (given in RGB order), one filter on every row
     (``png_filter``: "up" for images, "none" for label maps), one IDAT compressed by libdeflate at ``PNG_LEVEL``.
     ``text`` goes into one iTXt chunk named ``pairforge`` as JSON, right after IHDR. Readers need nothing but a PNG
-    decoder (OpenCV, Pillow, libpng); files written by the earlier zlib encoder read the same way."""
+    decoder (OpenCV, Pillow, libpng); files written by the earlier zlib encoder read the same way.
+    ``palette`` ((n <= 256) x 3 uint8 RGB): an indexed-colour PNG of the uint8 HxW ``array`` (a picture of a label
+    map in class colours: a third of the RGB bytes to compress); readers decode it to those RGB colours."""
     import deflate
 
     a = np.asarray(array)
+    if palette is not None:
+        pal = np.asarray(palette)
+        if a.dtype != np.uint8 or a.ndim != 2 or pal.dtype != np.uint8 or pal.ndim != 2 or pal.shape[1] != 3 \
+                or not 1 <= pal.shape[0] <= 256 or 0 in a.shape:
+            raise ValueError(f"an indexed PNG takes a uint8 HxW array and an n x 3 uint8 palette (n <= 256), not "
+                             f"{a.dtype} {a.shape} and {pal.dtype} {pal.shape}")
+        if int(a.max()) >= pal.shape[0]:
+            raise ValueError(f"pixel value {int(a.max())} has no palette entry ({pal.shape[0]} colours)")
+        h, w = a.shape
+        ihdr = struct.pack(">IIBBBBB", w, h, 8, 3, 0, 0, 0)
+        return b"".join([_PNG_SIG, _chunk(b"IHDR", ihdr), _chunk(b"PLTE", pal.tobytes()),
+                         _chunk(b"IDAT", deflate.zlib_compress(_filtered_rows(a, PNG_FILTERS[png_filter]), PNG_LEVEL)),
+                         _chunk(b"IEND", b"")])
     if a.dtype not in (np.uint8, np.uint16):
         raise ValueError(f"PNG stores uint8 or uint16 pixels, not {a.dtype} (array of shape {a.shape})")
     channels = a.shape[2] if a.ndim == 3 else 1

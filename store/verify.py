@@ -31,7 +31,7 @@ class ImageVerification:
     sync_score: float = 0.0
     scale: float | None = None
     rotation: float | None = None  # estimated rotation of the copy, degrees
-    scheme: int | None = None  # watermark scheme version that decoded (2, or 1 for older versions)
+    scheme: int | None = None  # watermark scheme version that decoded (3; 2 or 1 for older versions)
     slices: str | None = None  # NIfTI volumes: "k of n slices read carry this payload"
     provenance: dict[str, Any] | None = None  # the iTXt chunk, when the file still has it
     file_matches: bool | None = None  # sha256 of the file == the stored image's (None: root not reachable)
@@ -184,9 +184,9 @@ def verify_image_file(path: str | os.PathLike, root: Root | None) -> ImageVerifi
     manifest = read_manifest(root, out.dataset, pl.version)
     table = read_index(root, out.dataset, pl.version, manifest)
     recorded = getattr(getattr(manifest, "watermark", None), "scheme", None) or ""
-    if det.scheme == 1 and recorded and not recorded.startswith("pairforge-ss-v1"):
+    if det.scheme in (1, 2) and recorded and not recorded.startswith(f"pairforge-ss-v{det.scheme}"):
         out.tampered = True
-        out.notes.append(f"a scheme-v1 mark, but {out.ref} was marked with {recorded.split(' ')[0]}")
+        out.notes.append(f"a scheme-v{det.scheme} mark, but {out.ref} was marked with {recorded.split(' ')[0]}")
     rows = table.filter(np.array(table.column("index").to_pylist()) == pl.index).to_pylist()
     if not rows:
         out.notes.append(f"{out.ref} has no sample {pl.index}")

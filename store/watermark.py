@@ -1,37 +1,35 @@
-"""The invisible image watermark, scheme v2: a keyed, tiled spread-spectrum mark carrying a 64-bit payload (dataset id,
+"""The invisible image watermark, scheme v3: a keyed, tiled spread-spectrum mark carrying a 64-bit payload (dataset id,
 version, sample index) with a 32-bit keyed check, plus a fixed sinusoidal *synchronisation template* from which the
 decoder estimates any rescale and rotation blindly (no list of factors), before it reads the payload.
 
 Owns: embedding into 16-bit CT (HU + 1024) and 8-bit grey/RGB images, blind decoding from any bit depth after
 windowing, JPEG, rescaling, rotation and cropping, and the acceptance rule (explicit sync threshold + keyed check).
-Images marked with scheme v1 (``store/watermark_v1.py``, CRC-16, fixed scale list) still decode. See
+Images marked with scheme v2 (``store/watermark_v2.py``) or v1 (``store/watermark_v1.py``) still decode. See
 docs/watermark.md for the design, the distortion bound, the measured robustness and the false-accept bound.
 No global random state: every pattern comes from a fixed key through a numpy Generator.
 
-Layout of the v2 mark (one 128x128 tile, repeated over the image)
+What v3 changes against v2 (same tile, cells, code and template frequencies; new key)
+---------------------------------------------------------------------------------------
+* *More payload energy within the same bound.* v2 added cells at +-c and the template at +-t with c + t = the max
+  change (CT 6 + 8 = 14 HU), so the cells got 3/7 of it. v3 adds cells at +-5/7 and the template at +-4/7 of the
+  max change and clips the sum to the max change (CT: cells 10 HU, template 8 HU, no pixel beyond 14 HU, as in
+  v2). The cells carry (10/6)^2 = 2.8x the energy; clipping touches only pixels where a cell and a template crest
+  share their sign, so the template loses little. Unattacked 256 px CT images, where v2's blind read was
+  marginal, read with room to spare (docs/watermark.md).
+* *A better-matched read filter.* The residual is normalised by a tighter local energy (Gaussian sigma 1 px instead
+  of 1.5) and weighted by the inverse local *variance* (not standard deviation), which is the matched filter for a
+  host whose noise power varies from pixel to pixel (edges, vessels, noisy regions); it is used for v3 and v2 reads.
+* A new pattern key and check key, so a v3 mark is never mistaken for a v2 one: each read tests both the v3 and the
+  v2 keyed check on the same folded residual (two 2^-32 chances per read in the false-accept bound).
+
+Layout of the v3 mark (one 128x128 tile, repeated over the image)
 -----------------------------------------------------------------
-* *Cells*: a 32x32 grid of 4x4-pixel cells, each adding ``+c`` or ``-c``. 816 cells carry the 204 coded bits
-  (each bit in 4 cells, XOR a keyed pseudo-noise sign); 208 cells are a fixed *pilot* that gives the tile phase.
+* *Cells*: a 32x32 grid of 4x4-pixel cells. 816 cells carry the 204 coded bits (each bit in 4 cells, XOR a keyed
+  pseudo-noise sign); 208 cells are a fixed *pilot* that gives the tile phase.
 * 204 coded bits = rate-1/2, K=7 convolutional code of 96 bits = 64 payload bits + a 32-bit keyed check
   (the first 4 bytes of sha256(key || payload)). Soft-decision Viterbi decoding.
-* *Template*: four sinusoids at fixed lattice frequencies of the tile (0.12-0.14 cycles/px, at 23, 69, 115 and
-  160 deg: none near an axis), keyed phases, scaled so the sum stays within ``+-t``. In the Fourier magnitude of a
-  copy they are four peaks whose positions move with the copy's scale and rotation only (not with crops or shifts).
-* Every pixel changes by at most ``c + t`` (CT: 6 + 8 = 14 HU; 8-bit: 2 + 3 = 5 grey levels); finding pixels
-  (dilated) not at all.
-
-Decoding (blind)
-----------------
-1. Whitened, locally normalised residual of the copy; Hann-windowed power spectrum; each bin's log power minus
-   its neighbourhood's mean (a unit-free peak statistic).
-2. Template search: every (scale 0.45-2.2, rotation -6..6 deg) hypothesis on a grid finer than a bin's tolerance
-   scores the sum of the four peak statistics it predicts (capped); the four best are refined on two finer grids
-   with the bilinearly interpolated statistic (a joint sub-bin fit of the four peaks).
-3. The copy is warped back once per hypothesis, its residual folded modulo the tile, template bins notched out,
-   the pilot found by FFT correlation; the cells are read, Viterbi-decoded, and the keyed check tested.
-4. Accepted only if the pilot correlation peak is at least ``SYNC_THRESHOLD`` standard deviations AND the 32-bit
-   keyed check matches. Read order: the four candidates, the copy as it is, then neighbours of the best candidate
-   (+-0.4 % scale, +-0.2 deg); at most ``MAX_READS`` reads.
+* *Template*: v2's four sinusoids (0.12-0.14 cycles/px at 23, 69, 115 and 160 deg) with v2's phases, so one template
+  search serves v3 and v2 copies.
 """
 from __future__ import annotations
 
@@ -42,11 +40,14 @@ import cv2
 import numpy as np
 
 from store import watermark_v1 as v1
+from store import watermark_v2 as v2
 from store.watermark_v1 import (CELL, FINDING_MARGIN_PX, GRID, K, N_CELLS, PAYLOAD_BITS, TILE, Payload,  # noqa: F401
                                 _bits, _expand, conv_encode, dataset_id, keep_out_mask, payload_for,
                                 payload_bits, to_grey_float, viterbi_decode)
+from store.watermark_v2 import (_NOTCH, _NUDGES, _TEMPLATE, TEMPLATE_K, _describe, _fold, _nudge,  # noqa: F401
+                                _warp_back, peak_statistic, template_search, viterbi_batch)
 
-VERSION = 2
+VERSION = 3
 CHECK_BITS = 32
 INFO_BITS = PAYLOAD_BITS + CHECK_BITS  # 96
 CODED_BITS = 2 * (INFO_BITS + K - 1)  # 204
@@ -54,52 +55,35 @@ REPEAT = 4
 N_DATA_CELLS = CODED_BITS * REPEAT  # 816
 N_PILOT_CELLS = N_CELLS - N_DATA_CELLS  # 208
 
-CT_AMPLITUDE_HU = 14  # max change of any CT pixel, HU: cells 6 + template 8
-U8_AMPLITUDE = 5  # max change of any 8-bit pixel, grey levels: cells 2 + template 3
-# template frequencies, (kx, ky) cycles per 128-px tile; radius 14.3-19.0 (0.11-0.15 cycles/px)
-TEMPLATE_K = np.array([(14, 6), (6, 16), (-7, 15), (-17, 6)], np.float64)
-SYNC_THRESHOLD = 6.0  # pilot correlation peak, standard deviations of the 128x128 correlation surface
-TEMPLATE_THRESHOLD = 0.0  # template score a candidate needs to be read (0: the four best are always read)
-SCALE_RANGE = (0.45, 2.2)  # searched rescale factors of a copy (copy size / published size)
-ROTATION_RANGE_DEG = 6.0
-_KEY = 0x7061697266_6F726765_02  # "pairforge" + scheme 2
-_CHECK_KEY = b"pairforge-watermark-v2-check"
+CT_AMPLITUDE_HU = 14  # max change of any CT pixel, HU: cells 10 + template 8, clipped to 14
+U8_AMPLITUDE = 5  # max change of any 8-bit pixel, grey levels: cells 3 + template 3, clipped to 5
+CELL_SHARE, TEMPLATE_SHARE = 5 / 7, 4 / 7  # of the max change (cells rounded down); the sum is clipped to it
+SYNC_THRESHOLD = v2.SYNC_THRESHOLD  # 6: pilot correlation peak, standard deviations of the 128x128 surface
+SYNC_THRESHOLD_V1 = v2.SYNC_THRESHOLD_V1
+SCALE_RANGE = v2.SCALE_RANGE
+ROTATION_RANGE_DEG = v2.ROTATION_RANGE_DEG
+MAX_READS = 16  # payload reads per image at most (the false-accept bound counts them)
+CHECKS_PER_READ = 2  # each read tests the v3 and the v2 keyed check
+_KEY = 0x7061697266_6F726765_03  # "pairforge" + scheme 3
+_CHECK_KEY = b"pairforge-watermark-v3-check"
 
-SCHEME = (f"pairforge-ss-v2 (tile {TILE}px, cell {CELL}px, K={K} r=1/2 conv + 32-bit keyed check, {REPEAT}x "
-          f"repetition, 6-peak DFT sync template, sync threshold {SYNC_THRESHOLD:g} sd)")
+SCHEME = (f"pairforge-ss-v3 (tile {TILE}px, cell {CELL}px, K={K} r=1/2 conv + 32-bit keyed check, {REPEAT}x "
+          f"repetition, cells 5/7 + 4-peak DFT sync template 4/7 of the max change, clipped to it; "
+          f"sync threshold {SYNC_THRESHOLD:g} sd)")
 
 
 def _key_tables():
     rng = np.random.Generator(np.random.PCG64(_KEY))
     perm = rng.permutation(N_CELLS)
     pn = rng.choice(np.array([-1.0, 1.0], dtype=np.float32), size=N_CELLS)
-    # template phases: the keyed phase set (of 256 draws) with the smallest peak, so the amplitude is well used
-    yy, xx = np.mgrid[0:TILE, 0:TILE].astype(np.float64)
-    arg = 2 * np.pi * (TEMPLATE_K[:, 0, None, None] * xx + TEMPLATE_K[:, 1, None, None] * yy) / TILE
-    best, best_peak = None, np.inf
-    for _ in range(256):
-        ph = rng.uniform(0, 2 * np.pi, len(TEMPLATE_K))
-        t = np.cos(arg + ph[:, None, None]).sum(axis=0)
-        peak = float(np.abs(t).max())
-        if peak < best_peak:
-            best, best_peak = t, peak
-    return pn, perm[:N_DATA_CELLS], perm[N_DATA_CELLS:], np.arange(N_DATA_CELLS) % CODED_BITS, best / best_peak
+    return pn, perm[:N_DATA_CELLS], perm[N_DATA_CELLS:], np.arange(N_DATA_CELLS) % CODED_BITS
 
 
-_PN, _DATA_CELLS, _PILOT_CELLS, _BIT_OF_CELL, _TEMPLATE = _key_tables()  # _TEMPLATE: max |value| = 1
+_PN, _DATA_CELLS, _PILOT_CELLS, _BIT_OF_CELL = _key_tables()
 _pilot_cells = np.zeros(N_CELLS, np.float32)
 _pilot_cells[_PILOT_CELLS] = _PN[_PILOT_CELLS]
 _PILOT_TILE = _expand(_pilot_cells)
 _PILOT_FFT_CONJ = np.conj(np.fft.rfft2(_PILOT_TILE))
-# rfft2 bins (row, col) of the folded tile that hold the template (and a 1-bin ring), notched before reading cells
-_NOTCH = np.ones((TILE, TILE // 2 + 1), np.float32)
-for _kx, _ky in TEMPLATE_K.astype(int):
-    if _kx < 0:
-        _kx, _ky = -_kx, -_ky
-    for _dy in (-1, 0, 1):
-        for _dx in (-1, 0, 1):
-            if 0 <= _kx + _dx <= TILE // 2:
-                _NOTCH[(_ky + _dy) % TILE, _kx + _dx] = 0.0
 
 
 # ---------------------------------------------------------------- keyed check
@@ -128,15 +112,17 @@ def cell_pattern(payload: Payload) -> np.ndarray:
 
 
 def split_amplitude(amplitude: int) -> tuple[int, int]:
-    """Max total change -> (cell amplitude, template amplitude), both integers: 3/7 (at least 1) to the cells."""
-    c = max(1, int(round(int(amplitude) * 3 / 7)))
-    return c, int(amplitude) - c
+    """Max total change -> (cell amplitude, template amplitude), integers: 5/7 rounded down and 4/7 rounded (each at
+    least 1). CT 14 HU -> (10, 8); 8-bit 5 -> (3, 3); 4 -> (2, 2)."""
+    a = int(amplitude)
+    return max(1, int(np.floor(a * CELL_SHARE + 1e-9))), max(1, int(round(a * TEMPLATE_SHARE)))
 
 
 def tile_delta(payload: Payload, amplitude: int) -> np.ndarray:
-    """The integer TILE x TILE change of one tile: cells * c + round(template * t); max |value| <= amplitude."""
+    """The integer TILE x TILE change of one tile: clip(cells * c + round(template * t), +-amplitude)."""
     c, t = split_amplitude(amplitude)
-    return (cell_pattern(payload) * c).astype(np.int32) + np.rint(_TEMPLATE * t).astype(np.int32)
+    d = (cell_pattern(payload) * c).astype(np.int32) + np.rint(_TEMPLATE * t).astype(np.int32)
+    return np.clip(d, -int(amplitude), int(amplitude))
 
 
 _TILE_CACHE: dict[tuple[int, int], np.ndarray] = {}
@@ -156,9 +142,9 @@ def image_delta(payload: Payload, height: int, width: int, amplitude: int) -> np
 
 def embed(image: np.ndarray, payload: Payload, keep_out: np.ndarray | None = None,
           amplitude: int | None = None) -> np.ndarray:
-    """Add the v2 mark to a uint16 CT image (HU + 1024) or a uint8 grey / RGB image; same dtype and shape back.
+    """Add the v3 mark to a uint16 CT image (HU + 1024) or a uint8 grey / RGB image; same dtype and shape back.
 
-    Every pixel changes by at most ``amplitude`` (CT: 8 HU; 8-bit: 4 grey levels); pixels in ``keep_out`` (the
+    Every pixel changes by at most ``amplitude`` (CT: 14 HU; 8-bit: 5 grey levels); pixels in ``keep_out`` (the
     findings, dilated) do not change at all.
     """
     if image.dtype == np.uint16:
@@ -182,7 +168,7 @@ def embed(image: np.ndarray, payload: Payload, keep_out: np.ndarray | None = Non
 # ---------------------------------------------------------------- decoding
 @dataclass
 class Detection:
-    found: bool  # sync score >= SYNC_THRESHOLD and the keyed check (v2) / CRC (v1) passed
+    found: bool  # sync score >= SYNC_THRESHOLD and the keyed check (v3, v2) / CRC (v1) passed
     payload: Payload | None
     bits: np.ndarray | None  # best-effort 64 payload bits (also when not found)
     sync_score: float  # pilot correlation peak, in standard deviations of the correlation surface
@@ -192,154 +178,20 @@ class Detection:
     tried: list = field(default_factory=list)  # hypotheses read: (scale, rotation deg)
     rotation: float = 0.0  # estimated rotation of the copy, degrees (counter-clockwise as cv2.getRotationMatrix2D)
     template_score: float = 0.0  # sum of the four capped template peak statistics at the hypothesis read
-    scheme: int = VERSION  # 2, or 1 for a copy of an image marked with scheme v1
-    attempts: int = 0  # payload reads (each is one 2^-32 chance of a false accept)
+    scheme: int = VERSION  # 3; 2 or 1 for a copy of an image marked with an older scheme
+    attempts: int = 0  # payload reads (each tests CHECKS_PER_READ keyed checks, each a 2^-32 chance)
 
 
 def _residual(g: np.ndarray) -> np.ndarray:
-    return v1._residual(g)
-
-
-_HANN_CACHE: dict[tuple[int, int], np.ndarray] = {}
-
-
-def _hann(h: int, w: int) -> np.ndarray:
-    k = (h, w)
-    if k not in _HANN_CACHE:
-        if len(_HANN_CACHE) > 16:
-            _HANN_CACHE.clear()
-        _HANN_CACHE[k] = np.outer(np.hanning(h), np.hanning(w)).astype(np.float32)
-    return _HANN_CACHE[k]
-
-
-def peak_statistic(g: np.ndarray) -> np.ndarray:
-    """fftshifted map of log spectral power of the windowed residual minus its 15x15 neighbourhood mean.
-
-    For a host whose residual spectrum is locally flat (complex Gaussian bins) the value at a bin is
-    log(E) + 0.577 with E ~ Exp(1): P(value > q) = exp(-exp(q - 0.577)); the template makes large values.
-    """
-    r = _residual(g)
-    h, w = r.shape
-    p = np.abs(np.fft.fft2(r * _hann(h, w))) ** 2
-    lp = np.log(np.fft.fftshift(p) + 1e-12).astype(np.float32)
-    return lp - cv2.blur(lp, (15, 15), borderType=cv2.BORDER_REFLECT)
-
-
-_CAP = 6.0  # one bin can add at most this much to a template score (a host peak cannot win alone)
-
-
-def _grid(h: int, w: int):
-    """Hypothesis grid (log-scale, rotation), steps within the 3x3-max tolerance of one bin.
-
-    A template peak of radius r cycles/px (published frame) sits r * N / s bins from the centre of the spectrum of a
-    copy N px wide at scale s, so the log-scale step is 0.8 s / (r N) and the rotation step 0.8 s_min / (r N)."""
-    rn = float(np.max(np.hypot(TEMPLATE_K[:, 0], TEMPLATE_K[:, 1]))) / TILE * max(h, w)
-    ls = [np.log(SCALE_RANGE[0])]
-    while ls[-1] < np.log(SCALE_RANGE[1]):
-        ls.append(ls[-1] + 0.8 * np.exp(ls[-1]) / rn)
-    step = 0.8 * SCALE_RANGE[0] / rn
-    rot = np.deg2rad(ROTATION_RANGE_DEG)
-    return np.array(ls), np.arange(-rot, rot + step / 2, step)
-
-
-def _predict(A: np.ndarray, h: int, w: int) -> np.ndarray:
-    """Template peak positions (row, col) in the fftshifted spectrum of an h x w copy for maps A (..., 2, 2)."""
-    f = TEMPLATE_K / TILE  # (6, 2) (fx, fy) cycles/px in the published frame
-    fa = np.einsum("...ij,kj->...ki", A, f)  # (..., 6, 2)
-    col = fa[..., 0] * w + w // 2
-    row = fa[..., 1] * h + h // 2
-    return np.stack([row, col], axis=-1)
-
-
-def _maps(ls: np.ndarray, th: np.ndarray) -> np.ndarray:
-    """A = R(theta) / s for every (log s, theta): f_copy = A f_published, (x, y) = (col, row) order."""
-    s = np.exp(ls)[:, None]
-    c, sn = np.cos(th)[None, :] / s, np.sin(th)[None, :] / s
-    # a copy rotated counter-clockwise on screen (y down) by theta: frequencies rotate the same way
-    return np.stack([np.stack([c, sn], -1), np.stack([-sn, c], -1)], -2)  # (S, T, 2, 2)
-
-
-def _bilinear(q: np.ndarray, pos: np.ndarray) -> np.ndarray:
-    h, w = q.shape
-    r = np.clip(pos[..., 0], 0, h - 1.001)
-    c = np.clip(pos[..., 1], 0, w - 1.001)
-    r0, c0 = np.floor(r).astype(np.int64), np.floor(c).astype(np.int64)
-    fr, fc = r - r0, c - c0
-    v = (q[r0, c0] * (1 - fr) * (1 - fc) + q[r0 + 1, c0] * fr * (1 - fc) + q[r0, c0 + 1] * (1 - fr) * fc
-         + q[r0 + 1, c0 + 1] * fr * fc)
-    inside = (pos[..., 0] >= 1) & (pos[..., 0] < h - 1) & (pos[..., 1] >= 1) & (pos[..., 1] < w - 1)
-    return np.where(inside, v, 0.0)
-
-
-def template_search(q: np.ndarray, top: int = 2):
-    """Best (map A, score) hypotheses for a peak-statistic map ``q``.
-
-    Coarse: every grid hypothesis scores the sum of the 3x3-max of the capped statistic at its four predicted peaks.
-    Fine: around each of the ``top`` best (distinct) ones, two finer grids (1/5 and 1/25 of the coarse step) score
-    the sum of the bilinearly interpolated statistic, which locates the peaks jointly to a fraction of a bin."""
-    h, w = q.shape
-    qc = np.minimum(q, _CAP)
-    qm = cv2.dilate(qc, np.ones((3, 3), np.uint8))
-    ls, th = _grid(h, w)
-    A = _maps(ls, th)
-    pos = np.rint(_predict(A, h, w)).astype(np.int64)
-    r, c = pos[..., 0], pos[..., 1]
-    inside = (r >= 1) & (r < h - 1) & (c >= 1) & (c < w - 1)
-    vals = np.where(inside, qm[np.clip(r, 0, h - 1), np.clip(c, 0, w - 1)], 0.0)
-    score = vals.sum(axis=-1)  # (S, T)
-    dls = float(np.median(np.diff(ls))) if len(ls) > 1 else 0.01
-    dth = float(th[1] - th[0]) if len(th) > 1 else 0.01
-    out = []
-    flat = score.ravel()
-    order = np.argsort(flat)[::-1]
-    taken: list[tuple[int, int]] = []
-    for k in order[:400]:
-        i, j = divmod(int(k), score.shape[1])
-        if any(abs(i - a) <= 4 and abs(j - b) <= 4 for a, b in taken):
-            continue
-        taken.append((i, j))
-        l0, t0 = ls[i], th[j]
-        # the step in log-scale at this scale (the grid is finer at small scales)
-        d_l = (ls[min(i + 1, len(ls) - 1)] - ls[max(i - 1, 0)]) / 2 if len(ls) > 1 else dls
-        best_fine = -1.0
-        for frac in (0.2, 0.04):
-            off = np.arange(-6, 7) * frac
-            L = l0 + off * d_l
-            T = t0 + off * dth
-            Af = _maps(L, T)
-            sf = _bilinear(qc, _predict(Af, h, w)).sum(-1)
-            a, b = np.unravel_index(int(np.argmax(sf)), sf.shape)
-            l0, t0, best_fine = L[a], T[b], float(sf[a, b])
-        out.append((_maps(np.array([l0]), np.array([t0]))[0, 0], float(flat[k]), best_fine))
-        if len(out) >= top:
-            break
-    return out
-
-
-def _warp_back(g: np.ndarray, A: np.ndarray) -> np.ndarray:
-    """Resample the copy into the published frame: out(y) = g(M y + t) with M = A^-T, centres aligned."""
-    M = np.linalg.inv(A).T  # copy coordinates per published coordinate, (x, y)
-    s = float(np.sqrt(abs(np.linalg.det(M))))
-    h, w = g.shape
-    src = g
-    if s > 1.1:  # shrinking: area-average first so the host does not alias onto the mark
-        nh, nw = max(8, int(round(h / s))), max(8, int(round(w / s)))
-        src = cv2.resize(g, (nw, nh), interpolation=cv2.INTER_AREA)
-        M = M * np.array([[nw / w], [nh / h]])
-        h, w = nh, nw
-    oh, ow = int(round(g.shape[0] / s)), int(round(g.shape[1] / s))
-    if min(oh, ow) < 32 or max(oh, ow) > 8192:
-        return np.zeros((0, 0), np.float32)
-    c_src = np.array([(w - 1) / 2, (h - 1) / 2])
-    c_dst = np.array([(ow - 1) / 2, (oh - 1) / 2])
-    t = c_src - M @ c_dst
-    mat = np.concatenate([M, t[:, None]], 1).astype(np.float64)
-    return cv2.warpAffine(src, mat, (ow, oh), flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
-                          borderMode=cv2.BORDER_REPLICATE)
-
-
-def _fold(r: np.ndarray) -> np.ndarray:
-    return v1._fold(r)
+    """Read filter: whiten (pixel minus its 8-neighbour mean), divide by the local residual energy (Gaussian sigma
+    1 px, floored at half its median), clip at +-3, weight by the inverse relative local energy once more (so the
+    weight is 1/variance, the matched filter for noise whose power varies over the image), whiten again."""
+    r = v1._whiten(g)
+    s = np.sqrt(cv2.GaussianBlur(r * r, (0, 0), 1.0)) + 1e-3
+    med = float(np.median(s[::3, ::3]))  # a subsample: the median of a smooth map, at a ninth of the cost
+    s = np.maximum(s, 0.5 * med)
+    z = np.clip(r / s, -3.0, 3.0) * (med / s)
+    return v1._whiten(z.astype(np.float32))
 
 
 def read_folded(f: np.ndarray):
@@ -367,34 +219,6 @@ def read_folded(f: np.ndarray):
     return ok, pbits, score, np.stack([dy, dx], 1), np.mean(np.abs(soft), axis=1)
 
 
-def viterbi_batch(soft: np.ndarray) -> np.ndarray:
-    """Soft-decision Viterbi over a batch (B, 2n); ``soft`` > 0 means bit 0. Returns (B, n - K + 1) info bits."""
-    B, n2 = soft.shape
-    n = n2 // 2
-    y = soft.reshape(B, n, 2).astype(np.float64)
-    S = v1._STATES
-    pm = np.full((B, S), -1e18)
-    pm[:, 0] = 0.0
-    dec = np.empty((n, B, S), bool)
-    b = v1._INPUT_OF_NEXT
-    e0 = v1._EXP[v1._PREV[:, 0], b]  # (S, 2)
-    e1 = v1._EXP[v1._PREV[:, 1], b]
-    p0, p1 = v1._PREV[:, 0], v1._PREV[:, 1]
-    for t in range(n):
-        m0 = pm[:, p0] + y[:, t] @ e0.T
-        m1 = pm[:, p1] + y[:, t] @ e1.T
-        c = m1 > m0
-        dec[t] = c
-        pm = np.where(c, m1, m0)
-    state = np.zeros(B, np.int64)
-    bits = np.empty((B, n), np.uint8)
-    ar = np.arange(B)
-    for t in range(n - 1, -1, -1):
-        bits[:, t] = b[state]
-        state = v1._PREV[state, dec[t, ar, state].astype(np.int64)]
-    return bits[:, : n - (K - 1)]
-
-
 def accepted(check_ok: bool, sync_score: float) -> bool:
     """The acceptance rule: the pilot correlation peak reaches SYNC_THRESHOLD sd AND the 32-bit keyed check matches."""
     return bool(check_ok) and float(sync_score) >= SYNC_THRESHOLD
@@ -404,79 +228,194 @@ def false_accept_bound(reads: int) -> float:
     """Upper bound on the chance that an unmarked image is accepted after ``reads`` payload reads.
 
     Each read accepts only a decoded word whose 32 check bits equal a keyed hash of its 64 payload bits; for an
-    image that carries no mark the decoded word does not depend on the key, so each read passes with probability
-    2^-32 (union bound over reads; the sync threshold only lowers it further)."""
-    return reads * 2.0 ** -CHECK_BITS
+    image that carries no mark the decoded word does not depend on the key, so each keyed check passes with
+    probability 2^-32. A read tests CHECKS_PER_READ of them (v3 and v2); union bound over reads and checks (the
+    sync threshold only lowers it further)."""
+    return reads * CHECKS_PER_READ * 2.0 ** -CHECK_BITS
 
 
-def _read(g: np.ndarray, A: np.ndarray):
+N_CANDIDATES = 24  # template hypotheses screened by their pilot correlation before any payload read
+
+
+def _candidates(q: np.ndarray, top: int = N_CANDIDATES) -> list[tuple[np.ndarray, float]]:
+    """The ``top`` best distinct (map A, template score) hypotheses of a peak-statistic map (v2's coarse grid, then
+    one finer grid at 1/5 of a step on the bilinearly interpolated statistic)."""
+    h, w = q.shape
+    qc = np.minimum(q, v2._CAP)
+    qm = cv2.dilate(qc, np.ones((3, 3), np.uint8))
+    ls, th = v2._grid(h, w)
+    pos = np.rint(v2._predict(v2._maps(ls, th), h, w)).astype(np.int64)
+    r, c = pos[..., 0], pos[..., 1]
+    inside = (r >= 1) & (r < h - 1) & (c >= 1) & (c < w - 1)
+    score = np.where(inside, qm[np.clip(r, 0, h - 1), np.clip(c, 0, w - 1)], 0.0).sum(axis=-1)
+    dth = float(th[1] - th[0]) if len(th) > 1 else 0.01
+    flat = score.ravel()
+    order = np.argsort(flat)[::-1]
+    taken: list[tuple[int, int]] = []
+    out = []
+    for k in order[:20 * top]:
+        i, j = divmod(int(k), score.shape[1])
+        if any(abs(i - a) <= 3 and abs(j - b) <= 3 for a, b in taken):
+            continue
+        taken.append((i, j))
+        d_l = (ls[min(i + 1, len(ls) - 1)] - ls[max(i - 1, 0)]) / 2 if len(ls) > 1 else 0.01
+        l0, t0 = ls[i], th[j]
+        for frac in (0.2, 0.04):
+            off = np.arange(-6, 7) * frac
+            L, T = l0 + off * d_l, t0 + off * dth
+            sf = v2._bilinear(qc, v2._predict(v2._maps(L, T), h, w)).sum(-1)
+            a, b = np.unravel_index(int(np.argmax(sf)), sf.shape)
+            l0, t0 = L[a], T[b]
+        out.append((v2._maps(np.array([l0]), np.array([t0]))[0, 0], float(flat[k])))
+        if len(out) >= top:
+            break
+    return out
+
+
+_BLUR = None
+
+
+def _pilot_score(f: np.ndarray, blur: bool = False) -> float:
+    """Largest pilot correlation peak (v3 or v2 pilot), in sd of the correlation surface, of a folded residual;
+    ``blur``: of the fold low-passed (Gaussian, sigma 1 px), which tolerates a larger misregistration."""
+    global _BLUR
+    F = np.fft.rfft2(f) * _NOTCH
+    if blur:
+        if _BLUR is None:
+            fy = np.fft.fftfreq(TILE)[:, None]
+            fx = np.fft.rfftfreq(TILE)[None, :]
+            _BLUR = np.exp(-2 * (np.pi ** 2) * (fx ** 2 + fy ** 2)).astype(np.float32)
+        F = F * _BLUR
+    best = 0.0
+    for conj in (_PILOT_FFT_CONJ, v2._PILOT_FFT_CONJ):
+        corr = np.fft.irfft2(F * conj, s=(TILE, TILE))
+        best = max(best, float((corr.max() - corr.mean()) / (corr.std() + 1e-12)))
+    return best
+
+
+def _fold_at(g: np.ndarray, A: np.ndarray) -> np.ndarray | None:
     w = _warp_back(g, A)
-    if w.size == 0:
-        return None
-    ok, pbits, score, shift, conf = read_folded(_fold(_residual(w)))
-    return accepted(ok[0], score[0]), pbits[0], float(score[0]), tuple(int(v) for v in shift[0]), \
-        float(conf[0])
+    return None if w.size == 0 else _fold(_residual(w))
 
 
-def _describe(A: np.ndarray) -> tuple[float, float]:
-    """(scale, rotation deg) of a map A = R(theta) / s."""
-    s = 1.0 / float(np.sqrt(abs(np.linalg.det(A))))
-    return s, float(np.rad2deg(np.arctan2(A[0, 1], A[0, 0])))
+def _read_fold(f: np.ndarray):
+    """Read a folded residual as v3, then as v2: (scheme, accepted, bits, sync, shift, conf) of the better."""
+    best = None
+    for scheme, reader in ((3, read_folded), (2, v2.read_folded)):
+        ok, pbits, score, shift, conf = reader(f)
+        res = (scheme, accepted(ok[0], score[0]), pbits[0], float(score[0]), tuple(int(v) for v in shift[0]),
+               float(conf[0]))
+        if res[1]:
+            return res
+        if best is None or res[3] > best[3]:
+            best = res
+    return best
 
 
-def _nudge(A: np.ndarray, ds: float, dth_deg: float) -> np.ndarray:
-    th = np.deg2rad(dth_deg)
-    R = np.array([[np.cos(th), np.sin(th)], [-np.sin(th), np.cos(th)]])
-    return (R @ A) / (1.0 + ds)
+FALLBACK_MAX_SIDE = 320  # copies at most this large also get the 1-D scans when the template path finds nothing
+FALLBACK_READS = 4  # reads kept back for them
+REFINED = 4  # screened hypotheses refined (and read when their pilot reaches the sync threshold), best first
 
 
-_NUDGES = ((0.0, 0.0), (0.004, 0.0), (-0.004, 0.0), (0.0, 0.2), (0.0, -0.2),
-           (0.004, 0.2), (-0.004, -0.2), (0.004, -0.2), (-0.004, 0.2))
+def _screen(g: np.ndarray, hyps: list[tuple[np.ndarray, float]]) -> list:
+    """(blurred pilot score, map, template score, fold) of each hypothesis, best first."""
+    out = []
+    for A, ts in hyps:
+        f = _fold_at(g, A)
+        if f is not None:
+            out.append((_pilot_score(f, blur=True), A, ts, f))
+    out.sort(key=lambda x: -x[0])
+    return out
 
 
-MAX_READS = 16  # payload reads per image at most (the false-accept bound counts them)
+def _read_screened(g: np.ndarray, screened: list, max_reads: int, tried: list, best: list) -> Detection | None:
+    """Refine the ``REFINED`` best screened hypotheses on a 3x3 (scale, rotation) neighbourhood by their sharp pilot
+    score and read each (and, when refining moved it, the original too) whose pilot peak reaches SYNC_THRESHOLD (a
+    read below it could not be accepted); stop at an accepted read or after ``max_reads`` reads. ``best`` holds the
+    best unaccepted Detection so far."""
+    # neighbourhood steps: about a third of the pilot's tolerance, which grows as the published frame shrinks
+    step = 0.004 * 512.0 / max(64.0, float(max(g.shape)))
+    seen = 0
+    for rank, (sc_blur, A0, ts, f0) in enumerate(screened):
+        if seen >= max_reads or rank >= REFINED:
+            break
+        sc0 = _pilot_score(f0)
+        cand = (sc0, A0, f0)
+        for ds in (-step, 0.0, step):
+            for dt in (-25 * step, 0.0, 25 * step):
+                if ds == 0.0 and dt == 0.0:
+                    continue
+                A = _nudge(A0, ds, dt)
+                f = _fold_at(g, A)
+                if f is not None:
+                    sc = _pilot_score(f)
+                    if sc > cand[0]:
+                        cand = (sc, A, f)
+        for sc, A, f in ([cand] if cand[1] is A0 else [cand, (sc0, A0, f0)]):
+            # a read is accepted only with a pilot peak >= SYNC_THRESHOLD, and this is that peak: below it, no read
+            if seen >= max_reads or sc < SYNC_THRESHOLD:
+                continue
+            scheme, ok, pbits, score, shift, conf = _read_fold(f)
+            seen += 1
+            s, rot = _describe(A)
+            tried.append((round(s, 4), round(rot, 3)))
+            value = int("".join(map(str, pbits)), 2)
+            det = Detection(ok, Payload.from_value(value) if ok else None, pbits, score, s, shift, conf,
+                            rotation=rot, template_score=ts, scheme=scheme)
+            if ok:
+                return det
+            if not best or score > best[0].sync_score:
+                best[:] = [det]
+        if not best or cand[0] > best[0].sync_score:  # not read: its pilot score is still the best-effort figure
+            s, rot = _describe(cand[1])
+            best[:] = [Detection(False, None, None, cand[0], s, (0, 0), rotation=rot, template_score=ts)]
+    return None
 
 
-def decode_v2(image: np.ndarray, max_reads: int = MAX_READS) -> Detection:
+def _line_hypotheses(h: int, w: int) -> list[tuple[np.ndarray, float]]:
+    """The two 1-D families users apply most, at steps within the blurred pilot's tolerance: a pure rescale (every
+    scale in SCALE_RANGE, no rotation) and a pure rotation (every angle within +-ROTATION_RANGE_DEG, scale 1)."""
+    m = float(max(h, w))
+    ls = [np.log(SCALE_RANGE[0])]
+    while ls[-1] < np.log(SCALE_RANGE[1]):
+        ls.append(ls[-1] + 2.4 * np.exp(ls[-1]) / m)  # the published frame is m / s px: 1.2 px at its edge
+    rot = np.deg2rad(ROTATION_RANGE_DEG)
+    th = np.arange(-rot, rot + 1e-9, 2.4 / m)
+    return ([(v2._maps(np.array([x]), np.zeros(1))[0, 0], 0.0) for x in ls]
+            + [(v2._maps(np.zeros(1), np.array([t]))[0, 0], 0.0) for t in th])
+
+
+def decode_v3(image: np.ndarray, max_reads: int = MAX_READS) -> Detection:
+    """Blind decode: template search -> ``N_CANDIDATES`` hypotheses (and the copy as it is) screened by their pilot
+    correlation (no keyed check involved) -> the best, each refined on a 3x3 neighbourhood by the same score, read
+    in that order (each read tests the v3 and the v2 keyed check). A small copy (side <= FALLBACK_MAX_SIDE) where
+    that finds nothing is then screened along a pure rescale and a pure rotation. At most ``max_reads`` reads."""
     g = to_grey_float(image)
     if min(g.shape) < 32:
         return Detection(False, None, None, 0.0, 1.0, (0, 0))
     q = peak_statistic(g)
-    cands = [c for c in template_search(q, top=4) if c[1] >= TEMPLATE_THRESHOLD]
-    # read order: each template candidate as estimated, the copy as it is, then neighbours of the best candidate
-    hyps = [(A, ts) for A, ts, _ in cands] + [(np.eye(2), 0.0)]
-    if cands:
-        hyps += [(_nudge(cands[0][0], ds, dt), cands[0][1]) for ds, dt in _NUDGES[1:]]
+    cands = _candidates(q)
+    small = max(g.shape) <= FALLBACK_MAX_SIDE
     tried: list = []
-    best: Detection | None = None
-    for A, tscore in hyps[:max_reads]:
-        res = _read(g, A)
-        s, rot = _describe(A)
-        tried.append((round(s, 4), round(rot, 3)))
-        if res is None:
-            continue
-        ok, pbits, score, shift, conf = res
-        value = int("".join(map(str, pbits)), 2)
-        det = Detection(ok, Payload.from_value(value) if ok else None, pbits, score, s, shift, conf,
-                        rotation=rot, template_score=tscore, scheme=2)
-        if ok:
-            best = det
-            break
-        if best is None or score > best.sync_score:
-            best = det
-    if best is None:
-        best = Detection(False, None, None, 0.0, 1.0, (0, 0), template_score=cands[0][1] if cands else 0.0)
-    best.tried, best.attempts = tried, len(tried)
-    return best
+    best: list = []
+    det = _read_screened(g, _screen(g, [(np.eye(2), 0.0)] + cands),
+                         max_reads - (FALLBACK_READS if small else 0), tried, best)
+    if det is None and small:
+        det = _read_screened(g, _screen(g, _line_hypotheses(*g.shape))[:2], max_reads - len(tried), tried, best)
+    if det is None:
+        det = best[0] if best else Detection(False, None, None, 0.0, 1.0, (0, 0),
+                                             template_score=cands[0][1] if cands else 0.0)
+    det.tried, det.attempts = tried, len(tried)
+    return det
 
 
 def decode(image: np.ndarray) -> Detection:
     """Find the mark in an image of any dtype (16-bit CT, 8-bit windowed, JPEG'd, rescaled, rotated, cropped).
 
-    Scheme v2 first; then scheme v1 (older versions), accepted only with its CRC-16 AND a pilot correlation of at
-    least ``SYNC_THRESHOLD_V1`` standard deviations.
+    Schemes v3 and v2 (one template search, each read tested against both keyed checks); then scheme v1 (older
+    versions), accepted only with its CRC-16 AND a pilot correlation of at least ``SYNC_THRESHOLD_V1`` sd.
     """
-    det = decode_v2(image)
+    det = decode_v3(image)
     if det.found:
         return det
     old = v1.decode(image)
@@ -486,6 +425,3 @@ def decode(image: np.ndarray) -> Detection:
                          scheme=1, attempts=det.attempts + len(old.tried))
     det.attempts += len(old.tried)
     return det
-
-
-SYNC_THRESHOLD_V1 = 8.0

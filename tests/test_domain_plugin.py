@@ -267,7 +267,7 @@ def test_an_encoding_nobody_mapped_is_refused_not_guessed():
 
 def test_example_specs_publish_the_bytes_they_did_before_the_registry():
     """Small builds of examples/*.yaml (procedural ones) against sha256 recorded by bench/example_bytes.py (first by
-    the code before the domain registry; re-recorded when the PNG writer moved to libdeflate, docs/store.md). Every sample file (image, label and instance PNG) is identical. The index,
+    the code before the domain registry; re-recorded when the PNG writer moved to libdeflate, docs/store.md, and when the chest-CT renderer was made faster, docs/chest_ct.md). Every sample file (image, label and instance PNG) is identical. The index,
     manifest and card differ by what was changed on purpose since: the image codec record, exact stratified splits
     (a split column and split counts) and the card's per-kind size table and tightly cropped figures (see
     docs/CONTRACTS.md, "Splits")."""

@@ -136,11 +136,11 @@ class _Flaky:
             def __getattr__(self, k):
                 return getattr(real, k)
 
-            def write_shard(self, i, samples):
+            def write_shard(self, i, samples, **kw):
                 outer.write_calls += 1
                 if outer.fail_write:
                     raise outer.fail_write.pop(0)
-                return real.write_shard(i, samples)
+                return real.write_shard(i, samples, **kw)
 
             def publish(self, **kw):
                 if outer.fail_publish:

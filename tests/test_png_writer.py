@@ -146,3 +146,23 @@ def test_versions_written_by_the_zlib_encoder_still_read_and_verify(tmp_path):
             if col == "image_path":
                 assert codec.read_itxt(data)["sample_id"] == index.column("sample_id")[0].as_py()
         assert len(list(st.load(ref))) == len(expected[ref])
+
+
+def test_indexed_png_decodes_to_its_palette_colours_in_opencv_and_pillow():
+    rng = np.random.default_rng(5)
+    label = rng.integers(0, 7, (40, 56)).astype(np.uint8)
+    label[10:30, 5:50] = 3  # runs, as in a label map
+    palette = rng.integers(0, 256, (256, 3)).astype(np.uint8)
+    data = codec.encode_png(label, png_filter="none", palette=palette)
+    kinds = [k for k, _ in _chunks(data)]
+    assert kinds == [b"IHDR", b"PLTE", b"IDAT", b"IEND"]
+    assert _chunks(data)[0][1][8:10] == bytes([8, 3])  # 8-bit, colour type 3 (indexed)
+    want = palette[label]
+    assert np.array_equal(codec.decode_png(data), want)
+    assert np.array_equal(np.asarray(Image.open(io.BytesIO(data)).convert("RGB")), want)
+    idat = lambda d: len(next(b for k, b in _chunks(d) if k == b"IDAT"))  # noqa: E731
+    assert idat(data) < idat(codec.encode_png(want, png_filter="none"))  # one byte per pixel instead of three
+    with pytest.raises(ValueError, match="no palette entry"):
+        codec.encode_png(np.full((4, 4), 9, np.uint8), palette=palette[:5])
+    with pytest.raises(ValueError, match="indexed PNG takes a uint8 HxW array"):
+        codec.encode_png(np.zeros((4, 4), np.uint16), palette=palette)

@@ -1,4 +1,4 @@
-"""The invisible watermark (scheme v2): payload, keyed check and ECC, distortion bounds, findings left untouched,
+"""The invisible watermark (scheme v3): payload, keyed check and ECC, distortion bounds, findings left untouched,
 recovery after the attacks users apply (8-bit lung window, JPEG, 0.5x downscale, 10 % crop), no false positives,
 speed and determinism. Uses real chest-CT and surface samples from the pipeline. Geometric attacks (any scale,
 rotation, crop + JPEG), the acceptance rule and scheme-v1 compatibility: tests/test_watermark_sync.py."""
@@ -16,6 +16,7 @@ from schemas.spec import load_spec_text
 from store import codec
 from store import watermark as wm
 from store import watermark_v1 as v1
+from store import watermark_v2 as v2
 
 CT = load_spec_text("name: wm-ct\nsamples: 1000\nfindings: {negatives: 0.1, mixture: "
                     "['6-12 mm solid nodule, any lobe', '10-20 mm ground-glass nodule, RLL']}")
@@ -72,7 +73,7 @@ def test_ct_mark_changes_no_pixel_by_more_than_14_hu_and_never_touches_findings(
             assert diff[wm.keep_out_mask(s.instance)].max() == 0  # margin included
 
 
-def test_8bit_mark_keeps_psnr_above_39_db_on_grey_and_rgb():
+def test_8bit_mark_keeps_psnr_above_37_5_db_on_grey_and_rgb():
     samples = make_samples(load_spec_text(SURFACE_TEXT), range(2))
     for s in samples:
         for img in (s.image, cv2.cvtColor(s.image, cv2.COLOR_RGB2GRAY)):
@@ -80,7 +81,7 @@ def test_8bit_mark_keeps_psnr_above_39_db_on_grey_and_rgb():
             diff = marked.astype(np.float64) - img
             assert np.abs(diff).max() <= wm.U8_AMPLITUDE == 5
             psnr = 10 * np.log10(255 ** 2 / np.mean(diff ** 2))
-            assert psnr >= 39.0
+            assert psnr >= 37.5  # scheme v3: cells 3 + template 3 grey levels, clipped to 5 (v2: 2 + 3, 40.9 dB)
             assert wm.decode(jpeg75(marked if marked.ndim == 2 else cv2.cvtColor(marked, cv2.COLOR_RGB2BGR))).payload \
                 == wm.payload_for("wm-surface", 1, s.index)
 
@@ -137,8 +138,10 @@ def test_pattern_is_a_fixed_function_of_the_key_and_uses_no_global_random_state(
     assert p.hex == "abcdef0003003039"
     # Pinned: changing the key or the layout would make every published mark unreadable.
     assert hashlib.sha256(wm.tile_delta(p, 14).astype(np.int8).tobytes()).hexdigest() == \
+        "693c82c67ebf34fbca43407ffab38ab014a2e1938c9d28e0112468824b1b4a56"
+    # schemes v2 and v1 (older versions) stay readable: their patterns are pinned too
+    assert hashlib.sha256(v2.tile_delta(p, 14).astype(np.int8).tobytes()).hexdigest() == \
         "00239f4974c7a9c22e1cd1c53292c4a855da04da6186774130d9662df0b38f9f"
-    # scheme v1 (older versions) stays readable: its pattern is pinned too
     assert hashlib.sha256(v1.tile_pattern(p).astype(np.int8).tobytes()).hexdigest() == \
         "e0aeb3df64a70401e8c8c3a6ad33addf6cf857c624b190ea2d6cb5fa7a7cdcc5"
     wm.decode(wm.embed(codec.hu_to_stored(ct_samples[0].image), p))
