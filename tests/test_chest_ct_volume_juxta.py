@@ -88,3 +88,18 @@ def test_contact_rule_shell_is_the_face_neighbour_dilation_and_reads_pleura_fiss
     c = shell_contact(lab, mask, LOBES["RLL"])
     assert c["touches_pleura"] and c["touches_fissure"] and c["touches_vessel"]
     assert c["shell_in_lobe_fraction"] == round(51 / 53, 5)
+
+
+def test_juxtapleural_volume_is_byte_identical_for_the_same_seed_and_alone_equals_batch():
+    from flows.volume import make_volume
+    from store.nifti import nifti_bytes
+
+    req = VolumeRequest((40, 128, 128), (5.0, 2.8, 2.8), 0.6,
+                        [{"kind": "solid", "diameter_mm": 12.0, "location": "RLL", "juxtapleural": True},
+                         {"kind": "ground_glass", "diameter_mm": 8.0, "location": "LUL", "juxtavascular": True}])
+    a = make_volume(req, seed=5, index=1)
+    batch = [make_volume(req, seed=5, index=i) for i in range(2)]
+    aff = a["geometry"].ras_affine()
+    assert nifti_bytes(a["image"], aff) == nifti_bytes(batch[1]["image"], aff)
+    assert nifti_bytes(a["label"], aff) == nifti_bytes(batch[1]["label"], aff)
+    assert a["measured"][0]["touches_pleura"] and not a["measured"][1]["touches_pleura"]
