@@ -14,7 +14,7 @@ import cv2
 import numpy as np
 
 from generators.base import register_layout
-from generators.ct_models import strand, wavy_path
+from generators.ct_models import nonzero_yx, strand, wavy_path
 from schemas.chest_ct import CT_IDS, DOMAIN, LOBE_NAMES, LOBES
 from schemas.errors import PlacementError, SpecError
 from schemas.findings import LOBE_LEVELS, SIDE_LOBES
@@ -96,16 +96,6 @@ def _bbox(mask: np.ndarray, pad: int = 0) -> tuple[slice, slice] | None:
         return None
     h, w = mask.shape
     return slice(max(0, y - pad), min(h, y + bh + pad)), slice(max(0, x - pad), min(w, x + bw + pad))
-
-
-def _nonzero_yx(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """``np.nonzero`` of a 2D bool or uint8 mask (row-major, like it) by cv2.findNonZero, several times faster."""
-    pts = cv2.findNonZero(mask.view(np.uint8) if mask.dtype == np.bool_ else mask)
-    if pts is None:
-        e = np.zeros(0, np.intp)
-        return e, e
-    pts = pts.reshape(-1, 2)
-    return pts[:, 1].astype(np.intp), pts[:, 0].astype(np.intp)
 
 
 def _smooth(z: float, lo: float, hi: float) -> float:
@@ -607,17 +597,8 @@ def _draw_spicules(patch: np.ndarray, R: float, p: dict, cx: float, cy: float) -
 
 
 def rasterise_nodule(R: float, p: dict) -> tuple[np.ndarray, tuple[float, float]]:
-    amps, phases = np.asarray(p["harmonics"]), np.asarray(p["phases"])
-    reach = R * (1 + amps.sum() + max([s[1] for s in p["spicules"]], default=0)) + 2  # ct_insert uses the same rule
-    n = int(math.ceil(reach)) * 2 + 1
-    c = n // 2
-    sx, sy = p["subpixel"]
-    yy, xx = np.mgrid[0:n, 0:n].astype(np.float32)
-    dx, dy = xx - c - sx, yy - c - sy
-    rho = np.hypot(dx, dy)
-    th = np.arctan2(dy, dx)
-    k = np.arange(2, 2 + amps.size, dtype=np.float32)
-    r = R * (1 + (amps[:, None, None] * np.cos(k[:, None, None] * th[None] + phases[:, None, None])).sum(0))
+    rho, f, c, sx, sy = _polar_grid(R, p)  # ct_insert uses the same reach rule
+    r = R * f
     patch = (rho <= r).astype(np.uint8)
     _draw_spicules(patch, R, p, c + sx, c + sy)
     return patch.astype(bool), (c + sx, c + sy)
@@ -685,7 +666,7 @@ def place_nodules(label: np.ndarray, lobes: np.ndarray, instance: np.ndarray, fi
         # "any" picks a lobe in proportion to the room it has for this nodule.
         li = int(rng.choice(len(choices), p=sizes / sizes.sum())) if len(choices) > 1 else 0
         lobe = choices[li]
-        cy_, cx_ = _nonzero_yx(ok & (lob == LOBES[lobe]))
+        cy_, cx_ = nonzero_yx(ok & (lob == LOBES[lobe]))
         j = int(rng.integers(len(cx_)))
         cx, cy = int(cx_[j]) + c_off, int(cy_[j]) + r_off
         y0, x0 = cy - int(round(oy)), cx - int(round(ox))

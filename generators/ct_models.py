@@ -53,3 +53,13 @@ def wavy_path(x0: float, y0: float, ang: float, length: float, wobble: float, rn
     lat = np.cumsum(rng_vals) * wobble * length / max(1, n)
     ca, sa = math.cos(ang), math.sin(ang)
     return np.stack([x0 + ca * t * length - sa * lat, y0 + sa * t * length + ca * lat], 1)
+
+
+def nonzero_yx(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``np.nonzero`` of a 2D uint8 (or bool) mask, row-major like it, by cv2.findNonZero (several times faster)."""
+    pts = cv2.findNonZero(mask.view(np.uint8) if mask.dtype == np.bool_ else mask)
+    if pts is None:
+        e = np.zeros(0, np.intp)
+        return e, e
+    pts = pts.reshape(-1, 2)
+    return pts[:, 1].astype(np.intp), pts[:, 0].astype(np.intp)

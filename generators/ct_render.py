@@ -14,7 +14,7 @@ import cv2
 import numpy as np
 
 from generators.base import Renderer, register_renderer
-from generators.ct_models import soft_occupancy
+from generators.ct_models import nonzero_yx, soft_occupancy
 from schemas.chest_ct import CT_IDS
 from schemas.sample import Layout
 
@@ -226,16 +226,6 @@ def _composite_nodules(img: np.ndarray, label: np.ndarray, sp: float, p: dict[st
         else:
             target = hu_s + tw * p["nodule_texture_hu"]
         win += occ * (target - win)
-
-
-def nonzero_yx(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """``np.nonzero`` of a 2D uint8 (or bool) mask, row-major like it, by cv2.findNonZero (several times faster)."""
-    pts = cv2.findNonZero(mask.view(np.uint8) if mask.dtype == np.bool_ else mask)
-    if pts is None:
-        e = np.zeros(0, np.intp)
-        return e, e
-    pts = pts.reshape(-1, 2)
-    return pts[:, 1].astype(np.intp), pts[:, 0].astype(np.intp)
 
 
 def _bbox(mask: np.ndarray) -> tuple[slice, slice] | None:
