@@ -42,10 +42,10 @@ import numpy as np
 from store import watermark_v1 as v1
 from store import watermark_v2 as v2
 from store.watermark_v1 import (CELL, FINDING_MARGIN_PX, GRID, K, N_CELLS, PAYLOAD_BITS, TILE, Payload,  # noqa: F401
-                                _bits, _expand, conv_encode, dataset_id, keep_out_mask, payload_for,
+                                _bits, _expand, apply_delta, conv_encode, dataset_id, keep_out_mask, payload_for,
                                 payload_bits, to_grey_float, viterbi_decode)
 from store.watermark_v2 import (_NOTCH, _NUDGES, _TEMPLATE, TEMPLATE_K, _describe, _fold, _nudge,  # noqa: F401
-                                _warp_back, peak_statistic, template_search, viterbi_batch)
+                                _warp_back, peak_statistic, template_search, tiled_delta, viterbi_batch)
 
 VERSION = 3
 CHECK_BITS = 32
@@ -129,15 +129,7 @@ _TILE_CACHE: dict[tuple[int, int], np.ndarray] = {}
 
 
 def image_delta(payload: Payload, height: int, width: int, amplitude: int) -> np.ndarray:
-    key = (payload.value, int(amplitude))
-    t = _TILE_CACHE.get(key)
-    if t is None:
-        t = tile_delta(payload, amplitude)
-        if len(_TILE_CACHE) > 64:
-            _TILE_CACHE.clear()
-        _TILE_CACHE[key] = t
-    reps = (-(-height // TILE), -(-width // TILE))
-    return np.tile(t, reps)[:height, :width]
+    return tiled_delta(tile_delta, _TILE_CACHE, payload, height, width, amplitude)
 
 
 def embed(image: np.ndarray, payload: Payload, keep_out: np.ndarray | None = None,
@@ -147,22 +139,8 @@ def embed(image: np.ndarray, payload: Payload, keep_out: np.ndarray | None = Non
     Every pixel changes by at most ``amplitude`` (CT: 14 HU; 8-bit: 5 grey levels); pixels in ``keep_out`` (the
     findings, dilated) do not change at all.
     """
-    if image.dtype == np.uint16:
-        amp, hi = (CT_AMPLITUDE_HU if amplitude is None else amplitude), 65535
-    elif image.dtype == np.uint8:
-        amp, hi = (U8_AMPLITUDE if amplitude is None else amplitude), 255
-    else:
-        raise ValueError(f"watermark embeds into uint16 (CT HU+1024) or uint8 images, not {image.dtype}")
-    h, w = image.shape[:2]
-    delta = image_delta(payload, h, w, int(amp))
-    if keep_out is not None:
-        delta = delta.copy()
-        delta[keep_out] = 0
-    if image.ndim == 3:
-        delta = delta[:, :, None]
-    out = image.astype(np.int32) + delta
-    np.clip(out, 0, hi, out=out)
-    return out.astype(image.dtype)
+    return apply_delta(image, lambda h, w, amp: image_delta(payload, h, w, amp), keep_out, amplitude, CT_AMPLITUDE_HU,
+                       U8_AMPLITUDE)
 
 
 # ---------------------------------------------------------------- decoding

@@ -217,6 +217,29 @@ def keep_out_mask(instance: np.ndarray | None, margin_px: int = FINDING_MARGIN_P
     return m.astype(bool)
 
 
+def apply_delta(image: np.ndarray, delta_for, keep_out: np.ndarray | None, amplitude: int | None,
+                ct_amplitude: int, u8_amplitude: int) -> np.ndarray:
+    """The embedding step every scheme shares: ``delta_for(height, width, amplitude)`` (int32, |d| <= amplitude)
+    added to a uint16 CT image (HU + 1024) or a uint8 grey / RGB image, zero in ``keep_out``, clipped to the
+    dtype's range; same dtype and shape back. ``amplitude`` None: the scheme's default for the dtype."""
+    if image.dtype == np.uint16:
+        amp, hi = (ct_amplitude if amplitude is None else amplitude), 65535
+    elif image.dtype == np.uint8:
+        amp, hi = (u8_amplitude if amplitude is None else amplitude), 255
+    else:
+        raise ValueError(f"watermark embeds into uint16 (CT HU+1024) or uint8 images, not {image.dtype}")
+    h, w = image.shape[:2]
+    delta = delta_for(h, w, int(amp))
+    if keep_out is not None:
+        delta = delta.copy()  # delta_for may hand out a cached tiling
+        delta[keep_out] = 0
+    if image.ndim == 3:
+        delta = delta[:, :, None]
+    out = image.astype(np.int32) + delta
+    np.clip(out, 0, hi, out=out)
+    return out.astype(image.dtype)
+
+
 def embed(image: np.ndarray, payload: Payload, keep_out: np.ndarray | None = None,
           amplitude: int | None = None) -> np.ndarray:
     """Add the mark to a uint16 CT image (HU + 1024) or a uint8 grey / RGB image; same dtype and shape back.
@@ -224,21 +247,8 @@ def embed(image: np.ndarray, payload: Payload, keep_out: np.ndarray | None = Non
     Every pixel changes by at most ``amplitude`` (CT: 4 HU; 8-bit: 2 grey levels); pixels in ``keep_out``
     (e.g. the findings) do not change at all.
     """
-    if image.dtype == np.uint16:
-        amp, hi = (CT_AMPLITUDE_HU if amplitude is None else amplitude), 65535
-    elif image.dtype == np.uint8:
-        amp, hi = (U8_AMPLITUDE if amplitude is None else amplitude), 255
-    else:
-        raise ValueError(f"watermark embeds into uint16 (CT HU+1024) or uint8 images, not {image.dtype}")
-    h, w = image.shape[:2]
-    delta = image_pattern(payload, h, w).astype(np.int32) * int(amp)
-    if keep_out is not None:
-        delta[keep_out] = 0
-    if image.ndim == 3:
-        delta = delta[:, :, None]
-    out = image.astype(np.int32) + delta
-    np.clip(out, 0, hi, out=out)
-    return out.astype(image.dtype)
+    return apply_delta(image, lambda h, w, amp: image_pattern(payload, h, w).astype(np.int32) * amp, keep_out,
+                       amplitude, CT_AMPLITUDE_HU, U8_AMPLITUDE)
 
 
 # ---------------------------------------------------------------- decoding

@@ -45,7 +45,7 @@ import numpy as np
 
 from store import watermark_v1 as v1
 from store.watermark_v1 import (CELL, FINDING_MARGIN_PX, GRID, K, N_CELLS, PAYLOAD_BITS, TILE, Payload,  # noqa: F401
-                                _bits, _expand, conv_encode, dataset_id, keep_out_mask, payload_for,
+                                _bits, _expand, apply_delta, conv_encode, dataset_id, keep_out_mask, payload_for,
                                 payload_bits, to_grey_float, viterbi_decode)
 
 VERSION = 2
@@ -144,16 +144,21 @@ def tile_delta(payload: Payload, amplitude: int) -> np.ndarray:
 _TILE_CACHE: dict[tuple[int, int], np.ndarray] = {}
 
 
-def image_delta(payload: Payload, height: int, width: int, amplitude: int) -> np.ndarray:
+def tiled_delta(tile_fn, cache: dict, payload: Payload, height: int, width: int, amplitude: int) -> np.ndarray:
+    """A scheme's ``tile_fn(payload, amplitude)`` tile tiled over height x width; tiles kept in ``cache`` (65 at most)."""
     key = (payload.value, int(amplitude))
-    t = _TILE_CACHE.get(key)
+    t = cache.get(key)
     if t is None:
-        t = tile_delta(payload, amplitude)
-        if len(_TILE_CACHE) > 64:
-            _TILE_CACHE.clear()
-        _TILE_CACHE[key] = t
+        t = tile_fn(payload, amplitude)
+        if len(cache) > 64:
+            cache.clear()
+        cache[key] = t
     reps = (-(-height // TILE), -(-width // TILE))
     return np.tile(t, reps)[:height, :width]
+
+
+def image_delta(payload: Payload, height: int, width: int, amplitude: int) -> np.ndarray:
+    return tiled_delta(tile_delta, _TILE_CACHE, payload, height, width, amplitude)
 
 
 def embed(image: np.ndarray, payload: Payload, keep_out: np.ndarray | None = None,
@@ -163,22 +168,8 @@ def embed(image: np.ndarray, payload: Payload, keep_out: np.ndarray | None = Non
     Every pixel changes by at most ``amplitude`` (CT: 8 HU; 8-bit: 4 grey levels); pixels in ``keep_out`` (the
     findings, dilated) do not change at all.
     """
-    if image.dtype == np.uint16:
-        amp, hi = (CT_AMPLITUDE_HU if amplitude is None else amplitude), 65535
-    elif image.dtype == np.uint8:
-        amp, hi = (U8_AMPLITUDE if amplitude is None else amplitude), 255
-    else:
-        raise ValueError(f"watermark embeds into uint16 (CT HU+1024) or uint8 images, not {image.dtype}")
-    h, w = image.shape[:2]
-    delta = image_delta(payload, h, w, int(amp))
-    if keep_out is not None:
-        delta = delta.copy()
-        delta[keep_out] = 0
-    if image.ndim == 3:
-        delta = delta[:, :, None]
-    out = image.astype(np.int32) + delta
-    np.clip(out, 0, hi, out=out)
-    return out.astype(image.dtype)
+    return apply_delta(image, lambda h, w, amp: image_delta(payload, h, w, amp), keep_out, amplitude, CT_AMPLITUDE_HU,
+                       U8_AMPLITUDE)
 
 
 # ---------------------------------------------------------------- decoding
