@@ -112,8 +112,9 @@ def measure_tiles(n_tiles: int, n_ct: int, n_sf: int, cache: str | None = None):
         if not batch:
             return
         f = np.stack(batch)
-        ok3, _, score3, _, _ = wm.read_folded(f)  # a read tests the v3 and the v2 keyed check on the same fold
-        ok2, _, score2, _, _ = v2.read_folded(f)
+        spectrum = v2.fold_spectrum(f)  # a read tests the v3 and the v2 keyed check on the same fold
+        ok3, _, score3, _, _ = v2.read_spectrum(wm.KEYS, *spectrum)
+        ok2, _, score2, _, _ = v2.read_spectrum(v2.KEYS, *spectrum)
         ok = ok3 | ok2
         acc = np.array([wm.accepted(a, b) or wm.accepted(c, d) for a, b, c, d in zip(ok3, score3, ok2, score2)])
         score = np.maximum(score3, score2)

@@ -45,7 +45,8 @@ from store.watermark_v1 import (CELL, FINDING_MARGIN_PX, GRID, K, N_CELLS, PAYLO
                                 _bits, _expand, apply_delta, conv_encode, dataset_id, keep_out_mask, payload_for,
                                 payload_bits, to_grey_float, viterbi_decode)
 from store.watermark_v2 import (_NOTCH, _NUDGES, _TEMPLATE, TEMPLATE_K, _describe, _fold, _nudge,  # noqa: F401
-                                _warp_back, peak_statistic, template_search, tiled_delta, viterbi_batch)
+                                _warp_back, fold_spectrum, keyed_cells, keyed_check, peak_statistic, read_spectrum,
+                                template_search, tiled_delta, viterbi_batch)
 
 VERSION = 3
 CHECK_BITS = 32
@@ -87,10 +88,12 @@ _PILOT_FFT_CONJ = np.conj(np.fft.rfft2(_PILOT_TILE))
 
 
 # ---------------------------------------------------------------- keyed check
+KEYS = v2.SchemeKeys(_PN, _DATA_CELLS, _BIT_OF_CELL, _PILOT_FFT_CONJ, _CHECK_KEY)
+
+
 def check_bits(pbits: np.ndarray) -> np.ndarray:
-    """32-bit keyed check of the 64 payload bits: first 4 bytes of sha256(key || payload bytes)."""
-    digest = hashlib.sha256(_CHECK_KEY + np.packbits(pbits.astype(np.uint8)).tobytes()).digest()
-    return np.unpackbits(np.frombuffer(digest[:4], np.uint8))
+    """32-bit keyed check of the 64 payload bits (v3 key): first 4 bytes of sha256(key || payload bytes)."""
+    return keyed_check(_CHECK_KEY, pbits)
 
 
 def info_bits(payload: Payload) -> np.ndarray:
@@ -105,10 +108,7 @@ def coded_bits(payload: Payload) -> np.ndarray:
 # ---------------------------------------------------------------- embedding
 def cell_pattern(payload: Payload) -> np.ndarray:
     """The TILE x TILE +-1 cell pattern (float32) for a payload (pilot + data)."""
-    code = coded_bits(payload)
-    cells = _PN.copy()
-    cells[_DATA_CELLS] *= 1.0 - 2.0 * code[_BIT_OF_CELL].astype(np.float32)
-    return _expand(cells)
+    return keyed_cells(KEYS, coded_bits(payload))
 
 
 def split_amplitude(amplitude: int) -> tuple[int, int]:
@@ -174,27 +174,7 @@ def _residual(g: np.ndarray) -> np.ndarray:
 
 def read_folded(f: np.ndarray):
     """Folded residual tile(s) (..., 128, 128) -> (ok, payload bits, sync score, shift, confidence) per tile."""
-    batch = f.reshape(-1, TILE, TILE)
-    F = np.fft.rfft2(batch) * _NOTCH
-    corr = np.fft.irfft2(F * _PILOT_FFT_CONJ, s=(TILE, TILE))
-    fn = np.fft.irfft2(F, s=(TILE, TILE))
-    B = batch.shape[0]
-    cflat = corr.reshape(B, -1)
-    k = np.argmax(cflat, axis=1)
-    score = (cflat[np.arange(B), k] - cflat.mean(1)) / (cflat.std(1) + 1e-12)
-    dy, dx = np.divmod(k, TILE)
-    rows = (np.arange(TILE)[None, :] + dy[:, None]) % TILE
-    cols = (np.arange(TILE)[None, :] + dx[:, None]) % TILE
-    aligned = fn[np.arange(B)[:, None, None], rows[:, :, None], cols[:, None, :]]
-    cells = aligned.reshape(B, GRID, CELL, GRID, CELL).sum(axis=(2, 4)).reshape(B, -1)
-    chips = cells[:, _DATA_CELLS] * _PN[_DATA_CELLS]
-    soft = np.zeros((B, CODED_BITS))
-    np.add.at(soft, (slice(None), _BIT_OF_CELL), chips)
-    soft = soft / (np.std(soft, axis=1, keepdims=True) + 1e-12)
-    info = viterbi_batch(soft)
-    pbits, chk = info[:, :PAYLOAD_BITS], info[:, PAYLOAD_BITS:]
-    ok = np.array([np.array_equal(check_bits(pbits[i]), chk[i]) for i in range(B)])
-    return ok, pbits, score, np.stack([dy, dx], 1), np.mean(np.abs(soft), axis=1)
+    return read_spectrum(KEYS, *fold_spectrum(f))
 
 
 def accepted(check_ok: bool, sync_score: float) -> bool:
@@ -279,8 +259,9 @@ def _fold_at(g: np.ndarray, A: np.ndarray) -> np.ndarray | None:
 def _read_fold(f: np.ndarray):
     """Read a folded residual as v3, then as v2: (scheme, accepted, bits, sync, shift, conf) of the better."""
     best = None
-    for scheme, reader in ((3, read_folded), (2, v2.read_folded)):
-        ok, pbits, score, shift, conf = reader(f)
+    spectrum = fold_spectrum(f)  # the same for both schemes: computed once
+    for scheme, keys in ((3, KEYS), (2, v2.KEYS)):
+        ok, pbits, score, shift, conf = read_spectrum(keys, *spectrum)
         res = (scheme, accepted(ok[0], score[0]), pbits[0], float(score[0]), tuple(int(v) for v in shift[0]),
                float(conf[0]))
         if res[1]:

@@ -105,10 +105,63 @@ for _kx, _ky in TEMPLATE_K.astype(int):
 
 
 # ---------------------------------------------------------------- keyed check
-def check_bits(pbits: np.ndarray) -> np.ndarray:
+@dataclass(frozen=True, eq=False)
+class SchemeKeys:
+    """What a scheme's key fixes for making cells and reading them back (v2 and v3 differ only in these)."""
+    pn: np.ndarray  # +-1 per cell
+    data_cells: np.ndarray  # cell indices carrying coded bits
+    bit_of_cell: np.ndarray  # coded bit of each data cell
+    pilot_fft_conj: np.ndarray  # conj(rfft2) of the pilot cells' tile
+    check_key: bytes  # key of the 32-bit check
+
+
+def keyed_check(check_key: bytes, pbits: np.ndarray) -> np.ndarray:
     """32-bit keyed check of the 64 payload bits: first 4 bytes of sha256(key || payload bytes)."""
-    digest = hashlib.sha256(_CHECK_KEY + np.packbits(pbits.astype(np.uint8)).tobytes()).digest()
+    digest = hashlib.sha256(check_key + np.packbits(pbits.astype(np.uint8)).tobytes()).digest()
     return np.unpackbits(np.frombuffer(digest[:4], np.uint8))
+
+
+def keyed_cells(keys: SchemeKeys, code: np.ndarray) -> np.ndarray:
+    """The TILE x TILE +-1 cell pattern (float32) of coded bits ``code`` under ``keys`` (pilot + data)."""
+    cells = keys.pn.copy()
+    cells[keys.data_cells] *= 1.0 - 2.0 * code[keys.bit_of_cell].astype(np.float32)
+    return _expand(cells)
+
+
+def fold_spectrum(f: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Folded residual tile(s) (..., 128, 128) -> (notched rfft2, its image): what every scheme's read starts from."""
+    F = np.fft.rfft2(f.reshape(-1, TILE, TILE)) * _NOTCH
+    return F, np.fft.irfft2(F, s=(TILE, TILE))
+
+
+def read_spectrum(keys: SchemeKeys, F: np.ndarray, fn: np.ndarray):
+    """``fold_spectrum``'s output read under ``keys`` -> (ok, payload bits, sync score, shift, confidence) per tile."""
+    corr = np.fft.irfft2(F * keys.pilot_fft_conj, s=(TILE, TILE))
+    B = F.shape[0]
+    cflat = corr.reshape(B, -1)
+    k = np.argmax(cflat, axis=1)
+    score = (cflat[np.arange(B), k] - cflat.mean(1)) / (cflat.std(1) + 1e-12)
+    dy, dx = np.divmod(k, TILE)
+    rows = (np.arange(TILE)[None, :] + dy[:, None]) % TILE
+    cols = (np.arange(TILE)[None, :] + dx[:, None]) % TILE
+    aligned = fn[np.arange(B)[:, None, None], rows[:, :, None], cols[:, None, :]]
+    cells = aligned.reshape(B, GRID, CELL, GRID, CELL).sum(axis=(2, 4)).reshape(B, -1)
+    chips = cells[:, keys.data_cells] * keys.pn[keys.data_cells]
+    soft = np.zeros((B, CODED_BITS))
+    np.add.at(soft, (slice(None), keys.bit_of_cell), chips)
+    soft = soft / (np.std(soft, axis=1, keepdims=True) + 1e-12)
+    info = viterbi_batch(soft)
+    pbits, chk = info[:, :PAYLOAD_BITS], info[:, PAYLOAD_BITS:]
+    ok = np.array([np.array_equal(keyed_check(keys.check_key, pbits[i]), chk[i]) for i in range(B)])
+    return ok, pbits, score, np.stack([dy, dx], 1), np.mean(np.abs(soft), axis=1)
+
+
+KEYS = SchemeKeys(_PN, _DATA_CELLS, _BIT_OF_CELL, _PILOT_FFT_CONJ, _CHECK_KEY)
+
+
+def check_bits(pbits: np.ndarray) -> np.ndarray:
+    """32-bit keyed check of the 64 payload bits (v2 key)."""
+    return keyed_check(_CHECK_KEY, pbits)
 
 
 def info_bits(payload: Payload) -> np.ndarray:
@@ -123,10 +176,7 @@ def coded_bits(payload: Payload) -> np.ndarray:
 # ---------------------------------------------------------------- embedding
 def cell_pattern(payload: Payload) -> np.ndarray:
     """The TILE x TILE +-1 cell pattern (float32) for a payload (pilot + data)."""
-    code = coded_bits(payload)
-    cells = _PN.copy()
-    cells[_DATA_CELLS] *= 1.0 - 2.0 * code[_BIT_OF_CELL].astype(np.float32)
-    return _expand(cells)
+    return keyed_cells(KEYS, coded_bits(payload))
 
 
 def split_amplitude(amplitude: int) -> tuple[int, int]:
@@ -337,27 +387,7 @@ def _fold(r: np.ndarray) -> np.ndarray:
 
 def read_folded(f: np.ndarray):
     """Folded residual tile(s) (..., 128, 128) -> (ok, payload bits, sync score, shift, confidence) per tile."""
-    batch = f.reshape(-1, TILE, TILE)
-    F = np.fft.rfft2(batch) * _NOTCH
-    corr = np.fft.irfft2(F * _PILOT_FFT_CONJ, s=(TILE, TILE))
-    fn = np.fft.irfft2(F, s=(TILE, TILE))
-    B = batch.shape[0]
-    cflat = corr.reshape(B, -1)
-    k = np.argmax(cflat, axis=1)
-    score = (cflat[np.arange(B), k] - cflat.mean(1)) / (cflat.std(1) + 1e-12)
-    dy, dx = np.divmod(k, TILE)
-    rows = (np.arange(TILE)[None, :] + dy[:, None]) % TILE
-    cols = (np.arange(TILE)[None, :] + dx[:, None]) % TILE
-    aligned = fn[np.arange(B)[:, None, None], rows[:, :, None], cols[:, None, :]]
-    cells = aligned.reshape(B, GRID, CELL, GRID, CELL).sum(axis=(2, 4)).reshape(B, -1)
-    chips = cells[:, _DATA_CELLS] * _PN[_DATA_CELLS]
-    soft = np.zeros((B, CODED_BITS))
-    np.add.at(soft, (slice(None), _BIT_OF_CELL), chips)
-    soft = soft / (np.std(soft, axis=1, keepdims=True) + 1e-12)
-    info = viterbi_batch(soft)
-    pbits, chk = info[:, :PAYLOAD_BITS], info[:, PAYLOAD_BITS:]
-    ok = np.array([np.array_equal(check_bits(pbits[i]), chk[i]) for i in range(B)])
-    return ok, pbits, score, np.stack([dy, dx], 1), np.mean(np.abs(soft), axis=1)
+    return read_spectrum(KEYS, *fold_spectrum(f))
 
 
 def viterbi_batch(soft: np.ndarray) -> np.ndarray:
