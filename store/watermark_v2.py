@@ -195,7 +195,7 @@ _TILE_CACHE: dict[tuple[int, int], np.ndarray] = {}
 
 
 def tiled_delta(tile_fn, cache: dict, payload: Payload, height: int, width: int, amplitude: int) -> np.ndarray:
-    """A scheme's ``tile_fn(payload, amplitude)`` tile tiled over height x width; tiles kept in ``cache`` (65 at most)."""
+    """A scheme's ``tile_fn(payload, amplitude)`` tiled over height x width; tiles kept in ``cache`` (65 at most)."""
     key = (payload.value, int(amplitude))
     t = cache.get(key)
     if t is None:
