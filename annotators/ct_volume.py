@@ -28,6 +28,7 @@ HU_CHECK_RANGES: dict[str, tuple[float, float]] = {
     "lung": (-950.0, -700.0), "subcutaneous_fat": (-150.0, -50.0), "muscle": (0.0, 100.0), "heart": (0.0, 100.0),
     "great_vessel": (0.0, 100.0), "cancellous_bone": (100.0, 600.0), "liver": (20.0, 100.0),
 }
+MIN_SAMPLED_VOXELS = 200  # a class's HU median is checked only with this many voxels in the every-2nd-voxel sample
 
 
 def feret_axes_mm(mask2d: np.ndarray, sp_row: float, sp_col: float) -> tuple[float, float]:
@@ -205,7 +206,7 @@ def volume_qc(image: np.ndarray, label: np.ndarray, instance: np.ndarray, geom: 
     hist = np.bincount(sub_l * 4096 + sub_i, minlength=256 * 4096).reshape(256, 4096)
     for name, (lo, hi) in HU_CHECK_RANGES.items():
         rows = hist[LUNG_IDS].sum(0) if name == "lung" else hist[V[name]]
-        if rows.sum() < 200:
+        if rows.sum() < MIN_SAMPLED_VOXELS:
             continue
         v = _median_from_hist(rows)
         chk(f"median_hu_{name}", lo <= v <= hi, v, f"[{lo:g}, {hi:g}] HU")

@@ -88,8 +88,11 @@ def _flat(f: dict) -> dict:
     return out
 
 
-def _checks(row: dict) -> dict[str, float | None]:
-    return {c["name"]: c["value"] for c in (row["qc"] or {}).get("checks") or []}
+def _row_records(row: dict) -> tuple[str, dict[int, dict], dict[str, float | None], dict[int, dict]]:
+    """(sample id, requested findings by instance, QC check values by name, published boxes by instance)."""
+    return (row["sample_id"], {f["instance"]: _flat(f) for f in row["requested"] or []},
+            {c["name"]: c["value"] for c in (row["qc"] or {}).get("checks") or []},
+            {b["instance"]: b for b in row["bboxes"] or []})
 
 
 # ------------------------------------------------------------------------------------------------ chest CT (2D)
@@ -101,10 +104,7 @@ def recompute_chest_ct(rep: Report, row: dict, image_u16: np.ndarray, label: np.
     image = image_u16.astype(np.float32) - 1024.0  # hu16: HU + 1024
     sp = float(row["pixel_spacing_mm"])
     h, w = label.shape
-    sid = row["sample_id"]
-    req = {f["instance"]: _flat(f) for f in row["requested"] or []}
-    checks = _checks(row)
-    boxes = {b["instance"]: b for b in row["bboxes"] or []}
+    sid, req, checks, boxes = _row_records(row)
     rep.check(sid, "qc.finding_count", checks.get("finding_count"), float(connected_findings(label)))
     hist = class_histograms(image, label)
     for name in HU_CHECK_RANGES:
@@ -177,10 +177,7 @@ def recompute_surface(rep: Report, row: dict, image: np.ndarray, label: np.ndarr
 
     sp = float(row["pixel_spacing_mm"])
     h, w = label.shape
-    sid = row["sample_id"]
-    req = {f["instance"]: _flat(f) for f in row["requested"] or []}
-    checks = _checks(row)
-    boxes = {b["instance"]: b for b in row["bboxes"] or []}
+    sid, req, checks, boxes = _row_records(row)
     on_part = label != OUTSIDE_PART
     pbox = part_box(on_part if not on_part.all() else None, (h, w))
     ring_px = max(3, int(round(0.5 / sp)))
@@ -245,17 +242,14 @@ def recompute_chest_ct_volume(rep: Report, row: dict, image: np.ndarray, label: 
                               affine: np.ndarray):
     from types import SimpleNamespace
 
-    from annotators.ct_volume import (HU_CHECK_RANGES, LOBE_BY_ID, LUNG_IDS, V, _median_from_hist,
+    from annotators.ct_volume import (HU_CHECK_RANGES, LOBE_BY_ID, LUNG_IDS, MIN_SAMPLED_VOXELS, V, _median_from_hist,
                                       connected_findings_3d, contrast_to_noise_3d, label_lobe_measures,
                                       lung_rads_axes, lung_rads_category)
 
-    sid = row["sample_id"]
+    sid, req, checks, boxes = _row_records(row)
     spacing = tuple(float(v) for v in np.sqrt((affine[:3, :3] ** 2).sum(0)))[::-1]  # (sz, sy, sx)
     voxel = spacing[0] * spacing[1] * spacing[2]
     lps = np.diag([-1.0, -1.0, 1.0, 1.0]) @ affine  # NIfTI RAS -> DICOM LPS
-    req = {f["instance"]: _flat(f) for f in row["requested"] or []}
-    checks = _checks(row)
-    boxes = {b["instance"]: b for b in row["bboxes"] or []}
     rep.check(sid, "qc.finding_count", checks.get("finding_count"), float(connected_findings_3d(label)))
     sub_l = label[::2, ::2, ::2].astype(np.int32).ravel()
     sub_i = np.clip(image[::2, ::2, ::2].astype(np.int32) + 1024, 0, 4095).ravel()
@@ -263,7 +257,7 @@ def recompute_chest_ct_volume(rep: Report, row: dict, image: np.ndarray, label: 
     for name in HU_CHECK_RANGES:
         rows_ = hist[LUNG_IDS].sum(0) if name == "lung" else hist[V[name]]
         key = f"median_hu_{name}"
-        if rows_.sum() >= 200 or key in checks:
+        if rows_.sum() >= MIN_SAMPLED_VOXELS or key in checks:
             rep.check(sid, f"qc.{key}", checks.get(key), _median_from_hist(rows_), TOLERANCES["median_hu"])
     for f in row["measured"] or []:
         pub = _flat(f)
