@@ -31,6 +31,13 @@ HU_CHECK_RANGES: dict[str, tuple[float, float]] = {
 MIN_SAMPLED_VOXELS = 200  # a class's HU median is checked only with this many voxels in the every-2nd-voxel sample
 
 
+
+def sampled_histograms(image: np.ndarray, label: np.ndarray) -> np.ndarray:
+    """(256 classes, 4096 HU bins from -1024) counts over every 2nd voxel per axis: what the HU-median checks read."""
+    sub_l = label[::2, ::2, ::2].astype(np.int32).ravel()
+    sub_i = np.clip(image[::2, ::2, ::2].astype(np.int32) + 1024, 0, 4095).ravel()
+    return np.bincount(sub_l * 4096 + sub_i, minlength=256 * 4096).reshape(256, 4096)
+
 def feret_axes_mm(mask2d: np.ndarray, sp_row: float, sp_col: float) -> tuple[float, float]:
     """Long axis (max Feret over pixel corners) and the largest width perpendicular to it, in mm."""
     rows, cols = np.nonzero(mask2d)
@@ -201,9 +208,7 @@ def volume_qc(image: np.ndarray, label: np.ndarray, instance: np.ndarray, geom: 
         checks.append({"name": name, "passed": bool(ok), "value": value if not isinstance(value, float) else round(value, 4),
                        "rule": rule})
 
-    sub_l = label[::2, ::2, ::2].astype(np.int32).ravel()
-    sub_i = np.clip(image[::2, ::2, ::2].astype(np.int32) + 1024, 0, 4095).ravel()
-    hist = np.bincount(sub_l * 4096 + sub_i, minlength=256 * 4096).reshape(256, 4096)
+    hist = sampled_histograms(image, label)
     for name, (lo, hi) in HU_CHECK_RANGES.items():
         rows = hist[LUNG_IDS].sum(0) if name == "lung" else hist[V[name]]
         if rows.sum() < MIN_SAMPLED_VOXELS:

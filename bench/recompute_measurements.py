@@ -244,16 +244,14 @@ def recompute_chest_ct_volume(rep: Report, row: dict, image: np.ndarray, label: 
 
     from annotators.ct_volume import (HU_CHECK_RANGES, LOBE_BY_ID, LUNG_IDS, MIN_SAMPLED_VOXELS, V, _median_from_hist,
                                       connected_findings_3d, contrast_to_noise_3d, label_lobe_measures,
-                                      lung_rads_axes, lung_rads_category)
+                                      lung_rads_axes, lung_rads_category, sampled_histograms)
 
     sid, req, checks, boxes = _row_records(row)
     spacing = tuple(float(v) for v in np.sqrt((affine[:3, :3] ** 2).sum(0)))[::-1]  # (sz, sy, sx)
     voxel = spacing[0] * spacing[1] * spacing[2]
     lps = np.diag([-1.0, -1.0, 1.0, 1.0]) @ affine  # NIfTI RAS -> DICOM LPS
     rep.check(sid, "qc.finding_count", checks.get("finding_count"), float(connected_findings_3d(label)))
-    sub_l = label[::2, ::2, ::2].astype(np.int32).ravel()
-    sub_i = np.clip(image[::2, ::2, ::2].astype(np.int32) + 1024, 0, 4095).ravel()
-    hist = np.bincount(sub_l * 4096 + sub_i, minlength=256 * 4096).reshape(256, 4096)
+    hist = sampled_histograms(image, label)
     for name in HU_CHECK_RANGES:
         rows_ = hist[LUNG_IDS].sum(0) if name == "lung" else hist[V[name]]
         key = f"median_hu_{name}"
