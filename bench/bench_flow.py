@@ -66,6 +66,7 @@ RATIOS = [
     ("flow_threads", "bare_par", "flow_threads / bare_par"),
     ("flow_seq", "bare_seq", "flow_seq / bare_seq"),
     ("cli_build", "cli_bare", "cli_build / cli_bare (end to end)"),
+    ("cli_build", "cli_bare_tuned", "cli_build / cli_bare_tuned (end to end)"),
     ("dask2", "dask1", "dask2 / dask1"),
 ]
 
@@ -188,12 +189,18 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--only", default="bare_par,flow_local,flow_processes,dask2,dask1,bare_seq,flow_seq",
                     help="comma list of: bare_seq, bare_par, flow_local (the default runner), flow_processes, flow_threads, "
-                         "flow_seq (default runner, 1 worker), dask1, dask2, cli_bare, cli_build (end to end)")
+                         "flow_seq (default runner, 1 worker), dask1, dask2, cli_bare, cli_bare_tuned (the loop with "
+                         "flows.allocator.tune(), as pairforge's processes), cli_build (end to end)")
     ap.add_argument("--repeat", type=int, default=1, help="run the whole list this many times; ratios use medians")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     ap.add_argument("--bare-run", nargs=2, metavar=("SPEC", "ROOT"), help=argparse.SUPPRESS)
+    ap.add_argument("--tuned", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.bare_run:  # the bare loop as a command of its own (cli_bare): build SPEC into ROOT, print a JSON line
+        if a.tuned:  # cli_bare_tuned: the loop also sets the allocator as pairforge's processes do, before forking
+            from flows import allocator
+
+            allocator.tune()
         r = bare_loop(Path(a.bare_run[0]).read_text(), a.bare_run[1], a.workers)
         print(json.dumps(r))
         return
@@ -208,6 +215,9 @@ def main() -> None:
                                               str(a.workers)], text, root)
     runs["cli_bare"] = lambda root: cli_run([sys.executable, str(Path(__file__).resolve()), "--bare-run", "{spec}",
                                              "{root}", "--workers", str(a.workers)], text, root)
+    runs["cli_bare_tuned"] = lambda root: cli_run([sys.executable, str(Path(__file__).resolve()), "--bare-run",
+                                                   "{spec}", "{root}", "--workers", str(a.workers), "--tuned"],
+                                                  text, root)
     results: dict = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
                                  "processor": platform.processor() or platform.machine(),
                                  "python": platform.python_version()},
@@ -277,16 +287,18 @@ def main() -> None:
         ratios["dask2 / dask1, shard phase only"] = (R["dask2"]["shard_phase_samples_per_s"]
                                                      / R["dask1"]["shard_phase_samples_per_s"])
     runs_ = results["runs"]
-    if "cli_build" in runs_ and "cli_bare" in runs_:
+    for bare in ("cli_bare", "cli_bare_tuned"):
+        if "cli_build" not in runs_ or bare not in runs_:
+            continue
         # Repetition k of each is a pair run back to back: per-pair ratios (build samples/s over the loop's, i.e.
         # loop seconds over build seconds) and their median are less exposed to slow load drifts than the totals.
-        pairs = [b["seconds"] / a["seconds"] for a, b in zip(runs_["cli_build"], runs_["cli_bare"])]
-        ratios["cli_build / cli_bare, per pair"] = pairs
-        ratios["cli_build / cli_bare, median of pairs"] = float(sorted(pairs)[len(pairs) // 2]) if len(pairs) % 2 \
+        pairs = [b["seconds"] / a["seconds"] for a, b in zip(runs_["cli_build"], runs_[bare])]
+        ratios[f"cli_build / {bare}, per pair"] = pairs
+        ratios[f"cli_build / {bare}, median of pairs"] = float(sorted(pairs)[len(pairs) // 2]) if len(pairs) % 2 \
             else float(sum(sorted(pairs)[len(pairs) // 2 - 1:len(pairs) // 2 + 1]) / 2)
-        cpu = [(a.get("cpu_seconds"), b.get("cpu_seconds")) for a, b in zip(runs_["cli_build"], runs_["cli_bare"])]
+        cpu = [(a.get("cpu_seconds"), b.get("cpu_seconds")) for a, b in zip(runs_["cli_build"], runs_[bare])]
         if all(a and b for a, b in cpu):
-            ratios["CPU s, cli_build / cli_bare, per pair"] = [a / b for a, b in cpu]
+            ratios[f"CPU s, cli_build / {bare}, per pair"] = [a / b for a, b in cpu]
     results["ratios"] = ratios
     if results["api_start_seconds"] is not None:
         print(f"API start {results['api_start_seconds']:.1f} s")

@@ -12,8 +12,10 @@ from __future__ import annotations
 
 from flows import settings  # noqa: F401  (Prefect defaults before prefect is imported)
 
+import concurrent.futures as cf
 import contextlib
 import os
+import sys
 import threading
 import time
 from typing import Any
@@ -23,12 +25,12 @@ from prefect.cache_policies import NO_CACHE
 from prefect.futures import wait
 from prefect.tasks import exponential_backoff
 
-from flows import interrupt
+from flows import allocator, interrupt
 from flows.browser import sample_files as browser_files
 from flows.card import card
 from flows.card import warm_up as card_warm_up
 from flows.pipeline import make_samples
-from flows.progress import EventChannel
+from flows.progress import channel
 from schemas.errors import SpecError
 from schemas.plan import plan_shards
 from flows.inputs import check_root_writable, code_version, resolve_spec  # noqa: F401  (re-exported)
@@ -39,7 +41,7 @@ TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (OSError, ConnectionError, T
 
 PROGRESS_POLL_S = 1.0  # how often the flow looks for newly committed shards while lanes run
 
-_events = EventChannel("pairforge_progress")
+_events = channel("pairforge_progress")  # the CLI may have made it first (a head start reports before this import)
 reporting_to = _events.reporting_to  # send build events (plan, shard, published) to fn while the flow runs here
 _emit = _events.emit
 
@@ -84,16 +86,42 @@ def build_lane(spec: BaseSpec, staging: Any, lane: int, n_lanes: int, shards: li
         if staging.has_shard(i):
             out.append({"shard": i, "n": stop - start, "reused": True, "seconds": 0.0})
             continue
-        t0 = time.perf_counter()
-        interrupt.hold("shard")
-        samples = make_samples(spec, range(start, stop), digest=staging.digest, backend=_backend(spec, staging.digest))
-        # The browser's per-sample images are drawn here, while the arrays are in memory (not at publish).
-        info = dict(staging.write_shard(i, samples, sample_files=browser_files))
-        info.update(shard=i, n=len(samples), reused=False, seconds=time.perf_counter() - t0)
+        info = commit_shard(spec, staging, i, start, stop)
         log.info("shard %d/%d: %d samples in %.1f s (lane %d/%d)", i + 1, n_shards, info["n"], info["seconds"],
                  lane + 1, n_lanes)
         out.append(info)
     return out
+
+
+def commit_shard(spec: BaseSpec, staging: Any, i: int, start: int, stop: int) -> dict[str, Any]:
+    """Generate samples ``start..stop`` and commit them as shard ``i`` (its marker last): what a lane does per shard,
+    and what a head start (flows.head_start) does before the flow run exists."""
+    allocator.tune()  # once per process: big temporary arrays stay on the heap (flows/allocator.py)
+    t0 = time.perf_counter()
+    interrupt.hold("shard")
+    samples = make_samples(spec, range(start, stop), digest=staging.digest, backend=_backend(spec, staging.digest))
+    # The browser's per-sample images are drawn here, while the arrays are in memory (not at publish).
+    info = dict(staging.write_shard(i, samples, sample_files=browser_files))
+    info.update(shard=i, n=len(samples), reused=False, seconds=time.perf_counter() - t0)
+    return info
+
+
+def _take_head_start(staging: Any):
+    if "flows.head_start" not in sys.modules:  # only the CLI begins one
+        return None
+    return sys.modules["flows.head_start"].take(staging)
+
+
+def _ranges(ids: list[int]) -> str:
+    """1-based shard numbers as ranges: [0, 1, 2, 5] -> "1-3, 6"."""
+    out, start = [], None
+    for k, i in enumerate(ids):
+        if start is None:
+            start = i
+        if k + 1 == len(ids) or ids[k + 1] != i + 1:
+            out.append(f"{start + 1}" if start == i else f"{start + 1}-{i + 1}")
+            start = None
+    return ", ".join(out)
 
 
 def plan_lanes(pending: list[int], n_lanes: int) -> list[list[int]]:
@@ -226,24 +254,46 @@ def _build_staged(st, staging, model, text, digest, version, flow_run, t0) -> di
     interrupt.track_build(staging, str(flow_run.id) if flow_run.id else None)
     interrupt.set_phase("building shards")
     shards = plan_shards(model.samples, model.shard_size)
-    finished = set(staging.finished_shards())
-    _emit("plan", name=model.name, version=staging.version, shards=len(shards), samples=model.samples,
-          finished=len(finished))
+    head = _take_head_start(staging)
+    seen: set[int] = set()
+    if head is None:
+        finished = set(staging.finished_shards())
+        claimed: set[int] = set()
+        _emit("plan", name=model.name, version=staging.version, shards=len(shards), samples=model.samples,
+              finished=len(finished))
+        for i in sorted(finished):
+            _emit("shard", shard=i, n=len(shards[i]), reused=True, seconds=0.0)
+    else:  # the CLI announced the plan and began these shards while the API started (flows.head_start)
+        claimed, finished, seen = head.take_over(), set(head.finished), set(head.reported)
+        if claimed:
+            from prefect import get_run_logger
 
-    pending = [i for i in range(len(shards)) if i not in finished]
+            get_run_logger().info("shards %s (%d of %d) were begun while the Prefect API started; the lanes take "
+                                  "the rest", _ranges(sorted(claimed)), len(claimed), len(shards))
+    seen |= finished
+    pending = [i for i in range(len(shards)) if i not in finished and i not in claimed]
     results: dict[int, dict] = {i: {"shard": i, "n": len(shards[i]), "reused": True, "seconds": 0.0}
                                 for i in sorted(finished)}
-    for i in sorted(finished):
-        _emit("shard", **results[i])
 
-    def run_lanes(todo: list[int], n_lanes: int, redone: bool = False) -> None:
+    def record(res: dict, redone: bool) -> None:
+        res = dict(res, reused=res["shard"] in finished)
+        results[res["shard"]] = res
+        if res["shard"] not in seen:
+            _emit("shard", **res, **({"redone": True} if redone else {}))
+            seen.add(res["shard"])
+
+    def run_lanes(todo: list[int], n_lanes: int, redone: bool = False, early: list | None = None) -> None:
         lanes = plan_lanes(todo, n_lanes)
         futures = [build_lane.submit(model, staging, k, len(lanes), [(i, shards[i].start, shards[i].stop) for i in lane],
                                      len(shards)) for k, lane in enumerate(lanes)]
+        early = list(early or [])  # a head start's jobs (concurrent.futures), ahead of the lanes in the pool
         # Lanes report per shard through the staging markers: poll them for progress while the lanes run.
-        seen = set(finished)
-        while futures:
-            done = wait(futures, timeout=PROGRESS_POLL_S).done
+        while futures or early:
+            if futures:
+                done = wait(futures, timeout=PROGRESS_POLL_S).done
+            else:
+                done = set()
+                cf.wait(early, timeout=PROGRESS_POLL_S)
             with contextlib.suppress(Exception):
                 new = sorted(set(staging.finished_shards()) - seen)
                 for i in new:
@@ -252,15 +302,29 @@ def _build_staged(st, staging, model, text, digest, version, flow_run, t0) -> di
             for fut in done:
                 futures.remove(fut)
                 for res in fut.result():
-                    res = dict(res, reused=res["shard"] in finished)
-                    results[res["shard"]] = res
-                    if res["shard"] not in seen:
-                        _emit("shard", **res, **({"redone": True} if redone else {}))
-                        seen.add(res["shard"])
+                    record(res, redone)
+            for job in [f for f in early if f.done()]:
+                early.remove(job)
+                for res in job.result():
+                    if "error" in res:  # no marker: run again below as a task run, with retries
+                        from prefect import get_run_logger
+
+                        get_run_logger().warning("shard %d begun while the API started failed (%s); it runs again "
+                                                 "as a task", res["shard"] + 1, res["error"])
+                        failed_early.append(res["shard"])
+                    else:
+                        record(res, redone)
 
     # While workers generate shards, this process waits: load the card's plotting stack now, off the publish path.
     threading.Thread(target=card_warm_up, name="card-imports", daemon=True).start()
-    run_lanes(pending, lane_count(len(pending)))
+    failed_early: list[int] = []
+    try:
+        run_lanes(pending, lane_count(len(pending)), early=head.futures if head is not None else None)
+    finally:
+        if head is not None:
+            head.close()
+    if failed_early:
+        run_lanes(sorted(failed_early), 1)
     # The markers decide: a shard the staging area does not hold (a marker lost meanwhile) is generated again.
     missing = sorted(set(range(len(shards))) - set(staging.finished_shards()))
     if missing and staging._published_here() is not None:

@@ -101,7 +101,9 @@ def build(spec: str = typer.Argument(..., help="spec file (.yaml/.json)"),
 
 def _build(spec: str, root: Optional[str], runner: str, workers: Optional[int], dask_address: Optional[str],
            force_new: bool, quiet: bool, as_json: bool, verbose: bool) -> None:
-    from flows.progress import choose_mode, reporter
+    import contextlib
+
+    from flows.progress import channel, choose_mode, reporter
 
     _quiet_prefect(verbose)
     from flows.inputs import check_root_writable, code_version, resolve_spec
@@ -110,13 +112,16 @@ def _build(spec: str, root: Optional[str], runner: str, workers: Optional[int], 
     from flows.runners import check_runner, describe
     from schemas.spec import spec_hash
 
+    from flows import allocator
+
+    allocator.tune()  # before the pool forks: workers inherit it (publish runs here too)
     mode = choose_mode(quiet, as_json)
     if mode == "json":
         from flows import interrupt
 
         interrupt.json_events()
     # Every input check runs before Prefect starts, so bad input costs no server start and publishes nothing.
-    model, _ = resolve_spec(Path(spec))
+    model, text = resolve_spec(Path(spec))
     backend_for(model)  # unknown generator or option -> SpecError
     from flows.runners import default_workers
     from schemas.memory import check_memory
@@ -137,23 +142,42 @@ def _build(spec: str, root: Optional[str], runner: str, workers: Optional[int], 
             out.print(rc.summary() if rc.up_to_date is None else f"{rc.summary()}; --force-new: building a new version")
 
     # The local API server starts in its own process while this one imports the flow (Prefect and all) and a
-    # process pool starts its workers and their imports: ~1.5 s of CPU each that the server start leaves idle.
+    # process pool forks its workers, which then begin the first shards (a head start, flows.head_start) instead of
+    # waiting several seconds for the API.
     prepared: dict[str, Any] = {}
+    stack = contextlib.ExitStack()
 
-    def prepare() -> None:
+    def report() -> None:
+        # Entered after the pool's workers are forked: a progress bar runs a thread, and fork needs none.
+        if "progress" not in prepared:
+            prepared["progress"] = progress = stack.enter_context(reporter(mode, out))
+            stack.enter_context(channel("pairforge_progress").reporting_to(progress))
+
+    def prepare(server_starting: bool) -> None:
         from flows.build import make_runner
 
         tr = make_runner(runner, workers, dask_address)
         prepared["runner"] = tr.prestart() if hasattr(tr, "prestart") else tr
+        report()
+        if server_starting and os.environ.get("PAIRFORGE_HEAD_START", "1") != "0":
+            from flows import head_start, interrupt
+            from schemas.plan import plan_shards
 
-    with settings.prefect_api(verbose, while_starting=prepare) as api:
+            staging = _store(root).open_build(model, text, spec_hash(model), code_version())
+            head = head_start.begin(tr, model, staging, plan_shards(model.samples, model.shard_size),
+                                    emit=prepared["progress"])
+            if head is not None:
+                stack.callback(head.close)
+                interrupt.track_build(staging, None)  # an interrupt now says what is staged
+
+    with stack, settings.prefect_api(verbose, while_starting=prepare) as api:
         from flows import build as b
 
         if verbose:
             err.print(f"Prefect API: {api}; runner: {describe(runner, workers, dask_address)}; "
                       f"code version {b.code_version()}")
-        with reporter(mode, out) as progress, b.reporting_to(progress):
-            summary = b.run_build(str(Path(spec)), root=root, task_runner=prepared.get("runner"), force_new=force_new)
+        report()
+        summary = b.run_build(str(Path(spec)), root=root, task_runner=prepared.get("runner"), force_new=force_new)
     if summary.get("up_to_date"):  # published by another build meanwhile
         rc.up_to_date = rc.latest = summary["version"]
         _say_up_to_date(mode, rc, summary["uri"])

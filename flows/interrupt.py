@@ -25,6 +25,7 @@ import time
 from typing import Any, Iterator
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
+API_PHASE = "starting the local Prefect API"
 
 
 class _State:
@@ -62,7 +63,7 @@ def install(label: str = "build") -> None:
     """Take over SIGINT and SIGTERM for this process (the main thread): the first one stops the build."""
     _state.owner_pid = os.getpid()
     _state.label = label
-    _state.phase = "starting the local Prefect API"
+    _state.phase = API_PHASE
     _state.services, _state.staging, _state.flow_run_id, _state.stopping = [], None, None, False
     _state.json_events = False
     reinstall()
@@ -187,7 +188,8 @@ def outcome(signum: int) -> str:
     samples = sum(len(st.shards[i]) for i in done if 0 <= i < n_shards)
     total = sum(len(r) for r in st.shards)
     where = " (publishing had started; the version was not made visible)" if _state.phase == "publishing" else ""
-    return (f"interrupted ({name}): {len(done)} of {n_shards} shards of {ref} finished ({samples} of {total} samples)"
+    when = f" while {API_PHASE}" if _state.phase == API_PHASE else ""  # shards begun while the API started
+    return (f"interrupted ({name}){when}: {len(done)} of {n_shards} shards of {ref} finished ({samples} of {total} samples)"
             f"{where}; nothing was published; rerun the same command to resume")
 
 

@@ -97,6 +97,13 @@ def _process_pool_class():
                 self._prestarted = (queue, executor)
             return self
 
+        def prestarted_executor(self):
+            """``(executor, workers)`` of the prestarted pool (None before ``prestart()`` or once a flow took it):
+            jobs submitted now run before the flow's tasks (flows.head_start)."""
+            if self._prestarted is None:
+                return None
+            return self._prestarted[1], compat.pool_max_workers(self)
+
         def duplicate(self) -> "WarmProcessPoolTaskRunner":
             # The flow engine runs a duplicate of the flow's runner: hand the started workers over to it.
             dup = super().duplicate()
@@ -114,6 +121,8 @@ def _process_pool_class():
         def close_prestarted(self) -> None:
             """Stop workers that were started but never used by a flow run."""
             if self._prestarted is not None:
+                if "flows.head_start" in sys.modules:  # its jobs stop after the shard they hold
+                    sys.modules["flows.head_start"].close_all()
                 queue, executor = self._prestarted
                 self._prestarted = None
                 executor.shutdown(wait=True, cancel_futures=True)

@@ -196,21 +196,22 @@ def _prefect_home() -> Path:
 
 @contextlib.contextmanager
 def prefect_api(verbose: bool = False, services: bool = False,
-                while_starting: Callable[[], None] | None = None) -> Iterator[str]:
+                while_starting: Callable[[bool], None] | None = None) -> Iterator[str]:
     """Yield the API URL flows report to. With no ``PREFECT_API_URL`` (environment, profile or settings), start one
     local server for this process and its workers; process pools and Dask workers inherit its URL, so every task
     run lands in the same database instead of each worker starting its own server.
 
     The server is launched first and Prefect's settings are read while it starts; if they name an API after all,
-    the launched server is stopped and that API is used. ``while_starting`` runs while the server starts (imports,
-    warming worker pools). ``services=False`` starts it the way Prefect's ephemeral mode does (no background
+    the launched server is stopped and that API is used. ``while_starting(starting)`` runs while the server starts
+    (imports, warming worker pools, a build's head start), with ``starting`` True when a local server is starting
+    and False when an existing API is used (it runs at once). ``services=False`` starts it the way Prefect's ephemeral mode does (no background
     services: fastest start, enough for a build); ``pairforge serve`` needs ``services=True``: the scheduler service
     is what turns a deployment's cron into scheduled runs, and ephemeral mode does not run it.
     """
     env_url = os.environ.get("PREFECT_API_URL")
     if env_url:
         if while_starting is not None:
-            while_starting()
+            while_starting(False)
         yield env_url
         return
     server = LocalServer(verbose, services, _prefect_home() / "local-server.log").start()
@@ -220,7 +221,7 @@ def prefect_api(verbose: bool = False, services: bool = False,
         if configured:
             server.stop()
             if while_starting is not None:
-                while_starting()
+                while_starting(False)
             yield configured
             return
         from prefect.settings import PREFECT_API_URL, PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
@@ -232,7 +233,7 @@ def prefect_api(verbose: bool = False, services: bool = False,
         compat.refresh_settings_context()
         exported = True
         if while_starting is not None:
-            while_starting()
+            while_starting(True)
         from flows import interrupt
 
         interrupt.hold("api")

@@ -190,16 +190,21 @@ def _rerun(tmp: Path) -> str:
 
 
 def test_sigint_to_the_group_while_the_api_starts_stops_and_publishes_nothing(tmp_path):
-    b = Build(tmp_path, hold="api=6", args=("--json",))
+    b = Build(tmp_path, hold="api=6,shard=1", args=("--json",))
     b.wait_for(lambda: any("uvicorn" in c for c in b.children_cmdlines()), "the API server process")
-    time.sleep(0.3)
+    # The workers begin the shards while the API starts (flows/head_start.py): stop once one is committed.
+    b.wait_for(lambda: b.staging_files("*/parts/*.done.json"), "a shard begun while the API starts")
     seconds = b.interrupt("group")
     last = _check_stopped(b, seconds)
     assert "while starting the local Prefect API" in last
-    assert not b.published()
+    done = int(re.search(r"(\d+) of 4 shards", last).group(1))
+    assert 1 <= done <= 4 and not b.published()
     events = [json.loads(ln) for ln in b.text.splitlines() if ln.startswith("{")]
+    assert events[0]["event"] == "plan"  # progress starts with the head start, before the API answers
     assert events[-1] == {"event": "interrupted", "signal": "SIGINT", "exit_code": 130, "published": False,
-                          "message": last}
+                          "message": last, "name": "stop-ct", "version": 1}
+    again = _rerun(tmp_path)
+    assert f"{done} already staged" in again, again
 
 
 def test_sigint_while_shards_run_keeps_finished_shards_and_the_rerun_resumes(tmp_path):

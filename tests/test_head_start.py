@@ -1,0 +1,130 @@
+"""``pairforge build`` on the embedded defaults begins its shards while the local Prefect API starts
+(flows/head_start.py): real CLI builds, a real local API, the flow run read back from Prefect's own database."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from flows import head_start
+from schemas.plan import plan_shards
+from schemas.spec import load_spec_text, spec_hash
+from store import DatasetStore
+
+REPO = Path(__file__).resolve().parent.parent
+SPEC = """\
+name: head-ct
+samples: 8
+seed: 11
+shard_size: 2
+image: {size: 256, spacing_mm: [1.2, 1.4]}
+findings:
+  negatives: 0.25
+  mixture: ["8mm solid nodule, right upper lobe"]
+"""
+READ_RUN = """
+import json, sys
+from flows import settings
+with settings.prefect_api():
+    from prefect import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, LogFilter, LogFilterFlowRunId
+    with get_client(sync_client=True) as c:
+        fr = c.read_flow_run(sys.argv[1])
+        trs = c.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[fr.id])))
+        logs = c.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[fr.id])))
+    print(json.dumps({"state": fr.state.type.value, "tasks": sorted(t.name for t in trs),
+                      "logs": [lg.message for lg in logs]}))
+"""
+
+
+def _env(tmp: Path, **extra: str) -> dict:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "PREFECT_HOME": str(tmp / "prefect-home"), **extra}
+    env.pop("PREFECT_API_URL", None)  # the embedded API, started by the build
+    return env
+
+
+def _build(tmp: Path, root: str, **extra: str) -> list[dict]:
+    spec = tmp / "spec.yaml"
+    spec.write_text(SPEC)
+    r = subprocess.run([sys.executable, "-m", "flows.cli", "build", str(spec), "--root", str(tmp / root), "--json",
+                        "--workers", "2"], cwd=tmp, env=_env(tmp, **extra), capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr
+    return [json.loads(ln) for ln in r.stdout.splitlines() if ln.startswith("{")]
+
+
+def _hashes(version_dir: Path) -> dict[str, str]:
+    return {str(p.relative_to(version_dir)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(version_dir.rglob("*")) if p.is_file() and p.name != "manifest.json"}
+
+
+def test_shards_begun_while_the_api_starts_are_this_runs_and_publish_the_same_bytes(tmp_path):
+    # The API's start is held 8 s: time enough for the workers to commit every shard before the flow run exists.
+    events = _build(tmp_path, "ds", PAIRFORGE_TEST_HOLD="api=8", PREFECT_LOGGING_LEVEL="INFO")  # INFO: to the API
+    kinds = [e["event"] for e in events]
+    assert kinds[0] == "plan" and kinds.count("plan") == 1, kinds
+    shards = [e for e in events if e["event"] == "shard"]
+    assert sorted(e["shard"] for e in shards) == [0, 1, 2, 3] and not any(e["reused"] for e in shards)
+    assert shards[-1]["done"] == 8 and shards[-1]["shards_done"] == 4
+    done = events[-1]
+    assert done["event"] == "published" and (done["generated"], done["reused"], done["samples"]) == (4, 0, 8)
+
+    r = subprocess.run([sys.executable, "-c", READ_RUN, done["flow_run_id"]], cwd=tmp_path, env=_env(tmp_path),
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    run = json.loads(r.stdout.strip().splitlines()[-1])
+    assert run["state"] == "COMPLETED"
+    assert any("were begun while the Prefect API started" in m and "(4 of 4)" in m for m in run["logs"]), run["logs"]
+    assert not any(t.startswith("shards lane") for t in run["tasks"]), run["tasks"]  # nothing left for the lanes
+
+    # The same spec with the head start turned off: every published file identical (seeds, order, bytes).
+    _build(tmp_path, "plain", PAIRFORGE_HEAD_START="0")
+    a, b = _hashes(tmp_path / "ds" / "head-ct" / "v1"), _hashes(tmp_path / "plain" / "head-ct" / "v1")
+    assert a == b and len(a) > 30
+
+
+def test_the_flow_takes_over_unclaimed_shards_and_no_shard_is_claimed_twice(tmp_path):
+    """Jobs claiming from threads while the flow takes over: the claimed and the remaining shards split the plan,
+    each claimed shard is committed once, and the head start reports exactly those it committed."""
+    spec = load_spec_text(SPEC.replace("samples: 8", "samples: 12"))
+    staging = DatasetStore(str(tmp_path / "root")).open_build(spec, SPEC, spec_hash(spec), "head-start-test")
+    shards = plan_shards(spec.samples, spec.shard_size)
+    events: list[dict] = []
+    gate = threading.Event()
+    committed: list[int] = []
+    real_commit = None
+
+    import flows.build as fb
+
+    real_commit = fb.commit_shard
+
+    def slow_commit(spec_, staging_, i, start, stop):
+        committed.append(i)
+        gate.wait(30)  # the first claims hold until the flow has taken over
+        return real_commit(spec_, staging_, i, start, stop)
+
+    fb.commit_shard = slow_commit
+    try:
+        with ThreadPoolExecutor(2) as pool:
+            head = head_start.HeadStart(pool, 2, spec, staging, shards, emit=events.append)
+            assert head_start.take(staging) is head
+            while len(committed) < 2:
+                threading.Event().wait(0.05)
+            claimed = head.take_over()
+            gate.set()
+            results = [r for f in head.futures for r in f.result()]
+            head.close()
+    finally:
+        fb.commit_shard = real_commit
+    assert claimed == set(committed) and len(claimed) == 2
+    assert sorted(r["shard"] for r in results) == sorted(claimed)
+    assert staging.finished_shards() == claimed
+    assert events[0]["event"] == "plan" and events[0]["finished"] == 0
+    # It reports what was committed before the take-over (nothing: the commits were held); the flow the rest.
+    assert [e for e in events if e["event"] == "shard"] == [] and head.reported == set()
+    assert head_start.take(staging) is None and not head.folder.exists()
