@@ -27,6 +27,7 @@ from prefect.tasks import exponential_backoff
 
 from flows import allocator, interrupt
 from flows.browser import sample_files as browser_files
+from flows.head_start import claim_shard, release_shard
 from flows.card import card
 from flows.card import warm_up as card_warm_up
 from flows.pipeline import make_samples
@@ -64,6 +65,8 @@ def _lane_run_name() -> str:
 
     p = task_run.parameters
     n = len(p["shards"])
+    if p.get("claims"):  # lanes that take the next unclaimed shard of one shared list
+        return f"shards lane {p['lane'] + 1}/{p['n_lanes']} (sharing {n} shard{'s' if n != 1 else ''} of {p['n_shards']})"
     return f"shards lane {p['lane'] + 1}/{p['n_lanes']} ({n} shard{'s' if n != 1 else ''} of {p['n_shards']})"
 
 
@@ -75,18 +78,27 @@ def _lane_run_name() -> str:
       # The staging markers are the record of finished shards; a result cache would only cost input hashing.
       cache_policy=NO_CACHE)
 def build_lane(spec: BaseSpec, staging: Any, lane: int, n_lanes: int, shards: list[tuple[int, int, int]],
-               n_shards: int) -> list[dict[str, Any]]:
+               n_shards: int, claims: str | None = None) -> list[dict[str, Any]]:
     """Generate and commit the shards ``(index, start, stop)`` of one lane, one after another, skipping any whose
-    marker exists. One long-lived task per worker: Prefect's per-task cost is paid per lane, not per shard."""
+    marker exists. One long-lived task per worker: Prefect's per-task cost is paid per lane, not per shard.
+    With ``claims`` (a local folder shared by the lanes of one pool: flows.head_start) every lane gets the same list
+    and takes only the shards it claims first, so lanes that started late or ran slow stay balanced."""
     from prefect import get_run_logger
 
     log = get_run_logger()
     out = []
     for i, start, stop in shards:
+        if claims is not None and not claim_shard(claims, i):
+            continue  # another lane (or the head start) has it
         if staging.has_shard(i):
             out.append({"shard": i, "n": stop - start, "reused": True, "seconds": 0.0})
             continue
-        info = commit_shard(spec, staging, i, start, stop)
+        try:
+            info = commit_shard(spec, staging, i, start, stop)
+        except BaseException:
+            if claims is not None:
+                release_shard(claims, i)  # a retry of this lane (or the flow's redo) claims it again
+            raise
         log.info("shard %d/%d: %d samples in %.1f s (lane %d/%d)", i + 1, n_shards, info["n"], info["seconds"],
                  lane + 1, n_lanes)
         out.append(info)
@@ -282,10 +294,15 @@ def _build_staged(st, staging, model, text, digest, version, flow_run, t0) -> di
             _emit("shard", **res, **({"redone": True} if redone else {}))
             seen.add(res["shard"])
 
-    def run_lanes(todo: list[int], n_lanes: int, redone: bool = False, early: list | None = None) -> None:
-        lanes = plan_lanes(todo, n_lanes)
+    def run_lanes(todo: list[int], n_lanes: int, redone: bool = False, early: list | None = None,
+                  claims: str | None = None) -> None:
+        if claims is not None:  # every lane gets the whole list and claims as it goes (flows.head_start)
+            lanes = [todo] * max(1, min(n_lanes, len(todo))) if todo else []
+        else:
+            lanes = plan_lanes(todo, n_lanes)
         futures = [build_lane.submit(model, staging, k, len(lanes), [(i, shards[i].start, shards[i].stop) for i in lane],
-                                     len(shards)) for k, lane in enumerate(lanes)]
+                                     len(shards), **({"claims": claims} if claims is not None else {}))
+                   for k, lane in enumerate(lanes)]
         early = list(early or [])  # a head start's jobs (concurrent.futures), ahead of the lanes in the pool
         # Lanes report per shard through the staging markers: poll them for progress while the lanes run.
         while futures or early:
@@ -319,7 +336,10 @@ def _build_staged(st, staging, model, text, digest, version, flow_run, t0) -> di
     threading.Thread(target=card_warm_up, name="card-imports", daemon=True).start()
     failed_early: list[int] = []
     try:
-        run_lanes(pending, lane_count(len(pending)), early=head.futures if head is not None else None)
+        if head is None:
+            run_lanes(pending, lane_count(len(pending)))
+        else:  # the head start's jobs finish the shard they hold; the lanes share the rest through its claims
+            run_lanes(pending, lane_count(len(pending)), early=head.futures, claims=str(head.folder))
     finally:
         if head is not None:
             head.close()

@@ -9,10 +9,11 @@ meanwhile; instead of waiting for the flow run, they start on the shards at once
 * a job claims the next shard without a marker (an exclusive file in a private folder, under a lock) and commits it
   with the lane's own code (``flows.build.commit_shard``: same seeds, same files, marker last), until it is told to
   stop;
-* the flow run, once it exists, takes over (``take``): under the same lock it stops the claiming and reads which
-  shards were claimed, so no shard is both claimed and dealt to a lane. The lanes (Prefect task runs) get every
-  other unfinished shard; the flow waits for the claimed ones with its lanes, reports them as this run's shards
-  and logs which they were.
+* the flow run, once it exists, takes over (``take``): under the same lock it stops the head start's claiming and
+  reads which shards were claimed. The lanes (Prefect task runs) then share every other unfinished shard through
+  the same claims (``claim_shard``): each lane gets the whole list and takes the next shard no one has claimed, so
+  a worker still finishing its head-start shard does not leave the other with a longer fixed share. The flow waits
+  for the claimed shards with its lanes, reports them as this run's shards and logs which they were.
 
 Nothing about resume or retries changes: a claimed shard either gets its marker or not; one that failed (the job
 records the error and stops claiming) or that was cut short has no marker and the flow redoes it as a task run
@@ -58,6 +59,24 @@ def _claim(folder: Path, todo: list[tuple[int, int, int]]) -> tuple[int, int, in
                 claim.touch()
                 return shard
     return None
+
+
+def claim_shard(folder: str, i: int) -> bool:
+    """Claim shard ``i`` for a lane (after the take-over the lanes share the rest this way); False if taken."""
+    where = Path(folder)
+    with _locked(where):
+        claim = where / str(i)
+        if claim.exists():
+            return False
+        claim.touch()
+        return True
+
+
+def release_shard(folder: str, i: int) -> None:
+    """Give a claim back (the shard failed): a retry claims it again."""
+    where = Path(folder)
+    with contextlib.suppress(FileNotFoundError), _locked(where):
+        (where / str(i)).unlink()
 
 
 def run_jobs(spec: Any, staging: Any, todo: list[tuple[int, int, int]], folder: str) -> list[dict[str, Any]]:

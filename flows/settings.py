@@ -27,6 +27,12 @@ PREFECT_DEFAULTS = {
     # The CLI prints its own summary; Prefect's per-task INFO lines would drown it.
     "PREFECT_LOGGING_LEVEL": "WARNING",
     "PREFECT_SERVER_LOGGING_LEVEL": "WARNING",
+    # ... but the runs' own INFO lines (a lane's line per shard, the flow's head-start line, state changes) still go
+    # to the API, where the Prefect UI shows them with the run: INFO for the run loggers (whose handler is the API),
+    # WARNING for the console handler they propagate to.
+    "PREFECT_LOGGING_LOGGERS_PREFECT_FLOW_RUNS_LEVEL": "INFO",
+    "PREFECT_LOGGING_LOGGERS_PREFECT_TASK_RUNS_LEVEL": "INFO",
+    "PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL": "WARNING",
 }
 
 
@@ -35,6 +41,7 @@ def apply_defaults(verbose: bool = False) -> None:
         os.environ.setdefault(k, v)
     if verbose:
         os.environ["PREFECT_LOGGING_LEVEL"] = "INFO"
+        os.environ["PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL"] = "INFO"
 
 
 apply_defaults()

@@ -55,7 +55,15 @@ def _build(tmp: Path, root: str, **extra: str) -> list[dict]:
                         "--workers", "2"], cwd=tmp, env=_env(tmp, **extra), capture_output=True, text=True,
                        timeout=600)
     assert r.returncode == 0, r.stdout + r.stderr
+    assert "INFO" not in r.stderr, r.stderr  # the runs' INFO lines go to the API, not the terminal
     return [json.loads(ln) for ln in r.stdout.splitlines() if ln.startswith("{")]
+
+
+def _read_run(tmp: Path, flow_run_id: str) -> dict:
+    r = subprocess.run([sys.executable, "-c", READ_RUN, flow_run_id], cwd=tmp, env=_env(tmp), capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout.strip().splitlines()[-1])
 
 
 def _hashes(version_dir: Path) -> dict[str, str]:
@@ -65,7 +73,7 @@ def _hashes(version_dir: Path) -> dict[str, str]:
 
 def test_shards_begun_while_the_api_starts_are_this_runs_and_publish_the_same_bytes(tmp_path):
     # The API's start is held 8 s: time enough for the workers to commit every shard before the flow run exists.
-    events = _build(tmp_path, "ds", PAIRFORGE_TEST_HOLD="api=8", PREFECT_LOGGING_LEVEL="INFO")  # INFO: to the API
+    events = _build(tmp_path, "ds", PAIRFORGE_TEST_HOLD="api=8")
     kinds = [e["event"] for e in events]
     assert kinds[0] == "plan" and kinds.count("plan") == 1, kinds
     shards = [e for e in events if e["event"] == "shard"]
@@ -74,18 +82,21 @@ def test_shards_begun_while_the_api_starts_are_this_runs_and_publish_the_same_by
     done = events[-1]
     assert done["event"] == "published" and (done["generated"], done["reused"], done["samples"]) == (4, 0, 8)
 
-    r = subprocess.run([sys.executable, "-c", READ_RUN, done["flow_run_id"]], cwd=tmp_path, env=_env(tmp_path),
-                       capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr
-    run = json.loads(r.stdout.strip().splitlines()[-1])
+    run = _read_run(tmp_path, done["flow_run_id"])
     assert run["state"] == "COMPLETED"
     assert any("were begun while the Prefect API started" in m and "(4 of 4)" in m for m in run["logs"]), run["logs"]
     assert not any(t.startswith("shards lane") for t in run["tasks"]), run["tasks"]  # nothing left for the lanes
 
     # The same spec with the head start turned off: every published file identical (seeds, order, bytes).
-    _build(tmp_path, "plain", PAIRFORGE_HEAD_START="0")
+    plain = _build(tmp_path, "plain", PAIRFORGE_HEAD_START="0")
     a, b = _hashes(tmp_path / "ds" / "head-ct" / "v1"), _hashes(tmp_path / "plain" / "head-ct" / "v1")
     assert a == b and len(a) > 30
+    # There the lanes did every shard, and each logged it to its task run in the API (the Prefect UI shows them).
+    run = _read_run(tmp_path, plain[-1]["flow_run_id"])
+    assert [t for t in run["tasks"] if t.startswith("shards lane")] == ["shards lane 1/2 (2 shards of 4)",
+                                                                       "shards lane 2/2 (2 shards of 4)"]
+    logged = sorted(m.split(":")[0] for m in run["logs"] if m.startswith("shard ") and "2 samples in" in m)
+    assert logged == ["shard 1/4", "shard 2/4", "shard 3/4", "shard 4/4"], run["logs"]
 
 
 def test_the_flow_takes_over_unclaimed_shards_and_no_shard_is_claimed_twice(tmp_path):
@@ -128,3 +139,26 @@ def test_the_flow_takes_over_unclaimed_shards_and_no_shard_is_claimed_twice(tmp_
     # It reports what was committed before the take-over (nothing: the commits were held); the flow the rest.
     assert [e for e in events if e["event"] == "shard"] == [] and head.reported == set()
     assert head_start.take(staging) is None and not head.folder.exists()
+
+
+def test_lanes_sharing_claims_take_each_remaining_shard_once_and_a_released_claim_is_taken_again(tmp_path):
+    folder = tmp_path / "claims"
+    folder.mkdir()
+    (folder / "0").touch()  # claimed by the head start
+    (folder / "stop").touch()  # taken over: the head start claims no more, the lanes still do
+    taken: dict[int, list[int]] = {0: [], 1: []}
+
+    def lane(k: int) -> None:
+        for i in range(1, 40):
+            if head_start.claim_shard(str(folder), i):
+                taken[k].append(i)
+
+    threads = [threading.Thread(target=lane, args=(k,)) for k in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(taken[0] + taken[1]) == list(range(1, 40))  # each once, none lost
+    assert not head_start.claim_shard(str(folder), 0)
+    head_start.release_shard(str(folder), 7)
+    assert head_start.claim_shard(str(folder), 7) and not head_start.claim_shard(str(folder), 7)
