@@ -237,7 +237,14 @@ def _terminate(p: subprocess.Popen, grace: float = 3.0) -> None:
 
 
 def _remove_partial_files() -> None:
-    """Temporary files of writes cut short (``<name>.tmp-<pid>-<thread>``) in the staging folder of a local root."""
+    """Temporary files of writes cut short (``<name>.tmp-<pid>-<thread>``) in the staging folder of a local root,
+    and a head start's claims folder (flows.head_start)."""
+    head_start = sys.modules.get("flows.head_start")
+    if head_start is not None:
+        import shutil
+
+        for hs in list(head_start._active.values()):
+            shutil.rmtree(hs.folder, ignore_errors=True)
     st = _state.staging
     if st is None or not getattr(st.root, "local", False):
         return
