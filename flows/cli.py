@@ -154,7 +154,7 @@ def _build(spec: str, root: Optional[str], runner: str, workers: Optional[int], 
             stack.enter_context(channel("pairforge_progress").reporting_to(progress))
 
     def prepare(server_starting: bool) -> None:
-        from flows.build import make_runner
+        from flows.build import commit_shard, make_runner
 
         tr = make_runner(runner, workers, dask_address)
         prepared["runner"] = tr.prestart() if hasattr(tr, "prestart") else tr
@@ -164,7 +164,7 @@ def _build(spec: str, root: Optional[str], runner: str, workers: Optional[int], 
             from schemas.plan import plan_shards
 
             staging = _store(root).open_build(model, text, spec_hash(model), code_version())
-            head = head_start.begin(tr, model, staging, plan_shards(model.samples, model.shard_size),
+            head = head_start.begin(tr, model, staging, plan_shards(model.samples, model.shard_size), commit_shard,
                                     emit=prepared["progress"])
             if head is not None:
                 stack.callback(head.close)

@@ -7,7 +7,7 @@ meanwhile; instead of waiting for the flow run, they start on the shards at once
 * the CLI opens the staging area (the same one the flow opens: it is keyed by spec hash and code version) and
   submits one head-start job per worker to the pool the flow will use;
 * a job claims the next shard without a marker (an exclusive file in a private folder, under a lock) and commits it
-  with the lane's own code (``flows.build.commit_shard``: same seeds, same files, marker last), until it is told to
+  with the lane's own code (``flows.build.commit_shard``, handed in by the CLI: same seeds, same files, marker last), until it is told to
   stop;
 * the flow run, once it exists, takes over (``take``): under the same lock it stops the head start's claiming and
   reads which shards were claimed. The lanes (Prefect task runs) then share every other unfinished shard through
@@ -79,17 +79,17 @@ def release_shard(folder: str, i: int) -> None:
         (where / str(i)).unlink()
 
 
-def run_jobs(spec: Any, staging: Any, todo: list[tuple[int, int, int]], folder: str) -> list[dict[str, Any]]:
-    """One worker's head start: claim and commit shards until told to stop. An error ends this worker's head start
-    and is returned with its shard (which has no marker: the flow redoes it as a task run)."""
-    from flows.build import commit_shard
-
+def run_jobs(commit: Callable[..., dict[str, Any]], spec: Any, staging: Any, todo: list[tuple[int, int, int]],
+             folder: str) -> list[dict[str, Any]]:
+    """One worker's head start: claim and ``commit(spec, staging, i, start, stop)`` shards until told to stop (the
+    lanes' own ``flows.build.commit_shard``). An error ends this worker's head start and is returned with its shard
+    (which has no marker: the flow redoes it as a task run)."""
     out: list[dict[str, Any]] = []
     where = Path(folder)
     while (shard := _claim(where, todo)) is not None:
         i, start, stop = shard
         try:
-            out.append(commit_shard(spec, staging, i, start, stop))
+            out.append(commit(spec, staging, i, start, stop))
         except Exception as e:  # noqa: BLE001  (reported to the flow, which redoes the shard with retries)
             out.append({"shard": i, "error": f"{type(e).__name__}: {e}"})
             break
@@ -105,7 +105,7 @@ class HeadStart:
     (``finished``), and the shards it reported as committed (``reported``)."""
 
     def __init__(self, executor: Any, workers: int, spec: Any, staging: Any, shards: list[range],
-                 emit: Callable[[dict[str, Any]], None] | None = None):
+                 commit: Callable[..., dict[str, Any]], emit: Callable[[dict[str, Any]], None] | None = None):
         self.staging, self.shards, self._emit = staging, shards, emit
         self.finished = set(staging.finished_shards())
         self.reported: set[int] = set()
@@ -114,7 +114,7 @@ class HeadStart:
         self._heartbeat = staging.heartbeat()  # `pairforge gc` leaves this staging area alone from now on
         self._announce()
         todo = [(i, r.start, r.stop) for i, r in enumerate(shards) if i not in self.finished]
-        self.futures = [executor.submit(run_jobs, spec, staging, todo, str(self.folder))
+        self.futures = [executor.submit(run_jobs, commit, spec, staging, todo, str(self.folder))
                         for _ in range(min(workers, len(todo)))]
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._poll, name="head-start-progress", daemon=True)
@@ -165,14 +165,14 @@ class HeadStart:
                 del _active[_key(self.staging)]
 
 
-def begin(runner: Any, spec: Any, staging: Any, shards: list[range],
+def begin(runner: Any, spec: Any, staging: Any, shards: list[range], commit: Callable[..., dict[str, Any]],
           emit: Callable[[dict[str, Any]], None] | None = None) -> HeadStart | None:
     """Start a head start on ``runner``'s prestarted pool (None when it has none: a Dask or thread runner)."""
     pool = getattr(runner, "prestarted_executor", lambda: None)()
     if pool is None:
         return None
     executor, workers = pool
-    return HeadStart(executor, workers, spec, staging, shards, emit)
+    return HeadStart(executor, workers, spec, staging, shards, commit, emit)
 
 
 def take(staging: Any) -> HeadStart | None:

@@ -108,30 +108,23 @@ def test_the_flow_takes_over_unclaimed_shards_and_no_shard_is_claimed_twice(tmp_
     events: list[dict] = []
     gate = threading.Event()
     committed: list[int] = []
-    real_commit = None
 
-    import flows.build as fb
-
-    real_commit = fb.commit_shard
+    from flows.build import commit_shard
 
     def slow_commit(spec_, staging_, i, start, stop):
         committed.append(i)
         gate.wait(30)  # the first claims hold until the flow has taken over
-        return real_commit(spec_, staging_, i, start, stop)
+        return commit_shard(spec_, staging_, i, start, stop)
 
-    fb.commit_shard = slow_commit
-    try:
-        with ThreadPoolExecutor(2) as pool:
-            head = head_start.HeadStart(pool, 2, spec, staging, shards, emit=events.append)
-            assert head_start.take(staging) is head
-            while len(committed) < 2:
-                threading.Event().wait(0.05)
-            claimed = head.take_over()
-            gate.set()
-            results = [r for f in head.futures for r in f.result()]
-            head.close()
-    finally:
-        fb.commit_shard = real_commit
+    with ThreadPoolExecutor(2) as pool:
+        head = head_start.HeadStart(pool, 2, spec, staging, shards, slow_commit, emit=events.append)
+        assert head_start.take(staging) is head
+        while len(committed) < 2:
+            threading.Event().wait(0.05)
+        claimed = head.take_over()
+        gate.set()
+        results = [r for f in head.futures for r in f.result()]
+        head.close()
     assert claimed == set(committed) and len(claimed) == 2
     assert sorted(r["shard"] for r in results) == sorted(claimed)
     assert staging.finished_shards() == claimed
