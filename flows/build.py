@@ -351,6 +351,7 @@ def _build_staged(st, staging, model, text, digest, version, flow_run, t0) -> di
         missing = []  # another process building the same spec published it meanwhile (and removed the staging)
     if missing:
         finished -= set(missing)
+        seen.difference_update(missing)  # their redo is reported again, as "redone"
         run_lanes(missing, 1, redone=True)
 
     run_id = str(flow_run.id) if flow_run.id else None
