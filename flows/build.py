@@ -27,7 +27,7 @@ from prefect.tasks import exponential_backoff
 
 from flows import allocator, interrupt
 from flows.browser import sample_files as browser_files
-from flows.head_start import claim_shard, release_shard
+from flows.head_start import claim_shard, plan_events, release_shard
 from flows.card import card
 from flows.card import warm_up as card_warm_up
 from flows.pipeline import make_samples
@@ -271,10 +271,8 @@ def _build_staged(st, staging, model, text, digest, version, flow_run, t0) -> di
     if head is None:
         finished = set(staging.finished_shards())
         claimed: set[int] = set()
-        _emit("plan", name=model.name, version=staging.version, shards=len(shards), samples=model.samples,
-              finished=len(finished))
-        for i in sorted(finished):
-            _emit("shard", shard=i, n=len(shards[i]), reused=True, seconds=0.0)
+        for ev in plan_events(staging, shards, finished):
+            _emit(ev.pop("event"), **ev)
     else:  # the CLI announced the plan and began these shards while the API started (flows.head_start)
         claimed, finished, seen = head.take_over(), set(head.finished), set(head.reported)
         if claimed:

@@ -159,7 +159,7 @@ def _build(spec: str, root: Optional[str], runner: str, workers: Optional[int], 
         tr = make_runner(runner, workers, dask_address)
         prepared["runner"] = tr.prestart() if hasattr(tr, "prestart") else tr
         report()
-        if server_starting and os.environ.get("PAIRFORGE_HEAD_START", "1") != "0":
+        if server_starting and hasattr(tr, "prestarted_executor") and os.environ.get("PAIRFORGE_HEAD_START") != "0":
             from flows import head_start, interrupt
             from schemas.plan import plan_shards
 

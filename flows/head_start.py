@@ -7,8 +7,8 @@ meanwhile; instead of waiting for the flow run, they start on the shards at once
 * the CLI opens the staging area (the same one the flow opens: it is keyed by spec hash and code version) and
   submits one head-start job per worker to the pool the flow will use;
 * a job claims the next shard without a marker (an exclusive file in a private folder, under a lock) and commits it
-  with the lane's own code (``flows.build.commit_shard``, handed in by the CLI: same seeds, same files, marker last), until it is told to
-  stop;
+  with the lane's own code (``flows.build.commit_shard``, handed in by the CLI: same seeds, same files, marker
+  last), until it is told to stop;
 * the flow run, once it exists, takes over (``take``): under the same lock it stops the head start's claiming and
   reads which shards were claimed. The lanes (Prefect task runs) then share every other unfinished shard through
   the same claims (``claim_shard``): each lane gets the whole list and takes the next shard no one has claimed, so
@@ -53,23 +53,23 @@ def _claim(folder: Path, todo: list[tuple[int, int, int]]) -> tuple[int, int, in
     with _locked(folder):
         if (folder / _STOP).exists():
             return None
-        for shard in todo:
-            claim = folder / str(shard[0])
-            if not claim.exists():
-                claim.touch()
-                return shard
-    return None
+        return next((shard for shard in todo if _take(folder, shard[0])), None)
+
+
+def _take(folder: Path, i: int) -> bool:
+    """Claim shard ``i`` (the caller holds the lock); False if it is claimed already."""
+    claim = folder / str(i)
+    if claim.exists():
+        return False
+    claim.touch()
+    return True
 
 
 def claim_shard(folder: str, i: int) -> bool:
     """Claim shard ``i`` for a lane (after the take-over the lanes share the rest this way); False if taken."""
     where = Path(folder)
     with _locked(where):
-        claim = where / str(i)
-        if claim.exists():
-            return False
-        claim.touch()
-        return True
+        return _take(where, i)
 
 
 def release_shard(folder: str, i: int) -> None:
@@ -94,6 +94,23 @@ def run_jobs(commit: Callable[..., dict[str, Any]], spec: Any, staging: Any, tod
             out.append({"shard": i, "error": f"{type(e).__name__}: {e}"})
             break
     return out
+
+
+def plan_events(staging: Any, shards: list[range], finished: set[int]) -> list[dict[str, Any]]:
+    """A build's first progress events: the plan, then one ``shard`` event per shard staged before this run (the
+    flow sends them, or the head start when it began the build)."""
+    plan = {"event": "plan", "name": staging.name, "version": staging.version, "shards": len(shards),
+            "samples": sum(len(r) for r in shards), "finished": len(finished)}
+    return [plan] + [{"event": "shard", "shard": i, "n": len(shards[i]), "reused": True, "seconds": 0.0}
+                     for i in sorted(finished)]
+
+
+def remove_folders() -> None:
+    """Remove the claims folders of this process's head starts (an interrupt's last step; no waiting)."""
+    with _active_lock:
+        running = list(_active.values())
+    for hs in running:
+        shutil.rmtree(hs.folder, ignore_errors=True)
 
 
 def _key(staging: Any) -> str:
@@ -123,13 +140,9 @@ class HeadStart:
             _active[_key(staging)] = self
 
     def _announce(self) -> None:
-        if self._emit is None:
-            return
-        st = self.staging
-        self._emit({"event": "plan", "name": st.name, "version": st.version, "shards": len(self.shards),
-                    "samples": sum(len(r) for r in self.shards), "finished": len(self.finished)})
-        for i in sorted(self.finished):
-            self._emit({"event": "shard", "shard": i, "n": len(self.shards[i]), "reused": True, "seconds": 0.0})
+        if self._emit is not None:
+            for ev in plan_events(self.staging, self.shards, self.finished):
+                self._emit(ev)
 
     def _report_new(self) -> None:
         with contextlib.suppress(Exception):

@@ -241,10 +241,7 @@ def _remove_partial_files() -> None:
     and a head start's claims folder (flows.head_start)."""
     head_start = sys.modules.get("flows.head_start")
     if head_start is not None:
-        import shutil
-
-        for hs in list(head_start._active.values()):
-            shutil.rmtree(hs.folder, ignore_errors=True)
+        head_start.remove_folders()
     st = _state.staging
     if st is None or not getattr(st.root, "local", False):
         return
