@@ -1,5 +1,5 @@
 """Where one sample's milliseconds go on one core: plan, layout, render, measure + QC, watermark, PNG encode, sha256,
-index row + Parquet, file writes — the same calls ``make_samples`` + ``BuildStaging.write_shard`` make, timed one by
+index row + Parquet, the version browser's images, file writes — the same calls ``make_samples`` + ``BuildStaging.write_shard`` make, timed one by
 one on the spec's first N samples. Also times PNG encoding with libdeflate (the ``deflate`` package, if installed)
 against the OpenCV/zlib encoder the store uses, at the compression each gives for the same pixels.
 
@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 
 STAGES = ("plan", "layout", "render", "measure_qc", "retries", "encode", "watermark", "png_encode", "sha256", "row",
-          "label_counts", "parquet", "write")
+          "label_counts", "browser", "parquet", "write")
 
 
 def _png_libdeflate(a: np.ndarray, level: int) -> bytes:
@@ -65,6 +65,9 @@ def main() -> int:
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
 
+    from flows import allocator
+
+    allocator.tune()  # what pairforge build's processes do (flows/allocator.py)
     t_imp = time.perf_counter()
     from annotators import annotate
     from flows.inputs import code_version, resolve_spec
@@ -77,7 +80,8 @@ def main() -> int:
     from schemas.arrow import SAMPLE_SCHEMA
     from store import DatasetStore, codec, codecs
     from store import watermark as wm
-    from store.build import encode_sample, parquet_bytes
+    from store.build import _encode_sample, encode_sample, parquet_bytes
+    from flows.browser import sample_files
     imports_s = time.perf_counter() - t_imp
 
     spec, text = resolve_spec(Path(a.spec).read_text())
@@ -147,7 +151,7 @@ def main() -> int:
             png_bytes[key] += sum(len(b) for b in out)
     # The store's own write_shard, whole (CPU time), then its parts one by one on the same samples.
     t0 = clock()
-    info = staging.write_shard(0, samples) if n == len(staging.shards[0]) else None
+    info = staging.write_shard(0, samples, sample_files=sample_files) if n == len(staging.shards[0]) else None
     ws = clock() - t0
     t0 = clock()
     enc = [encode_sample(spec.name, 1, s, code_version(), bool(spec.watermark)) for s in samples]
@@ -156,6 +160,13 @@ def main() -> int:
     for s in samples:
         np.bincount(np.asarray(s.label, np.uint8).ravel(), minlength=256)
     t_counts = clock() - t0
+    # The version browser's images of each sample (drawn in the shard workers: flows.browser.sample_files).
+    drawn = [_encode_sample(spec.name, 1, s, code_version(), bool(spec.watermark)) for s in samples]
+    browser_files = {}
+    for s, (_, row, stored) in zip(samples, drawn):
+        t0 = clock()
+        browser_files.update(sample_files(s, stored, row))
+        ms["browser"].append(clock() - t0)
     t0 = clock()
     part = parquet_bytes(pa.Table.from_pylist([r for _, r in enc], schema=SAMPLE_SCHEMA))
     t_parquet = clock() - t0
@@ -164,6 +175,7 @@ def main() -> int:
     files = {}
     for f, _ in enc:
         files.update({f"{tmp}/w/{rel}": data for rel, data in f.items()})
+    files.update({f"{tmp}/w/{rel}": data for rel, data in browser_files.items()})
     root.write_many(files)
     root.write_bytes(f"{tmp}/w/part.parquet", part)
     t_write = clock() - t0

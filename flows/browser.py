@@ -58,15 +58,31 @@ def _make_colours(class_table, n: int = 256) -> np.ndarray:
     return lut
 
 
+_VIEW_LUTS: dict[tuple, np.ndarray] = {}
+
+
 def _view(stored: np.ndarray, row: dict, domain) -> np.ndarray:
-    """8-bit view for people: decoded by the row's codec, shown through the domain's display window."""
+    """8-bit view for people: decoded by the row's codec, shown through the domain's display window.
+    16-bit images of a pointwise codec through a fixed window go through a table of all 65,536 stored values (the
+    same numbers: every value is decoded and windowed by the same calls, once per codec and window, not once per
+    pixel)."""
     from annotators.overlay import display
     from store.codecs import codec_for_row
 
-    return display(codec_for_row(row).decode(stored), domain.display_window if domain is not None else None)
+    codec = codec_for_row(row)
+    win = domain.display_window if domain is not None else None
+    if stored.dtype == np.uint16 and win is not None and codec.pointwise:
+        key = (type(codec), codec.version, json.dumps(codec.params, sort_keys=True, default=str), tuple(win))
+        if key not in _VIEW_LUTS:
+            _VIEW_LUTS[key] = display(codec.decode(np.arange(65536, dtype=np.uint16)), win)
+        return _VIEW_LUTS[key][stored]
+    return display(codec.decode(stored), win)
 
 
-IMAGE_KINDS = ("thumb", "view", "overlay", "label")
+# Per sample: a thumbnail with outlines, the 8-bit view, the outlines alone (an indexed PNG, transparent where
+# nothing is drawn: the sample page lays it over the view, so the full-size overlay costs a few KB, not an RGB
+# image) and the label map in class colours.
+IMAGE_KINDS = ("thumb", "view", "outline", "label")
 
 
 def image_paths(sample_id: str) -> list[str]:
@@ -74,34 +90,39 @@ def image_paths(sample_id: str) -> list[str]:
     return [f"browser/img/{sample_id}_{kind}.png" for kind in IMAGE_KINDS]
 
 
-def draw_sample(img: np.ndarray, lab: np.ndarray, ins: np.ndarray, row: dict, domain) -> dict[str, bytes]:
+def draw_sample(img: np.ndarray, lab: np.ndarray, ins: np.ndarray, row: dict, domain,
+                label_png: bytes | None = None) -> dict[str, bytes]:
     """One sample's browser images from its stored image, label (uint8) and instance map (uint16): a thumbnail with
-    outlines, the 8-bit view, the full-size overlay and the label in class colours, as PNG bytes by path."""
+    outlines, the 8-bit view, the full-size outlines (a transparent layer for the view) and the label in class
+    colours, as PNG bytes by path. ``label_png``: the label's published PNG, whose compressed rows the label
+    picture reuses (the same bytes as encoding ``lab`` again)."""
     import cv2
 
-    from annotators.overlay import instance_outline, outline
-    from store.codec import encode_png
+    from annotators.overlay import instance_outline, outline, outline_layer
+    from store.codec import encode_png, grey_png_as_indexed
 
     class_table = domain.classes if domain is not None else None
     outline_ids = list(domain.outline_classes) if domain is not None and domain.outline_classes else None
     view = _view(img, row, domain)
-    rgb = outline(view, lab, class_table, classes=outline_ids) if class_table is not None else view
-    over = instance_outline(rgb, ins, thickness=1)
+    layer, layer_palette, clear = outline_layer(lab, ins, class_table, classes=outline_ids)
     scale = THUMB_PX / max(view.shape[:2])
     size = (max(1, round(view.shape[1] * scale)), max(1, round(view.shape[0] * scale)))
     tv = cv2.resize(view, size, interpolation=cv2.INTER_AREA)
     tl = cv2.resize(lab, size, interpolation=cv2.INTER_NEAREST)
     ti = cv2.resize(ins, size, interpolation=cv2.INTER_NEAREST)
     trgb = outline(tv, tl, class_table, classes=outline_ids) if class_table is not None else tv
-    thumb, view_p, over_p, label_p = image_paths(row["sample_id"])
+    colours = _colours(class_table)
+    label_pic = grey_png_as_indexed(label_png, colours) if label_png is not None else None
+    thumb, view_p, outline_p, label_p = image_paths(row["sample_id"])
     return {thumb: encode_png(instance_outline(trgb, ti, thickness=1)), view_p: encode_png(view),
-            over_p: encode_png(over), label_p: encode_png(lab, png_filter="none", palette=_colours(class_table))}
+            outline_p: encode_png(layer, png_filter="none", palette=layer_palette, transparent=clear),
+            label_p: label_pic or encode_png(lab, png_filter="none", palette=colours)}
 
 
 _DOMAINS: dict[str, Any] = {}
 
 
-def sample_files(sample, stored: np.ndarray, row: dict) -> dict[str, bytes]:
+def sample_files(sample, stored: np.ndarray, row: dict, files: dict[str, bytes] | None = None) -> dict[str, bytes]:
     """``BuildStaging.write_shard``'s per-sample hook: the browser images of a sample, drawn in the shard's worker
     from the arrays it holds (no PNG decoding at publish). The same bytes ``write_browser`` would draw from the
     published files; 2-D PNG images only (other codecs get the card's views)."""
@@ -115,7 +136,7 @@ def sample_files(sample, stored: np.ndarray, row: dict) -> dict[str, bytes]:
         except KeyError:
             _DOMAINS[sample.domain] = None
     return draw_sample(stored, np.asarray(sample.label, np.uint8), np.asarray(sample.instance, np.uint16), row,
-                       _DOMAINS[sample.domain])
+                       _DOMAINS[sample.domain], label_png=(files or {}).get(row["label_path"]))
 
 
 def write_browser(fs, base: str, manifest: Any, domain) -> list[str]:
@@ -133,7 +154,10 @@ def write_browser(fs, base: str, manifest: Any, domain) -> list[str]:
         return []  # the browser shows 2-D PNG images; other codecs (NIfTI volumes) have the card's tri-planar views
     written: list[str] = []
     fs.makedirs(f"{base}/browser/img", exist_ok=True)
-    there = {p.rsplit("/", 1)[-1] for p in fs.find(f"{base}/browser/img")}
+    try:  # one folder: its names, without a stat per file (fsspec's find stats each one)
+        there = {p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(f"{base}/browser/img", detail=False)}
+    except FileNotFoundError:
+        there = set()
 
     def put(rel: str, data: bytes) -> None:
         fs.pipe_file(f"{base}/{rel}", data)
@@ -146,9 +170,10 @@ def write_browser(fs, base: str, manifest: Any, domain) -> list[str]:
             written.extend(paths)  # drawn by the shard's worker (sample_files)
         else:
             img = decode_png(fs.cat_file(f"{base}/{r['image_path']}"))
-            lab = decode_png(fs.cat_file(f"{base}/{r['label_path']}"))
+            label_png = fs.cat_file(f"{base}/{r['label_path']}")
+            lab = decode_png(label_png)
             ins = decode_png(fs.cat_file(f"{base}/{r['instance_path']}"))
-            for rel, data in draw_sample(img, lab, ins, r, domain).items():
+            for rel, data in draw_sample(img, lab, ins, r, domain, label_png=label_png).items():
                 put(rel, data)
         req = [finding_dict(f) for f in r["requested"] or []]
         mea = [finding_dict(f) for f in r["measured"] or []]
@@ -207,7 +232,8 @@ body{font:14px system-ui,sans-serif;margin:12px;background:#fafafa;color:#222}
 text-decoration:none;color:#222;font-size:11px}.tile img{width:128px;height:128px;object-fit:contain;display:block}
 .bar{display:flex;gap:12px;flex-wrap:wrap;align-items:center;margin:8px 0}.fail{border-color:#d33}
 table{border-collapse:collapse;margin:6px 0}td,th{border:1px solid #ccc;padding:2px 6px;font-size:12px;text-align:left}
-.imgs img{width:320px;image-rendering:pixelated;margin-right:6px;border:1px solid #ccc}pre{font-size:11px;white-space:pre-wrap}
+.imgs img{width:320px;image-rendering:pixelated;margin-right:6px;border:1px solid #ccc}
+.stack{position:relative;display:inline-block}.stack img.layer{position:absolute;left:0;top:0}pre{font-size:11px;white-space:pre-wrap}
 </style>"""
 
 INDEX_HTML = """<!doctype html><html><head><meta charset="utf-8"><title>pairforge version browser</title>
@@ -275,8 +301,11 @@ var PFB = (function () {
     D.samples.forEach(function (s) { if (s.id === id) x = s; });
     if (!x) { $("title").textContent = "no sample " + id; return; }
     $("title").textContent = D.name + " v" + D.version + " / sample " + x.id + " (" + x.split + ")";
-    $("imgs").innerHTML = ["view", "label", "overlay"].map(function (k) {
-      return '<figure style="display:inline-block;margin:0"><img id="img-' + k + '" src="browser/img/' + esc(x.id) + "_" + k + '.png"><figcaption>' + k + "</figcaption></figure>"; }).join("");
+    var src = function (k) { return 'src="browser/img/' + esc(x.id) + "_" + k + '.png"'; };
+    $("imgs").innerHTML = ["view", "label"].map(function (k) {
+      return '<figure style="display:inline-block;margin:0"><img id="img-' + k + '" ' + src(k) + "><figcaption>" + k + "</figcaption></figure>"; }).join("") +
+      '<figure style="display:inline-block;margin:0"><div class="stack"><img id="img-overlay" ' + src("view") +
+      '><img id="img-outline" class="layer" ' + src("outline") + '></div><figcaption>overlay</figcaption></figure>';
     $("info").innerHTML = "<p>spacing " + esc(x.spacing_mm) + " mm &middot; " + esc(x.codec || "") + " &middot; QC " + (x.qc_passed ? "passed" : "FAILED") + "</p>" +
       "<h3>Measurements</h3><div id=\"measured\">" + table(x.measured) + "</div>" +
       "<h3>QC</h3>" + table(x.qc) + "<h3>Drawn parameters</h3>" + table(x.requested) +

@@ -154,8 +154,9 @@ def encode_sample(name: str, version: int, sample: Sample, code_version: str,
 
 
 # A caller's per-sample files, drawn while a shard's arrays are in memory (e.g. the version browser's thumbnails):
-# (sample, stored image array as written, its index row) -> {path relative to the version: bytes}.
-SampleFiles = Callable[[Sample, np.ndarray, dict], "dict[str, bytes]"]
+# (sample, stored image array as written, its index row, the sample's own files {path relative to the version:
+# bytes}) -> {path relative to the version: bytes}.
+SampleFiles = Callable[[Sample, np.ndarray, dict, "dict[str, bytes]"], "dict[str, bytes]"]
 SAMPLE_DIRS = ("images", "labels", "instances")
 
 
@@ -248,9 +249,10 @@ class BuildStaging:
     def write_shard(self, i: int, samples: list[Sample], sample_files: SampleFiles | None = None) -> dict[str, Any]:
         """Watermark, encode and write one shard's PNGs, then its Parquet part, then its commit marker (last).
 
-        ``sample_files(sample, stored image, index row)`` adds files of the caller's per sample (paths relative to
-        the version, outside images/labels/instances), made here while the arrays are in memory: they are written
-        with the shard, their sha256 recorded in its marker, and published with the version."""
+        ``sample_files(sample, stored image, index row, the sample's own files)`` adds files of the caller's per
+        sample (paths relative to the version, outside images/labels/instances), made here while the arrays are in
+        memory: they are written with the shard, their sha256 recorded in its marker, and published with the
+        version."""
         if not 0 <= i < len(self.shards):
             raise StoreError(f"shard {i} does not exist; {self.name} has shards 0 to {len(self.shards) - 1}")
         want = list(self.shards[i])
@@ -269,7 +271,7 @@ class BuildStaging:
             f, row, stored = _encode_sample(self.name, self.version, s, self.code_version, bool(self.spec.watermark))
             files.update({f"{self.data_dir}/{rel}": data for rel, data in f.items()})
             if sample_files is not None:
-                for rel, data in sample_files(s, stored, row).items():
+                for rel, data in sample_files(s, stored, row, f).items():
                     if rel.split("/", 1)[0] in SAMPLE_DIRS or rel in (MANIFEST, SAMPLES, README) or rel in extra:
                         raise StoreError(f"sample {s.sample_id}: extra file {rel!r} would overwrite a file of the "
                                          "version; use a folder of your own")
@@ -435,7 +437,7 @@ class BuildStaging:
         root.refresh()
         base = self.data_dir.rstrip("/")
         there = set()
-        for path in root.retrying(base, lambda: root.fs.find(base)):
+        for path in root.find_files(base):
             path = root.fs._strip_protocol(path)
             there.add(path.split(base.lstrip("/") + "/", 1)[-1] if not path.startswith(base + "/")
                       else path[len(base) + 1:])
@@ -460,10 +462,10 @@ class BuildStaging:
         """sha256 of every file of the version that is not a sample PNG (walked, so card files are included);
         ``known``: hashes recorded when a shard wrote its extra files (used for the ones that are there)."""
         known = known or {}
-        fs, base = self.root.fs, self.data_dir.rstrip("/")
+        base = self.data_dir.rstrip("/")
         self.root.refresh()
         out = {}
-        for path in sorted(fs.find(base)):
+        for path in self.root.find_files(base):
             rel = path[len(base) + 1:] if path.startswith(base + "/") else path.split(base.lstrip("/") + "/", 1)[-1]
             if rel.split("/", 1)[0] in SAMPLE_DIRS or rel == MANIFEST:
                 continue

@@ -36,7 +36,14 @@ def sha256(data: bytes) -> str:
 
 
 def hu_to_stored(hu: np.ndarray) -> np.ndarray:
-    return np.clip(np.rint(np.asarray(hu, np.float64)) + HU_OFFSET, 0, 65535).astype(np.uint16)
+    a = np.asarray(hu)
+    if a.dtype == np.float32:
+        # The same numbers as the float64 path below, at a third of its cost: rounding a float32 to an integer is
+        # exact in float32, and adding the offset to an integer stays exact below 2^24 (larger values clip anyway).
+        r = np.rint(a)
+        r += np.float32(HU_OFFSET)
+        return np.clip(r, 0, 65535, out=r).astype(np.uint16)
+    return np.clip(np.rint(np.asarray(a, np.float64)) + HU_OFFSET, 0, 65535).astype(np.uint16)
 
 
 def stored_to_hu(stored: np.ndarray) -> np.ndarray:
@@ -74,13 +81,15 @@ def _filtered_rows(a: np.ndarray, kind: int) -> np.ndarray:
 
 
 def encode_png(array: np.ndarray, text: dict[str, Any] | None = None, png_filter: str = "up",
-               palette: np.ndarray | None = None) -> bytes:
+               palette: np.ndarray | None = None, transparent: int | None = None) -> bytes:
     """Standard PNG bytes: 8- or 16-bit grey, RGB or RGBA (given in RGB order), one filter on every row
     (``png_filter``: "up" for images, "none" for label maps), one IDAT compressed by libdeflate at ``PNG_LEVEL``.
     ``text`` goes into one iTXt chunk named ``pairforge`` as JSON, right after IHDR. Readers need nothing but a PNG
     decoder (OpenCV, Pillow, libpng); files written by the earlier zlib encoder read the same way.
     ``palette`` ((n <= 256) x 3 uint8 RGB): an indexed-colour PNG of the uint8 HxW ``array`` (a picture of a label
-    map in class colours: a third of the RGB bytes to compress); readers decode it to those RGB colours."""
+    map in class colours: a third of the RGB bytes to compress); readers decode it to those RGB colours.
+    ``transparent`` (with ``palette``): the index whose pixels are fully transparent (a tRNS chunk), for a layer
+    drawn over another image. A palette of at most 16 colours is written at 4 bits a pixel (two pixels a byte)."""
     import deflate
 
     a = np.asarray(array)
@@ -93,10 +102,21 @@ def encode_png(array: np.ndarray, text: dict[str, Any] | None = None, png_filter
         if int(a.max()) >= pal.shape[0]:
             raise ValueError(f"pixel value {int(a.max())} has no palette entry ({pal.shape[0]} colours)")
         h, w = a.shape
-        ihdr = struct.pack(">IIBBBBB", w, h, 8, 3, 0, 0, 0)
-        return b"".join([_PNG_SIG, _chunk(b"IHDR", ihdr), _chunk(b"PLTE", pal.tobytes()),
-                         _chunk(b"IDAT", deflate.zlib_compress(_filtered_rows(a, PNG_FILTERS[png_filter]), PNG_LEVEL)),
-                         _chunk(b"IEND", b"")])
+        depth = 8
+        if pal.shape[0] <= 16:  # two pixels a byte, the first in the high nibble (a zero nibble pads an odd row)
+            depth = 4
+            even = a if w % 2 == 0 else np.concatenate([a, np.zeros((h, 1), np.uint8)], axis=1)
+            a = (even[:, 0::2] << 4) | even[:, 1::2]
+        ihdr = struct.pack(">IIBBBBB", w, h, depth, 3, 0, 0, 0)
+        parts = [_PNG_SIG, _chunk(b"IHDR", ihdr), _chunk(b"PLTE", pal.tobytes())]
+        if transparent is not None:
+            if not 0 <= int(transparent) < pal.shape[0]:
+                raise ValueError(f"transparent index {transparent} is not in the palette (0 to {pal.shape[0] - 1})")
+            parts.append(_chunk(b"tRNS", b"\xff" * int(transparent) + b"\x00"))  # later entries stay opaque
+        return b"".join(parts + [_chunk(b"IDAT", deflate.zlib_compress(_filtered_rows(a, PNG_FILTERS[png_filter]),
+                                                                           PNG_LEVEL)), _chunk(b"IEND", b"")])
+    if transparent is not None:
+        raise ValueError("a transparent index needs a palette (an indexed PNG)")
     if a.dtype not in (np.uint8, np.uint16):
         raise ValueError(f"PNG stores uint8 or uint16 pixels, not {a.dtype} (array of shape {a.shape})")
     channels = a.shape[2] if a.ndim == 3 else 1
@@ -113,6 +133,46 @@ def encode_png(array: np.ndarray, text: dict[str, Any] | None = None, png_filter
     parts += [_chunk(b"IDAT", deflate.zlib_compress(_filtered_rows(a, PNG_FILTERS[png_filter]), PNG_LEVEL)),
               _chunk(b"IEND", b"")]
     return b"".join(parts)
+
+
+def png_chunks(data: bytes) -> list[tuple[bytes, bytes]]:
+    """A PNG's chunks in order, as (type, body); a ValueError for bytes that are not a whole PNG."""
+    if not data.startswith(_PNG_SIG):
+        raise ValueError("not a PNG")
+    out, pos = [], 8
+    while pos + 12 <= len(data):
+        (n,) = struct.unpack(">I", data[pos:pos + 4])
+        if pos + 12 + n > len(data):
+            break
+        out.append((data[pos + 4:pos + 8], data[pos + 8:pos + 8 + n]))
+        pos += 12 + n
+        if out[-1][0] == b"IEND":
+            return out
+    raise ValueError("a PNG cut short (no IEND)")
+
+
+def grey_png_as_indexed(data: bytes, palette: np.ndarray) -> bytes | None:
+    """An 8-bit grey PNG (a label map's file) re-labelled as an indexed PNG with ``palette`` (n x 3 uint8 RGB): the
+    same compressed scanlines (8-bit grey and 8-bit indexed rows are laid out and filtered alike), so nothing is
+    compressed again. For a label written by ``encode_png(label, png_filter="none")`` the bytes equal
+    ``encode_png(label, png_filter="none", palette=palette)``. None when ``data`` is not a non-interlaced 8-bit grey
+    PNG (the caller encodes instead); pixel values must have palette entries (a 256-entry palette always does)."""
+    try:
+        chunks = png_chunks(data)
+    except ValueError:
+        return None
+    if not chunks or chunks[0][0] != b"IHDR" or len(chunks[0][1]) != 13:
+        return None
+    w, h, depth, colour, comp, filt, interlace = struct.unpack(">IIBBBBB", chunks[0][1])
+    pal = np.asarray(palette)
+    if (depth, colour, comp, filt, interlace) != (8, 0, 0, 0, 0) or pal.dtype != np.uint8 or pal.ndim != 2 \
+            or pal.shape[1] != 3 or not 1 <= pal.shape[0] <= 256:
+        return None
+    idat = [_chunk(b"IDAT", body) for kind, body in chunks if kind == b"IDAT"]
+    if not idat:
+        return None
+    ihdr = struct.pack(">IIBBBBB", w, h, 8, 3, 0, 0, 0)
+    return b"".join([_PNG_SIG, _chunk(b"IHDR", ihdr), _chunk(b"PLTE", pal.tobytes()), *idat, _chunk(b"IEND", b"")])
 
 
 def decode_png(data: bytes) -> np.ndarray:

@@ -42,6 +42,9 @@ class Codec:
     params_accepted: ClassVar[tuple[str, ...]] = ()
     manifest_description: ClassVar[str] = ""
     watermark_levels: ClassVar[int | None] = None  # largest change of a stored value by the mark; None: no mark
+    # decode() maps every stored value on its own (no neighbours, no image-wide statistics), so a table of the
+    # decoded values of all 65,536 uint16 values gives the same numbers (the browser's views use one).
+    pointwise: ClassVar[bool] = False
 
     def __init__(self, **params: Any):
         unknown = sorted(set(params) - set(self.params_accepted))
@@ -173,6 +176,7 @@ def codec_for_domain(domain: str) -> Codec:
 class HU16(Codec):
     name, version = "hu16", 1
     manifest_description = png.CT_ENCODING
+    pointwise = True
     watermark_levels = wm.CT_AMPLITUDE_HU
 
     def encode(self, image: np.ndarray) -> np.ndarray:
@@ -210,6 +214,7 @@ class Float16(Codec):
 
     name, version = "float16", 1
     params_accepted = ("scale", "offset", "watermark_levels")
+    pointwise = True
 
     def __init__(self, **params: Any):
         super().__init__(**params)

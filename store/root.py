@@ -163,13 +163,19 @@ class Root:
         else:
             self.retrying(path, lambda: self.fs.pipe_file(path, data))
 
-    def _write_local(self, path: str, data: bytes) -> None:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
+    def _write_local(self, path: str, data: bytes, make_dirs: bool = True) -> None:
+        if make_dirs:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
         tmp = f"{path}.tmp-{_unique()}"
         try:
             self._inject("write", tmp)
-            with open(tmp, "wb") as f:
-                f.write(data)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_BINARY", 0), 0o666)
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view):]
+            finally:
+                os.close(fd)
             self._inject("rename", path)
             os.replace(tmp, path)
         except BaseException:
@@ -179,8 +185,10 @@ class Root:
 
     def write_many(self, files: dict[str, bytes]) -> None:
         if self.local:
+            for folder in {os.path.dirname(p) for p in files}:  # each folder once, not once per file
+                self.retrying(folder, lambda folder=folder: os.makedirs(folder, exist_ok=True))
             for p, d in files.items():
-                self.write_bytes(p, d)
+                self.retrying(p, lambda p=p, d=d: self._write_local(p, d, make_dirs=False))
         else:
             what = f"{len(files)} files under {os.path.dirname(next(iter(files)))}" if files else "no files"
             self.retrying(what, lambda: self.fs.pipe(files))  # concurrent uploads on object stores
@@ -234,6 +242,29 @@ class Root:
             if "precondition" in str(e).lower() or "412" in str(e):
                 return False
             raise
+
+    def find_files(self, base: str) -> list[str]:
+        """Every file under ``base`` (recursive), as ``fs.find`` names them, sorted; [] when there is none. Local
+        disks are walked with ``os.scandir`` (no stat per file: a version of 10,000 samples has 70,000 files, and
+        fsspec's ``find`` stats each one)."""
+        if not self.local:
+            return sorted(self.retrying(base, lambda: self.fs.find(base)))
+        top = self.fs._strip_protocol(base).rstrip("/")
+
+        def walk() -> list[str]:
+            out: list[str] = []
+            stack = [top]
+            while stack:
+                folder = stack.pop()
+                try:
+                    with os.scandir(folder) as it:
+                        for e in it:
+                            (stack if e.is_dir(follow_symlinks=False) else out).append(f"{folder}/{e.name}")
+                except (FileNotFoundError, NotADirectoryError):
+                    continue
+            return sorted(out)
+
+        return self.retrying(base, walk)
 
     def listdir_names(self, path: str) -> list[str]:
         self.refresh()

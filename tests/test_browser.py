@@ -80,9 +80,9 @@ def test_a_sample_page_shows_image_label_overlay_measurements_qc_and_parameters(
     s = next(x for x in data(version_dir)["samples"] if x["measured"])
     dom = chromium("--dump-dom", f"{(version_dir / 'sample.html').as_uri()}#{s['id']}")
     assert f"sample {s['id']}" in dom
-    for k in ("view", "label", "overlay"):
-        assert f'id="img-{k}" src="browser/img/{s["id"]}_{k}.png"' in dom
-        assert (version_dir / "browser" / "img" / f"{s['id']}_{k}.png").is_file()
+    for k, f in (("view", "view"), ("label", "label"), ("overlay", "view"), ("outline", "outline")):
+        assert f'id="img-{k}" ' in dom and f'src="browser/img/{s["id"]}_{f}.png"' in dom
+        assert (version_dir / "browser" / "img" / f"{s['id']}_{f}.png").is_file()
     for h in ("Measurements", "QC", "Drawn parameters"):
         assert f"<h3>{h}</h3>" in dom
     assert str(s["measured"][0]["area_mm2"]) in dom and s["requested"][0]["kind"] in dom
@@ -99,6 +99,23 @@ def test_screenshot_of_the_index_shows_the_thumbnails(version_dir, tmp_path):
     assert len(np.unique(img.reshape(-1, 3), axis=0)) > 500
     yellow = (img[..., 2] > 200) & (img[..., 1] > 200) & (img[..., 0] < 80)
     assert yellow.sum() > 20
+
+
+def test_screenshot_of_a_sample_page_shows_the_outlines_over_the_view(version_dir, tmp_path):
+    """The overlay is the view with the transparent outline layer on top: the browser composites it."""
+    import cv2
+
+    s = next(x for x in data(version_dir)["samples"] if x["measured"])
+    shot = tmp_path / "sample.png"
+    chromium("--window-size=1100,420", f"--screenshot={shot}", f"{(version_dir / 'sample.html').as_uri()}#{s['id']}")
+    img = cv2.imread(str(shot))
+    yellow = (img[..., 2] > 200) & (img[..., 1] > 180) & (img[..., 0] < 80)  # instance outlines (255, 220, 0)
+    cols = np.flatnonzero(yellow.any(axis=0))
+    assert yellow.sum() > 20 and cols.min() > 600  # only in the third figure, the overlay (each is 320 px wide)
+    # Elsewhere the overlay is the view: the third figure repeats the first, shifted by two figures' width.
+    a = img[100:400, 20:320].astype(int)
+    same = max((np.abs(a - img[100:400, 20 + dx:320 + dx]).max(axis=2) <= 2).mean() for dx in range(640, 672))
+    assert same > 0.98
 
 
 def test_show_open_names_the_browser_of_a_version(version_dir, monkeypatch):

@@ -61,7 +61,7 @@ def test_images_drawn_in_the_shards_equal_the_ones_publish_draws(tmp_path, spec)
 
 def test_a_missing_shard_drawn_image_is_drawn_again_at_publish(tmp_path):
     reference, _ = _build(tmp_path / "a", SURFACE, sample_files)
-    lost = image_paths("0000004")[2]  # an overlay
+    lost = image_paths("0000004")[2]  # an outline layer
     rebuilt, _ = _build(tmp_path / "b", SURFACE, sample_files, drop=lost)
     assert (rebuilt / lost).read_bytes() == (reference / lost).read_bytes()
     assert _files(rebuilt) == _files(reference)
@@ -74,6 +74,42 @@ def test_extra_files_cannot_overwrite_the_sample_files(tmp_path):
     b = DatasetStore(tmp_path).open_build(spec, json.dumps(SURFACE), spec_hash(spec), "test")
     samples = make_samples(spec, b.shards[0])
     with pytest.raises(StoreError, match="would overwrite a file of the version") as e:
-        b.write_shard(0, samples, sample_files=lambda s, stored, row: {row["image_path"]: b"x"})
+        b.write_shard(0, samples, sample_files=lambda s, stored, row, files: {row["image_path"]: b"x"})
     assert "\n" not in str(e.value)
     assert b.finished_shards() == set()  # nothing committed
+
+
+@pytest.mark.parametrize("spec", [SURFACE, CT], ids=["surface-rgb", "chest-ct-16bit"])
+def test_the_outline_layer_over_the_view_is_the_overlay_and_the_view_table_gives_the_same_numbers(tmp_path, spec):
+    """The sample page lays the outline layer (indexed PNG, index 0 transparent) over the view: decoded with its alpha
+    and composited, it gives exactly the RGB overlay drawn on the view. The view of a 16-bit image comes from a table
+    of all stored values: the same bytes as decoding and windowing the image itself."""
+    import cv2
+    import numpy as np
+
+    from annotators.overlay import display, instance_outline, outline
+    from schemas.domain import get_domain
+    from store.codec import decode_png
+
+    vdir, _ = _build(tmp_path, spec, sample_files)
+    domain = get_domain(spec["domain"])
+    ids = list(domain.outline_classes) if domain.outline_classes else None
+    rows = {r["sample_id"]: r for r in __import__("pyarrow.parquet", fromlist=["x"]).read_table(
+        vdir / "samples.parquet").to_pylist()}
+    drawn = 0
+    for sid, r in rows.items():
+        from store.codecs import codec_for_row
+
+        stored = decode_png((vdir / r["image_path"]).read_bytes())
+        lab, ins = (decode_png((vdir / r[k]).read_bytes()) for k in ("label_path", "instance_path"))
+        view = display(codec_for_row(r).decode(stored), domain.display_window)
+        thumb, view_p, outline_p, _ = image_paths(sid)
+        assert np.array_equal(decode_png((vdir / view_p).read_bytes()), view)
+        bgra = cv2.imdecode(np.frombuffer((vdir / outline_p).read_bytes(), np.uint8), cv2.IMREAD_UNCHANGED)
+        assert bgra.ndim == 3 and bgra.shape[2] == 4 and set(np.unique(bgra[..., 3])) <= {0, 255}
+        comp = cv2.cvtColor(view, cv2.COLOR_GRAY2RGB) if view.ndim == 2 else view.copy()
+        on = bgra[..., 3] == 255
+        comp[on] = bgra[..., 2::-1][on]
+        assert np.array_equal(comp, instance_outline(outline(view, lab, domain.classes, classes=ids), ins))
+        drawn += int(on.sum())
+    assert drawn > 0

@@ -166,3 +166,69 @@ def test_indexed_png_decodes_to_its_palette_colours_in_opencv_and_pillow():
         codec.encode_png(np.full((4, 4), 9, np.uint8), palette=palette[:5])
     with pytest.raises(ValueError, match="indexed PNG takes a uint8 HxW array"):
         codec.encode_png(np.zeros((4, 4), np.uint16), palette=palette)
+
+
+def test_indexed_png_with_a_transparent_index_decodes_with_alpha_in_opencv_and_pillow():
+    """The browser's outline layer: index 0 fully transparent (tRNS), every other index opaque."""
+    rng = np.random.default_rng(6)
+    layer = np.zeros((30, 44), np.uint8)
+    layer[5, 3:40] = 7
+    layer[20:25, 10] = 255
+    palette = rng.integers(0, 256, (256, 3)).astype(np.uint8)
+    data = codec.encode_png(layer, png_filter="none", palette=palette, transparent=0)
+    assert [k for k, _ in _chunks(data)] == [b"IHDR", b"PLTE", b"tRNS", b"IDAT", b"IEND"]
+    rgba = np.asarray(Image.open(io.BytesIO(data)).convert("RGBA"))
+    assert np.array_equal(rgba[..., 3], np.where(layer > 0, 255, 0))
+    assert np.array_equal(rgba[..., :3][layer > 0], palette[layer[layer > 0]])
+    bgra = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    assert np.array_equal(bgra[..., 3], rgba[..., 3]) and np.array_equal(bgra[..., 2::-1][layer > 0],
+                                                                         rgba[..., :3][layer > 0])
+    with pytest.raises(ValueError, match="transparent index 300 is not in the palette"):
+        codec.encode_png(layer, palette=palette, transparent=300)
+    with pytest.raises(ValueError, match="a transparent index needs a palette"):
+        codec.encode_png(layer, transparent=0)
+
+
+def test_hu_to_stored_gives_the_same_numbers_for_float32_as_the_float64_rounding():
+    """The float32 path (what the renderers give) rounds in float32; the stored values are those of rounding in
+    float64, halves, the clip range and infinities included."""
+    ref = lambda hu: np.clip(np.rint(np.asarray(hu, np.float64)) + codec.HU_OFFSET, 0, 65535).astype(np.uint16)  # noqa: E731
+    rng = np.random.default_rng(0)
+    for scale in (1, 100, 3000, 1e5, 1e9):
+        a = (rng.standard_normal(200_000) * scale).astype(np.float32)
+        a[:1000] = np.round(a[:1000]) + 0.5
+        assert np.array_equal(codec.hu_to_stored(a), ref(a))
+    edges = np.concatenate([np.arange(-2000, 66000, 0.25, dtype=np.float32),
+                            np.array([np.inf, -np.inf, 3.4e38, -3.4e38, -1024.5, 64511.5], np.float32)])
+    assert np.array_equal(codec.hu_to_stored(edges), ref(edges))
+    assert np.array_equal(codec.hu_to_stored(edges.astype(np.float64)), ref(edges))
+
+
+def test_a_grey_label_png_relabelled_as_indexed_equals_encoding_it_with_the_palette():
+    """The browser's label picture reuses the published label's compressed rows: the same bytes as encoding the
+    label again with the palette; anything but a non-interlaced 8-bit grey PNG is declined (None)."""
+    rng = np.random.default_rng(8)
+    label = rng.integers(0, 20, (37, 51)).astype(np.uint8)
+    label[5:30, 4:40] = 12
+    palette = rng.integers(0, 256, (256, 3)).astype(np.uint8)
+    grey = codec.encode_png(label, png_filter="none")
+    assert codec.grey_png_as_indexed(grey, palette) == codec.encode_png(label, png_filter="none", palette=palette)
+    ok, cv_grey = cv2.imencode(".png", label)  # another encoder's grey PNG: still the same pixels in colour
+    assert np.array_equal(codec.decode_png(codec.grey_png_as_indexed(cv_grey.tobytes(), palette)), palette[label])
+    assert codec.grey_png_as_indexed(codec.encode_png(label.astype(np.uint16)), palette) is None  # 16-bit
+    assert codec.grey_png_as_indexed(codec.encode_png(np.dstack([label] * 3)), palette) is None  # RGB
+    assert codec.grey_png_as_indexed(grey[:-20], palette) is None  # cut short
+    assert codec.grey_png_as_indexed(b"not a png", palette) is None
+
+
+@pytest.mark.parametrize("width", [40, 41])
+def test_a_palette_of_sixteen_colours_or_fewer_packs_two_pixels_a_byte(width):
+    rng = np.random.default_rng(width)
+    layer = rng.integers(0, 7, (23, width)).astype(np.uint8)
+    palette = rng.integers(0, 256, (7, 3)).astype(np.uint8)
+    data = codec.encode_png(layer, png_filter="none", palette=palette, transparent=0)
+    assert _chunks(data)[0][1][8:10] == bytes([4, 3])  # 4-bit, indexed
+    rgba = np.asarray(Image.open(io.BytesIO(data)).convert("RGBA"))
+    assert np.array_equal(rgba[..., :3], palette[layer]) and np.array_equal(rgba[..., 3], np.where(layer > 0, 255, 0))
+    bgra = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    assert np.array_equal(bgra[..., 2::-1], palette[layer])
