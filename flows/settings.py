@@ -201,9 +201,19 @@ def _prefect_home() -> Path:
     return Path(os.environ.get("PREFECT_HOME") or Path.home() / ".prefect").expanduser()
 
 
+def launch_local_server(verbose: bool = False) -> LocalServer | None:
+    """Launch the local API server now (no wait) unless the environment names an API; ``prefect_api(server=)``
+    then uses it (and stops it if Prefect's settings name an API after all). The caller stops it if it never gets
+    there (``stop()`` is safe to call twice)."""
+    if os.environ.get("PREFECT_API_URL"):
+        return None
+    return LocalServer(verbose, False, _prefect_home() / "local-server.log").start()
+
+
 @contextlib.contextmanager
 def prefect_api(verbose: bool = False, services: bool = False,
-                while_starting: Callable[[bool], None] | None = None) -> Iterator[str]:
+                while_starting: Callable[[bool], None] | None = None,
+                server: LocalServer | None = None) -> Iterator[str]:
     """Yield the API URL flows report to. With no ``PREFECT_API_URL`` (environment, profile or settings), start one
     local server for this process and its workers; process pools and Dask workers inherit its URL, so every task
     run lands in the same database instead of each worker starting its own server.
@@ -213,15 +223,21 @@ def prefect_api(verbose: bool = False, services: bool = False,
     (imports, warming worker pools, a build's head start), with ``starting`` True when a local server is starting
     and False when an existing API is used (it runs at once). ``services=False`` starts it the way Prefect's ephemeral mode does (no background
     services: fastest start, enough for a build); ``pairforge serve`` needs ``services=True``: the scheduler service
-    is what turns a deployment's cron into scheduled runs, and ephemeral mode does not run it.
+    is what turns a deployment's cron into scheduled runs, and ephemeral mode does not run it. ``server``: one
+    ``launch_local_server`` launched earlier (used instead of launching another; stopped at the end all the same).
     """
     env_url = os.environ.get("PREFECT_API_URL")
     if env_url:
+        if server is not None:
+            server.stop()
         if while_starting is not None:
             while_starting(False)
         yield env_url
         return
-    server = LocalServer(verbose, services, _prefect_home() / "local-server.log").start()
+    if server is None or server.services != services:
+        if server is not None:
+            server.stop()
+        server = LocalServer(verbose, services, _prefect_home() / "local-server.log").start()
     exported = False
     try:
         configured = api_url()  # imports Prefect's settings (~1 s) while the server starts

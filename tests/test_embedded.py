@@ -64,6 +64,18 @@ def test_embedded_build_publishes_and_stops_its_server(embedded_env, tmp_path):
     assert _wait_gone(_servers_of(embedded_env["PREFECT_HOME"]), 10) == []
 
 
+def test_bad_input_stops_the_server_launched_at_the_start_and_publishes_nothing(embedded_env, tmp_path):
+    """The build launches its local API server before the input checks (start-up overlaps them): a spec that fails
+    them, or a version that is already up to date, must still leave no server behind."""
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(tiny_spec_text(name="bad-ct", samples=-3, shard_size=4))
+    r = subprocess.run(PAIRFORGE + ["build", str(bad), "--root", str(tmp_path / "root")], cwd=REPO,
+                       env=embedded_env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "samples" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert not (tmp_path / "root" / "bad-ct").exists()
+    assert _wait_gone(_servers_of(embedded_env["PREFECT_HOME"]), 10) == []
+
+
 def test_sigkilled_embedded_build_leaves_no_processes_behind(embedded_env, tmp_path):
     """SIGKILL gives the CLI no chance to clean up: its server and worker processes must still go."""
     spec = tmp_path / "killed.yaml"
