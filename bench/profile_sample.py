@@ -68,6 +68,7 @@ def main() -> int:
     from flows import allocator
 
     allocator.tune()  # what pairforge build's processes do (flows/allocator.py)
+    import flows.shard_imports  # noqa: F401  (pyarrow's one-off pandas check, paid before the fork in a build)
     t_imp = time.perf_counter()
     from annotators import annotate
     from flows.inputs import code_version, resolve_spec
