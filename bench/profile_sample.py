@@ -81,7 +81,7 @@ def main() -> int:
     from schemas.arrow import SAMPLE_SCHEMA
     from store import DatasetStore, codec, codecs
     from store import watermark as wm
-    from store.build import _encode_sample, encode_sample, parquet_bytes
+    from store.build import _encode_sample, parquet_bytes
     from flows.browser import sample_files
     imports_s = time.perf_counter() - t_imp
 
@@ -155,18 +155,18 @@ def main() -> int:
     info = staging.write_shard(0, samples, sample_files=sample_files) if n == len(staging.shards[0]) else None
     ws = clock() - t0
     t0 = clock()
-    enc = [encode_sample(spec.name, 1, s, code_version(), bool(spec.watermark)) for s in samples]
+    encoded = [_encode_sample(spec.name, 1, s, code_version(), bool(spec.watermark)) for s in samples]
     t_enc = clock() - t0
+    enc = [(f, row) for f, row, _ in encoded]
     t0 = clock()
     for s in samples:
         np.bincount(np.asarray(s.label, np.uint8).ravel(), minlength=256)
     t_counts = clock() - t0
     # The version browser's images of each sample (drawn in the shard workers: flows.browser.sample_files).
-    drawn = [_encode_sample(spec.name, 1, s, code_version(), bool(spec.watermark)) for s in samples]
     browser_files = {}
-    for s, (_, row, stored) in zip(samples, drawn):
+    for s, (own, row, stored) in zip(samples, encoded):
         t0 = clock()
-        browser_files.update(sample_files(s, stored, row))
+        browser_files.update(sample_files(s, stored, row, own))
         ms["browser"].append(clock() - t0)
     t0 = clock()
     part = parquet_bytes(pa.Table.from_pylist([r for _, r in enc], schema=SAMPLE_SCHEMA))

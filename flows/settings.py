@@ -224,7 +224,8 @@ def prefect_api(verbose: bool = False, services: bool = False,
     and False when an existing API is used (it runs at once). ``services=False`` starts it the way Prefect's ephemeral mode does (no background
     services: fastest start, enough for a build); ``pairforge serve`` needs ``services=True``: the scheduler service
     is what turns a deployment's cron into scheduled runs, and ephemeral mode does not run it. ``server``: one
-    ``launch_local_server`` launched earlier (used instead of launching another; stopped at the end all the same).
+    ``launch_local_server`` launched earlier (no services; used instead of launching another, stopped at the end all
+    the same).
     """
     env_url = os.environ.get("PREFECT_API_URL")
     if env_url:
@@ -234,9 +235,7 @@ def prefect_api(verbose: bool = False, services: bool = False,
             while_starting(False)
         yield env_url
         return
-    if server is None or server.services != services:
-        if server is not None:
-            server.stop()
+    if server is None:
         server = LocalServer(verbose, services, _prefect_home() / "local-server.log").start()
     exported = False
     try:

@@ -14,7 +14,7 @@ import hashlib
 import json
 import struct
 import zlib
-from typing import Any
+from typing import Any, Iterator
 
 import cv2
 import numpy as np
@@ -135,18 +135,29 @@ def encode_png(array: np.ndarray, text: dict[str, Any] | None = None, png_filter
     return b"".join(parts)
 
 
+def _walk_chunks(data: bytes) -> Iterator[tuple[bytes, bytes, bool]]:
+    """(type, body, whole) of each chunk after the signature, up to IEND or the end of ``data``; ``whole`` is False
+    for a chunk the data cuts short (its body then truncated)."""
+    pos = 8
+    while pos + 8 <= len(data):
+        (n,) = struct.unpack(">I", data[pos:pos + 4])
+        kind = data[pos + 4:pos + 8]
+        yield kind, data[pos + 8:pos + 8 + n], pos + 12 + n <= len(data)
+        if kind == b"IEND":
+            return
+        pos += 12 + n
+
+
 def png_chunks(data: bytes) -> list[tuple[bytes, bytes]]:
     """A PNG's chunks in order, as (type, body); a ValueError for bytes that are not a whole PNG."""
     if not data.startswith(_PNG_SIG):
         raise ValueError("not a PNG")
-    out, pos = [], 8
-    while pos + 12 <= len(data):
-        (n,) = struct.unpack(">I", data[pos:pos + 4])
-        if pos + 12 + n > len(data):
+    out = []
+    for kind, body, whole in _walk_chunks(data):
+        if not whole:
             break
-        out.append((data[pos + 4:pos + 8], data[pos + 8:pos + 8 + n]))
-        pos += 12 + n
-        if out[-1][0] == b"IEND":
+        out.append((kind, body))
+        if kind == b"IEND":
             return out
     raise ValueError("a PNG cut short (no IEND)")
 
@@ -191,11 +202,7 @@ def read_itxt(data: bytes, key: bytes = ITXT_KEY) -> dict[str, Any] | None:
     """The pairforge iTXt JSON of a PNG, or None (not a PNG, no chunk)."""
     if not data.startswith(_PNG_SIG):
         return None
-    pos = 8
-    while pos + 8 <= len(data):
-        (n,) = struct.unpack(">I", data[pos:pos + 4])
-        kind = data[pos + 4:pos + 8]
-        body = data[pos + 8:pos + 8 + n]
+    for kind, body, _ in _walk_chunks(data):
         if kind == b"iTXt" and body.startswith(key + b"\x00"):
             rest = body[len(key) + 1:]
             compressed = rest[0] == 1
@@ -207,8 +214,4 @@ def read_itxt(data: bytes, key: bytes = ITXT_KEY) -> dict[str, Any] | None:
                 return json.loads(text.decode())
             except ValueError:
                 return None
-        if kind == b"IDAT" or kind == b"IEND":
-            if kind == b"IEND":
-                break
-        pos += 12 + n
     return None

@@ -86,20 +86,19 @@ def test_the_outline_layer_over_the_view_is_the_overlay_and_the_view_table_gives
     of all stored values: the same bytes as decoding and windowing the image itself."""
     import cv2
     import numpy as np
+    import pyarrow.parquet as pq
 
     from annotators.overlay import display, instance_outline, outline
     from schemas.domain import get_domain
     from store.codec import decode_png
+    from store.codecs import codec_for_row
 
     vdir, _ = _build(tmp_path, spec, sample_files)
     domain = get_domain(spec["domain"])
     ids = list(domain.outline_classes) if domain.outline_classes else None
-    rows = {r["sample_id"]: r for r in __import__("pyarrow.parquet", fromlist=["x"]).read_table(
-        vdir / "samples.parquet").to_pylist()}
     drawn = 0
-    for sid, r in rows.items():
-        from store.codecs import codec_for_row
-
+    for r in pq.read_table(vdir / "samples.parquet").to_pylist():
+        sid = r["sample_id"]
         stored = decode_png((vdir / r["image_path"]).read_bytes())
         lab, ins = (decode_png((vdir / r[k]).read_bytes()) for k in ("label_path", "instance_path"))
         view = display(codec_for_row(r).decode(stored), domain.display_window)
