@@ -13,6 +13,8 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
+from flows import browser
+from flows.browser import detail_path
 from flows.card import card
 from flows.pipeline import make_samples
 from schemas.spec import spec_hash, validate_spec
@@ -34,7 +36,9 @@ def version_dir(tmp_path_factory):
     b = DatasetStore(root).open_build(spec, json.dumps(SPEC), spec_hash(spec), "test")
     for i, shard in enumerate(b.shards):
         b.write_shard(i, [s for s in samples if s.index in shard])
-    b.publish("test-run", card=card)
+    with pytest.MonkeyPatch.context() as mp:  # several detail chunks (5, 5, 2 samples), as a large version has
+        mp.setattr(browser, "DETAIL_CHUNK", 5)
+        b.publish("test-run", card=card)
     return root / "plates" / "v1"
 
 
@@ -52,9 +56,25 @@ def shown(version_dir: Path, filters: str = "") -> int:
     return int(m.group(1))
 
 
-def data(version_dir: Path) -> dict:
+def data(version_dir: Path, details: bool = True) -> dict:
+    """browser/data.js (the index's fields of each sample), with each sample's details from its browser/detail chunk
+    merged in unless ``details=False``."""
     text = (version_dir / "browser" / "data.js").read_text()
-    return json.loads(text[text.index("=") + 1:].rstrip().rstrip(";"))
+    d = json.loads(text[text.index("=") + 1:].rstrip().rstrip(";"))
+    if details:
+        for i, x in enumerate(d["samples"]):
+            chunk = (version_dir / detail_path(i // d["detail_chunk"])).read_text()
+            x.update(json.loads(chunk[chunk.index(",") + 1:].rstrip().rstrip(";").rstrip(")"))[x["id"]])
+    return d
+
+
+def test_the_index_data_has_only_what_the_index_shows_and_each_sample_is_in_one_detail_chunk(version_dir):
+    d = data(version_dir, details=False)
+    assert all(set(x) == {"id", "split", "kinds", "sizes", "regions", "qc_passed"} for x in d["samples"])
+    chunks = sorted((version_dir / "browser" / "detail").glob("*.js"))
+    assert d["detail_chunk"] == 5 and len(chunks) == 3
+    full = data(version_dir)["samples"]
+    assert all({"measured", "requested", "qc", "seed", "generator", "codec", "spacing_mm"} <= set(x) for x in full)
 
 
 def test_index_loads_and_filters_change_the_shown_count(version_dir):
@@ -77,12 +97,12 @@ def test_index_loads_and_filters_change_the_shown_count(version_dir):
 
 
 def test_a_sample_page_shows_image_label_overlay_measurements_qc_and_parameters(version_dir):
-    s = next(x for x in data(version_dir)["samples"] if x["measured"])
+    s = [x for x in data(version_dir)["samples"] if x["measured"]][-1]  # in the last detail chunk
     dom = chromium("--dump-dom", f"{(version_dir / 'sample.html').as_uri()}#{s['id']}")
     assert f"sample {s['id']}" in dom
-    for k, f in (("view", "view"), ("label", "label"), ("overlay", "view"), ("outline", "outline")):
-        assert f'id="img-{k}" ' in dom and f'src="browser/img/{s["id"]}_{f}.png"' in dom
-        assert (version_dir / "browser" / "img" / f"{s['id']}_{f}.png").is_file()
+    for k, f in (("view", "view.jpg"), ("label", "label.png"), ("overlay", "view.jpg"), ("outline", "outline.png")):
+        assert f'id="img-{k}" ' in dom and f'src="browser/img/{s["id"]}_{f}"' in dom
+        assert (version_dir / "browser" / "img" / f"{s['id']}_{f}").is_file()
     for h in ("Measurements", "QC", "Drawn parameters"):
         assert f"<h3>{h}</h3>" in dom
     assert str(s["measured"][0]["area_mm2"]) in dom and s["requested"][0]["kind"] in dom

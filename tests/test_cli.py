@@ -184,9 +184,9 @@ def test_sigkilled_build_resumes_reusing_shards_and_publishes_identical_bytes(pr
     code = [json.loads((r / "kill-ct" / "v1" / "manifest.json").read_text())["code"]["code_version"] for r in (root_a, root_b)]
     assert code[0] == code[1], "the source changed while the test ran (code version differs); rerun it"
     a, b = data_file_hashes(root_a / "kill-ct" / "v1"), data_file_hashes(root_b / "kill-ct" / "v1")
-    # image, label, instance PNGs; samples.parquet, README.md; 4 card PNGs; the browser (2 pages, 2 scripts, 4 PNGs
-    # a sample)
-    assert len(a) == 3 * 32 + 2 + 4 + 4 + 4 * 32
+    # image, label, instance PNGs; samples.parquet, README.md; 4 card PNGs; the browser (2 pages, 2 scripts, 1 detail
+    # chunk, 4 images a sample)
+    assert len(a) == 3 * 32 + 2 + 4 + 5 + 4 * 32
     assert sorted(k for k in a if a[k] != b.get(k)) == []
 
 

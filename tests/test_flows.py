@@ -274,4 +274,4 @@ def test_ray_runner_builds_and_publishes_the_same_bytes_as_the_local_runner(pref
     assert ray_summary["spec_hash"] == local_summary["spec_hash"]
     a = data_file_hashes(tmp_path / "ray" / "ray-ct" / "v1")
     b = data_file_hashes(tmp_path / "local" / "ray-ct" / "v1")
-    assert a == b and len(a) == 3 * 8 + 2 + 4 + 4 + 4 * 8  # PNGs, parquet, README, card, browser
+    assert a == b and len(a) == 3 * 8 + 2 + 4 + 5 + 4 * 8  # PNGs, parquet, README, card, browser (+1 detail chunk)
