@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import subprocess
 import sys
 import time
@@ -201,6 +202,53 @@ def _prefect_home() -> Path:
     return Path(os.environ.get("PREFECT_HOME") or Path.home() / ".prefect").expanduser()
 
 
+LOOPBACK_CA_ENV = "PREFECT_API_SSL_CERT_FILE"
+_PEM_CERT = re.compile(r"-----BEGIN CERTIFICATE-----\n.+?\n-----END CERTIFICATE-----\n", re.S)
+
+
+def loopback_ca_file() -> str | None:
+    """A CA file of one certificate, for Prefect's clients of the local server only.
+
+    That server speaks plain HTTP on 127.0.0.1, so no certificate is ever checked; but Prefect's client builds a TLS
+    context for every client it creates, loading the whole CA bundle it is given (certifi's, ~150 certificates: ~35
+    ms of CPU each time on the 2-core build machine; one certificate: ~1 ms). A build creates about a dozen (the CLI's
+    flow engine, log and event workers, each lane's worker). Written once under PREFECT_HOME (the first certificate
+    of certifi's bundle); None where that cannot be done (Prefect's default then stands)."""
+    path = _prefect_home() / "pairforge-loopback-ca.pem"
+    try:
+        if not path.is_file():
+            import certifi
+
+            m = _PEM_CERT.search(Path(certifi.where()).read_text())
+            if m is None:
+                return None
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+            tmp.write_text(m.group(0))
+            os.replace(tmp, path)
+        return str(path)
+    except (ImportError, OSError):
+        return None
+
+
+def _use_loopback_ca() -> bool:
+    """Export ``loopback_ca_file()`` as PREFECT_API_SSL_CERT_FILE unless the user chose a CA file for Prefect's API
+    (environment, profile or settings; Prefect's default, the system's SSL_CERT_FILE, is not a choice); True when
+    exported (the caller removes it again)."""
+    if os.environ.get(LOOPBACK_CA_ENV):
+        return False
+    from prefect.settings import PREFECT_API_SSL_CERT_FILE
+
+    chosen = PREFECT_API_SSL_CERT_FILE.value()
+    if chosen and chosen != os.environ.get("SSL_CERT_FILE"):
+        return False
+    ca = loopback_ca_file()
+    if ca is None:
+        return False
+    os.environ[LOOPBACK_CA_ENV] = ca
+    return True
+
+
 def launch_local_server(verbose: bool = False) -> LocalServer | None:
     """Launch the local API server now (no wait) unless the environment names an API; ``prefect_api(server=)``
     then uses it (and stops it if Prefect's settings name an API after all). The caller stops it if it never gets
@@ -237,7 +285,7 @@ def prefect_api(verbose: bool = False, services: bool = False,
         return
     if server is None:
         server = LocalServer(verbose, services, _prefect_home() / "local-server.log").start()
-    exported = False
+    exported = loopback_ca = False
     try:
         configured = api_url()  # imports Prefect's settings (~1 s) while the server starts
         if configured:
@@ -252,6 +300,7 @@ def prefect_api(verbose: bool = False, services: bool = False,
         # process-global settings, for threads Prefect starts without this context (a process pool's message
         # forwarder), which would otherwise start servers of their own.
         os.environ["PREFECT_API_URL"] = server.api_url
+        loopback_ca = _use_loopback_ca()
         compat.refresh_settings_context()
         exported = True
         if while_starting is not None:
@@ -271,6 +320,8 @@ def prefect_api(verbose: bool = False, services: bool = False,
         if exported:
             _drain_prefect_workers()
             os.environ.pop("PREFECT_API_URL", None)
+            if loopback_ca:
+                os.environ.pop(LOOPBACK_CA_ENV, None)
             compat.refresh_settings_context()
         server.stop()
 

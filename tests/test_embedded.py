@@ -76,6 +76,42 @@ def test_bad_input_stops_the_server_launched_at_the_start_and_publishes_nothing(
     assert _wait_gone(_servers_of(embedded_env["PREFECT_HOME"]), 10) == []
 
 
+LOOPBACK_PROBE = """
+import os, ssl
+from flows import settings
+with settings.prefect_api():
+    from prefect import get_client
+    from prefect.settings import PREFECT_API_SSL_CERT_FILE
+    ca = PREFECT_API_SSL_CERT_FILE.value()
+    with get_client(sync_client=True) as c:
+        ok = c.api_healthcheck() is None
+    n = open(ca).read().count("BEGIN CERTIFICATE")
+    ssl.create_default_context(cafile=ca)  # a CA file TLS accepts
+print(ok, n, ca, os.environ.get("PREFECT_API_SSL_CERT_FILE"))
+"""
+
+
+def test_clients_of_the_local_server_load_a_one_certificate_ca_file_and_a_users_own_is_kept(embedded_env, tmp_path):
+    """The local server is plain HTTP on 127.0.0.1, yet Prefect's client loads its whole CA bundle for every client it
+    creates (~35 ms each): pairforge points it at a file of one certificate while that server runs, and removes
+    the setting after; a CA file the user set is left alone."""
+    r = subprocess.run([sys.executable, "-c", LOOPBACK_PROBE], cwd=REPO, env=embedded_env, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    ok, n, ca, after = r.stdout.split()
+    assert (ok, n, after) == ("True", "1", "None") and ca == str(Path(embedded_env["PREFECT_HOME"]) /
+                                                               "pairforge-loopback-ca.pem")
+    import certifi
+
+    own = tmp_path / "own-ca.pem"
+    own.write_text(Path(certifi.where()).read_text())
+    r = subprocess.run([sys.executable, "-c", LOOPBACK_PROBE], cwd=REPO, capture_output=True, text=True,
+                       env={**embedded_env, "PREFECT_API_SSL_CERT_FILE": str(own)}, timeout=300)
+    assert r.returncode == 0, r.stderr
+    ok, n, ca, after = r.stdout.split()
+    assert ok == "True" and int(n) > 100 and ca == after == str(own)
+
+
 def test_sigkilled_embedded_build_leaves_no_processes_behind(embedded_env, tmp_path):
     """SIGKILL gives the CLI no chance to clean up: its server and worker processes must still go."""
     spec = tmp_path / "killed.yaml"

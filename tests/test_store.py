@@ -569,3 +569,23 @@ def test_two_publishing_processes_get_distinct_versions(root, ct_samples, tmp_pa
     assert st.versions("store-ct") == [1, 2]
     assert {st.manifest("store-ct", v).run_id for v in (1, 2)} == {"proc-0", "proc-1"}
     assert all(st.verify_version(f"store-ct@v{v}").ok for v in (1, 2))
+
+
+def test_label_counts_and_nonzero_ids_equal_numpy_on_every_kind_of_map():
+    """The per-sample class counts (the shard marker's class_pixels) and the outlined ids come from OpenCV's
+    histogram for uint8 maps: the same numbers as np.bincount / np.unique, including empty and full maps; other
+    dtypes and 3-D volumes take numpy's path."""
+    from annotators.overlay import _nonzero_ids
+    from store.build import label_counts
+
+    rng = np.random.default_rng(5)
+    maps = [np.zeros((64, 48), np.uint8), np.full((33, 17), 255, np.uint8), rng.integers(0, 256, (512, 512), np.uint8),
+            ((rng.random((97, 131)) < 0.2) * rng.integers(1, 40, (97, 131))).astype(np.uint8),
+            rng.integers(0, 30, (6, 20, 20)).astype(np.uint8)]
+    for a in maps:
+        assert np.array_equal(label_counts(a), np.bincount(a.ravel(), minlength=256))
+        assert label_counts(a).dtype == np.int64
+        if a.ndim == 2:
+            assert np.array_equal(_nonzero_ids(a), np.unique(a[a > 0]))
+    ins = ((rng.random((40, 40)) < 0.1) * rng.integers(1, 900, (40, 40))).astype(np.uint16)
+    assert np.array_equal(_nonzero_ids(ins), np.unique(ins[ins > 0]))
