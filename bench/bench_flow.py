@@ -12,6 +12,8 @@ Two ways to time it:
 * end to end, as commands (``cli_build``, ``cli_bare``): ``pairforge build SPEC`` on the embedded defaults (it starts
   its own local Prefect API) against a bare-loop script (``bench_flow.py --bare-run``), each timed from process
   launch to exit, imports, API start and interpreter exit included. This is "the full flow vs a bare loop".
+  ``cli_build_api`` is the same command with PREFECT_API_URL naming an API started once before the runs (as
+  scheduled builds under ``pairforge serve`` or a Prefect server run): the build without the API server's start.
 * in process (``flow_*``, ``dask*``, ``bare_*``): from the flow call to its return with the Prefect API already up
   (a long-lived API, as with a server or ``pairforge serve``), to see where the time goes (phases).
 
@@ -24,6 +26,7 @@ import argparse
 import contextlib
 import concurrent.futures as cf
 import functools
+import itertools
 import json
 import os
 import platform
@@ -133,8 +136,9 @@ def _command_env() -> dict:
     return env
 
 
-def cli_run(argv: list[str], spec_text: str, root: str) -> dict:
-    """One command, timed from launch to exit; ``{spec}``/``{root}`` in argv are filled in."""
+def cli_run(argv: list[str], spec_text: str, root: str, env: dict[str, str] | None = None) -> dict:
+    """One command, timed from launch to exit; ``{spec}``/``{root}`` in argv are filled in; ``env``: variables
+    added to the command's environment."""
     spec_file = Path(root) / "bench-spec.yaml"
     spec_file.write_text(spec_text)
     data_root = str(Path(root) / "data")
@@ -143,7 +147,7 @@ def cli_run(argv: list[str], spec_text: str, root: str) -> dict:
 
     ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
-    p = subprocess.run(argv, env=_command_env(), cwd=str(REPO), capture_output=True, text=True)
+    p = subprocess.run(argv, env={**_command_env(), **(env or {})}, cwd=str(REPO), capture_output=True, text=True)
     seconds = time.perf_counter() - t0
     ru1 = resource.getrusage(resource.RUSAGE_CHILDREN)
     # CPU of the command and every process it waited for (pool workers, the API server): less sensitive to other
@@ -190,7 +194,8 @@ def main() -> None:
     ap.add_argument("--only", default="bare_par,flow_local,flow_processes,dask2,dask1,bare_seq,flow_seq",
                     help="comma list of: bare_seq, bare_par, flow_local (the default runner), flow_processes, flow_threads, "
                          "flow_seq (default runner, 1 worker), dask1, dask2, cli_bare, cli_bare_tuned (the loop with "
-                         "flows.allocator.tune(), as pairforge's processes), cli_build (end to end)")
+                         "flows.allocator.tune(), as pairforge's processes), cli_build (end to end), cli_build_api "
+                         "(the same with a Prefect API already running, as scheduled builds under pairforge serve)")
     ap.add_argument("--repeat", type=int, default=1, help="run the whole list this many times; ratios use medians")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     ap.add_argument("--bare-run", nargs=2, metavar=("SPEC", "ROOT"), help=argparse.SUPPRESS)
@@ -213,6 +218,12 @@ def main() -> None:
                       else functools.partial(flow_run, text, runner=kind, workers=n))
     runs["cli_build"] = lambda root: cli_run([PAIRFORGE, "build", "{spec}", "--root", "{root}", "--workers",
                                               str(a.workers)], text, root)
+    # The same command with a Prefect API already running (PREFECT_API_URL): how scheduled builds run under
+    # `pairforge serve` or a Prefect server, where no build pays the API server's start. The server is started once,
+    # untimed, before the runs (an ephemeral-mode server under the bench's PREFECT_HOME) and stopped after them.
+    api_server: dict = {}
+    runs["cli_build_api"] = lambda root: cli_run([PAIRFORGE, "build", "{spec}", "--root", "{root}", "--workers",
+                                                  str(a.workers)], text, root, {"PREFECT_API_URL": api_server["url"]})
     runs["cli_bare"] = lambda root: cli_run([sys.executable, str(Path(__file__).resolve()), "--bare-run", "{spec}",
                                              "{root}", "--workers", str(a.workers)], text, root)
     runs["cli_bare_tuned"] = lambda root: cli_run([sys.executable, str(Path(__file__).resolve()), "--bare-run",
@@ -232,6 +243,34 @@ def main() -> None:
         warm = tempfile.mkdtemp(prefix="pf-bench-warm-")
         cli_run([PAIRFORGE, "build", "{spec}", "--root", "{root}"], bench_spec_text(4, 512, 4), warm)
         shutil.rmtree(warm, ignore_errors=True)
+    if "cli_build_api" in names:
+        env = _command_env()
+        server = settings.LocalServer(False, False, Path(env["PREFECT_HOME"]) / "bench-api-server.log")
+        with _environ(PREFECT_HOME=env["PREFECT_HOME"]):
+            api_server.update(server=server.start(), url=server.wait())
+    try:
+        _run_all(a, names, runs, results)
+    finally:
+        if "server" in api_server:
+            api_server["server"].stop()
+    _report(a, results)
+
+
+@contextlib.contextmanager
+def _environ(**values: str):
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _run_all(a, names: list[str], runs: dict, results: dict) -> None:
     t0 = time.perf_counter()
     in_process = any(not n.startswith("cli_") for n in names)
     with (settings.prefect_api() if in_process else contextlib.nullcontext("none")) as api:
@@ -270,6 +309,9 @@ def main() -> None:
                       f"samples/s [start {ph['start']:.1f} s, shards {ph['shards']:.1f} s, publish "
                       f"{ph['publish']:.1f} s{cpu}] (load {r['loadavg_1m_before']:.1f} -> {r['loadavg_1m_after']:.1f})",
                       flush=True)
+
+
+def _report(a, results: dict) -> None:
     # Per configuration, over its repetitions: total samples / total seconds.
     R = {}
     for k, v in results["runs"].items():
@@ -287,18 +329,18 @@ def main() -> None:
         ratios["dask2 / dask1, shard phase only"] = (R["dask2"]["shard_phase_samples_per_s"]
                                                      / R["dask1"]["shard_phase_samples_per_s"])
     runs_ = results["runs"]
-    for bare in ("cli_bare", "cli_bare_tuned"):
-        if "cli_build" not in runs_ or bare not in runs_:
+    for build, bare in itertools.product(("cli_build", "cli_build_api"), ("cli_bare", "cli_bare_tuned")):
+        if build not in runs_ or bare not in runs_:
             continue
         # Repetition k of each is a pair run back to back: per-pair ratios (build samples/s over the loop's, i.e.
         # loop seconds over build seconds) and their median are less exposed to slow load drifts than the totals.
-        pairs = [b["seconds"] / a["seconds"] for a, b in zip(runs_["cli_build"], runs_[bare])]
-        ratios[f"cli_build / {bare}, per pair"] = pairs
-        ratios[f"cli_build / {bare}, median of pairs"] = float(sorted(pairs)[len(pairs) // 2]) if len(pairs) % 2 \
+        pairs = [b["seconds"] / a["seconds"] for a, b in zip(runs_[build], runs_[bare])]
+        ratios[f"{build} / {bare}, per pair"] = pairs
+        ratios[f"{build} / {bare}, median of pairs"] = float(sorted(pairs)[len(pairs) // 2]) if len(pairs) % 2 \
             else float(sum(sorted(pairs)[len(pairs) // 2 - 1:len(pairs) // 2 + 1]) / 2)
-        cpu = [(a.get("cpu_seconds"), b.get("cpu_seconds")) for a, b in zip(runs_["cli_build"], runs_[bare])]
+        cpu = [(a.get("cpu_seconds"), b.get("cpu_seconds")) for a, b in zip(runs_[build], runs_[bare])]
         if all(a and b for a, b in cpu):
-            ratios[f"CPU s, cli_build / {bare}, per pair"] = [a / b for a, b in cpu]
+            ratios[f"CPU s, {build} / {bare}, per pair"] = [a / b for a, b in cpu]
     results["ratios"] = ratios
     if results["api_start_seconds"] is not None:
         print(f"API start {results['api_start_seconds']:.1f} s")

@@ -81,7 +81,7 @@ def main() -> int:
     from schemas.arrow import SAMPLE_SCHEMA
     from store import DatasetStore, codec, codecs
     from store import watermark as wm
-    from store.build import _encode_sample, parquet_bytes
+    from store.build import _encode_sample, label_counts, parquet_bytes
     from flows.browser import sample_files
     imports_s = time.perf_counter() - t_imp
 
@@ -160,7 +160,7 @@ def main() -> int:
     enc = [(f, row) for f, row, _ in encoded]
     t0 = clock()
     for s in samples:
-        np.bincount(np.asarray(s.label, np.uint8).ravel(), minlength=256)
+        label_counts(np.asarray(s.label, np.uint8))
     t_counts = clock() - t0
     # The version browser's images of each sample (drawn in the shard workers: flows.browser.sample_files).
     browser_files = {}

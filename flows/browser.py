@@ -111,8 +111,8 @@ def draw_sample(img: np.ndarray, lab: np.ndarray, ins: np.ndarray, row: dict, do
                 label_png: bytes | None = None) -> dict[str, bytes]:
     """One sample's browser images from its stored image, label (uint8) and instance map (uint16): a thumbnail with
     outlines, the 8-bit view, the full-size outlines (a transparent layer for the view) and the label in class
-    colours, as PNG bytes by path (the view: JPEG bytes, ``encode_view``). ``label_png``: the label's published PNG, whose compressed rows the label
-    picture reuses (the same bytes as encoding ``lab`` again)."""
+    colours, as PNG bytes by path (the view: JPEG bytes, ``encode_view``). ``label_png``: the label's published PNG,
+    whose compressed rows the label picture reuses (the same bytes as encoding ``lab`` again)."""
     import cv2
 
     from annotators.overlay import instance_outline, outline, outline_layer
