@@ -273,13 +273,14 @@ def _build_staged(st, staging, model, text, digest, version, flow_run, t0) -> di
         claimed: set[int] = set()
         for ev in plan_events(staging, shards, finished):
             _emit(ev.pop("event"), **ev)
-    else:  # the CLI announced the plan and began these shards while the API started (flows.head_start)
+    else:  # the CLI announced the plan and began these shards before this run existed (flows.head_start)
         claimed, finished, seen = head.take_over(), set(head.finished), set(head.reported)
         if claimed:
             from prefect import get_run_logger
 
-            get_run_logger().info("shards %s (%d of %d) were begun while the Prefect API started; the lanes take "
-                                  "the rest", _ranges(sorted(claimed)), len(claimed), len(shards))
+            get_run_logger().info("shards %s (%d of %d) were begun before this flow run started (while the Prefect "
+                                  "API started or the flow was imported); the lanes take the rest",
+                                  _ranges(sorted(claimed)), len(claimed), len(shards))
     seen |= finished
     pending = [i for i in range(len(shards)) if i not in finished and i not in claimed]
     results: dict[int, dict] = {i: {"shard": i, "n": len(shards[i]), "reused": True, "seconds": 0.0}

@@ -172,7 +172,9 @@ def _build_checked(spec: str, root: Optional[str], runner: str, workers: Optiona
         tr = make_runner(runner, workers, dask_address)
         prepared["runner"] = tr.prestart() if hasattr(tr, "prestart") else tr
         report()
-        if server_starting and hasattr(tr, "prestarted_executor") and os.environ.get("PAIRFORGE_HEAD_START") != "0":
+        # With an API already running too: the flow run still waits for Prefect's flow engine to be imported and
+        # the run to be created (~2-3 s of the CLI, with the other core idle).
+        if hasattr(tr, "prestarted_executor") and os.environ.get("PAIRFORGE_HEAD_START") != "0":
             from flows import head_start, interrupt
             from schemas.plan import plan_shards
 

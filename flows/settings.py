@@ -281,6 +281,7 @@ def prefect_api(verbose: bool = False, services: bool = False,
             server.stop()
         if while_starting is not None:
             while_starting(False)
+        _hold_api()
         yield env_url
         return
     if server is None:
@@ -292,6 +293,7 @@ def prefect_api(verbose: bool = False, services: bool = False,
             server.stop()
             if while_starting is not None:
                 while_starting(False)
+            _hold_api()
             yield configured
             return
         from prefect.settings import PREFECT_API_URL, PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
@@ -305,9 +307,7 @@ def prefect_api(verbose: bool = False, services: bool = False,
         exported = True
         if while_starting is not None:
             while_starting(True)
-        from flows import interrupt
-
-        interrupt.hold("api")
+        _hold_api()
         url = server.wait()
         if os.environ.get("PREFECT_API_URL") != url:  # restarted on another port (the first was taken meanwhile)
             os.environ["PREFECT_API_URL"] = url
@@ -324,6 +324,13 @@ def prefect_api(verbose: bool = False, services: bool = False,
                 os.environ.pop(LOOPBACK_CA_ENV, None)
             compat.refresh_settings_context()
         server.stop()
+
+
+def _hold_api() -> None:
+    """Testing hook (``PAIRFORGE_TEST_HOLD="api=8"``): the API takes that much longer to be reached, local or not."""
+    from flows import interrupt
+
+    interrupt.hold("api")
 
 
 def _drain_prefect_workers() -> None:

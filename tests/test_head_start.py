@@ -43,8 +43,8 @@ with settings.prefect_api():
 
 
 def _env(tmp: Path, **extra: str) -> dict:
-    env = {**os.environ, "PYTHONPATH": str(REPO), "PREFECT_HOME": str(tmp / "prefect-home"), **extra}
-    env.pop("PREFECT_API_URL", None)  # the embedded API, started by the build
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}  # the embedded API, started by the build
+    env.update({"PYTHONPATH": str(REPO), "PREFECT_HOME": str(tmp / "prefect-home"), **extra})  # ... or the given one
     return env
 
 
@@ -59,9 +59,9 @@ def _build(tmp: Path, root: str, **extra: str) -> list[dict]:
     return [json.loads(ln) for ln in r.stdout.splitlines() if ln.startswith("{")]
 
 
-def _read_run(tmp: Path, flow_run_id: str) -> dict:
-    r = subprocess.run([sys.executable, "-c", READ_RUN, flow_run_id], cwd=tmp, env=_env(tmp), capture_output=True,
-                       text=True, timeout=300)
+def _read_run(tmp: Path, flow_run_id: str, **extra: str) -> dict:
+    r = subprocess.run([sys.executable, "-c", READ_RUN, flow_run_id], cwd=tmp, env=_env(tmp, **extra),
+                       capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     return json.loads(r.stdout.strip().splitlines()[-1])
 
@@ -84,7 +84,7 @@ def test_shards_begun_while_the_api_starts_are_this_runs_and_publish_the_same_by
 
     run = _read_run(tmp_path, done["flow_run_id"])
     assert run["state"] == "COMPLETED"
-    assert any("were begun while the Prefect API started" in m and "(4 of 4)" in m for m in run["logs"]), run["logs"]
+    assert any("were begun before this flow run started" in m and "(4 of 4)" in m for m in run["logs"]), run["logs"]
     assert not any(t.startswith("shards lane") for t in run["tasks"]), run["tasks"]  # nothing left for the lanes
 
     # The same spec with the head start turned off: every published file identical (seeds, order, bytes).
@@ -155,3 +155,27 @@ def test_lanes_sharing_claims_take_each_remaining_shard_once_and_a_released_clai
     assert not head_start.claim_shard(str(folder), 0)
     head_start.release_shard(str(folder), 7)
     assert head_start.claim_shard(str(folder), 7) and not head_start.claim_shard(str(folder), 7)
+
+
+def test_with_an_api_already_running_the_shards_begin_before_the_flow_run_too(tmp_path, monkeypatch):
+    """PREFECT_API_URL names a running API (a Prefect server, `pairforge serve`): no server to wait for, but the
+    flow run still waits for Prefect's engine and the run's creation, so the workers begin the shards meanwhile."""
+    from flows.settings import LocalServer
+
+    monkeypatch.setenv("PREFECT_HOME", str(tmp_path / "prefect-home"))
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    server = LocalServer(False, False, tmp_path / "server.log").start()
+    try:
+        url = server.wait()
+        # Reaching the API held 8 s: every shard is committed by the head start before the flow run exists.
+        events = _build(tmp_path, "ds", PAIRFORGE_TEST_HOLD="api=8", PREFECT_API_URL=url)
+        assert [e["event"] for e in events][0] == "plan"
+        assert sorted(e["shard"] for e in events if e["event"] == "shard") == [0, 1, 2, 3]
+        done = events[-1]
+        assert done["event"] == "published" and (done["generated"], done["reused"], done["samples"]) == (4, 0, 8)
+        run = _read_run(tmp_path, done["flow_run_id"], PREFECT_API_URL=url)
+        assert run["state"] == "COMPLETED"
+        assert any("were begun before this flow run started" in m and "(4 of 4)" in m for m in run["logs"])
+        assert server.process.poll() is None  # the build leaves an API it did not start running
+    finally:
+        server.stop()
