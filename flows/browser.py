@@ -157,9 +157,9 @@ def sample_files(sample, stored: np.ndarray, row: dict, files: dict[str, bytes] 
 
 
 # ``browser/data.js`` holds what the index page filters and shows (id, split, finding kinds, sizes, regions, QC
-# passed): ~150 bytes a sample. A sample page's measurements, QC checks and drawn parameters (~7 KB a CT sample) are
+# passed): ~115 bytes a sample. A sample page's measurements, QC checks and drawn parameters (~7 KB a CT sample) are
 # in ``browser/detail/<k>.js``, samples k*DETAIL_CHUNK to (k+1)*DETAIL_CHUNK - 1 in index order: the index page of
-# 10,000 samples loads ~1.5 MB, not ~72 MB, and a sample page one chunk.
+# 10,000 samples loads ~1.2 MB, not ~72 MB, and a sample page one chunk (~700 KB).
 DETAIL_CHUNK = 100
 
 
