@@ -166,7 +166,7 @@ def _build_checked(spec: str, root: Optional[str], runner: str, workers: Optiona
             prepared["progress"] = progress = stack.enter_context(reporter(mode, out))
             stack.enter_context(channel("pairforge_progress").reporting_to(progress))
 
-    def prepare(server_starting: bool) -> None:
+    def prepare() -> None:
         from flows.build import commit_shard, make_runner
 
         tr = make_runner(runner, workers, dask_address)

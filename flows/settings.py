@@ -260,16 +260,16 @@ def launch_local_server(verbose: bool = False) -> LocalServer | None:
 
 @contextlib.contextmanager
 def prefect_api(verbose: bool = False, services: bool = False,
-                while_starting: Callable[[bool], None] | None = None,
+                while_starting: Callable[[], None] | None = None,
                 server: LocalServer | None = None) -> Iterator[str]:
     """Yield the API URL flows report to. With no ``PREFECT_API_URL`` (environment, profile or settings), start one
     local server for this process and its workers; process pools and Dask workers inherit its URL, so every task
     run lands in the same database instead of each worker starting its own server.
 
     The server is launched first and Prefect's settings are read while it starts; if they name an API after all,
-    the launched server is stopped and that API is used. ``while_starting(starting)`` runs while the server starts
-    (imports, warming worker pools, a build's head start), with ``starting`` True when a local server is starting
-    and False when an existing API is used (it runs at once). ``services=False`` starts it the way Prefect's ephemeral mode does (no background
+    the launched server is stopped and that API is used. ``while_starting()`` runs while the server starts
+    (imports, warming worker pools, a build's head start), or at once when an existing API is used.
+    ``services=False`` starts it the way Prefect's ephemeral mode does (no background
     services: fastest start, enough for a build); ``pairforge serve`` needs ``services=True``: the scheduler service
     is what turns a deployment's cron into scheduled runs, and ephemeral mode does not run it. ``server``: one
     ``launch_local_server`` launched earlier (no services; used instead of launching another, stopped at the end all
@@ -280,7 +280,7 @@ def prefect_api(verbose: bool = False, services: bool = False,
         if server is not None:
             server.stop()
         if while_starting is not None:
-            while_starting(False)
+            while_starting()
         _hold_api()
         yield env_url
         return
@@ -292,7 +292,7 @@ def prefect_api(verbose: bool = False, services: bool = False,
         if configured:
             server.stop()
             if while_starting is not None:
-                while_starting(False)
+                while_starting()
             _hold_api()
             yield configured
             return
@@ -306,7 +306,7 @@ def prefect_api(verbose: bool = False, services: bool = False,
         compat.refresh_settings_context()
         exported = True
         if while_starting is not None:
-            while_starting(True)
+            while_starting()
         _hold_api()
         url = server.wait()
         if os.environ.get("PREFECT_API_URL") != url:  # restarted on another port (the first was taken meanwhile)
