@@ -14,11 +14,12 @@ from flows import settings  # noqa: F401  (Prefect defaults before prefect is im
 
 import concurrent.futures as cf
 import contextlib
+import functools
 import os
 import sys
 import threading
 import time
-from typing import Any
+from typing import Any, Callable
 
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
@@ -28,7 +29,7 @@ from prefect.tasks import exponential_backoff
 from flows import allocator, interrupt
 from flows.browser import sample_files as browser_files
 from flows.head_start import claim_shard, plan_events, release_shard
-from flows.card import card
+from flows.card import card, staged_plots
 from flows.card import warm_up as card_warm_up
 from flows.pipeline import make_samples
 from flows.progress import channel
@@ -158,18 +159,41 @@ def _backend(spec: BaseSpec, digest: str):
 
 
 # Handed to publish, which calls it before writing the manifest: a task run of its own inside the publish task.
-def _card(folder: str, manifest: Any, storage_options: dict | None = None) -> None:
+def _card(folder: str, manifest: Any, storage_options: dict | None = None, plots: Any = None) -> None:
     interrupt.hold("card")  # testing hook: interrupt a publish half-way (samples.parquet written, no manifest)
-    card(folder, manifest, storage_options=storage_options)
+    card(folder, manifest, storage_options=storage_options, plots=plots)
 
 
-write_card = task(_card, name="dataset-card", task_run_name="dataset card")
+write_card = task(_card, name="dataset-card", task_run_name="dataset card", cache_policy=NO_CACHE)
 
 
-@task(name="publish", task_run_name="publish {name} v{version}")
-def publish_version(staging: Any, name: str, version: int, run_id: str | None) -> dict[str, Any]:
-    """Publish the staged version atomically; the dataset card (its own task run) is written before the manifest."""
-    pv = staging.publish(run_id=run_id, card=write_card)
+def _staged_plots(staging: Any, domain: str | None) -> dict[str, Any]:
+    return staged_plots(staging, domain)
+
+
+# The card's plots, drawn by one of the task runner's workers (idle once the shards are written) while publish
+# writes samples.parquet and the browser in this process: publishing uses both cores instead of one.
+card_plots = task(_staged_plots, name="dataset-card-plots", task_run_name="dataset card: plots", cache_policy=NO_CACHE)
+
+
+class _Pending:
+    """A card-plots future as ``card(plots=)`` takes it: a plain callable, so that Prefect passes it to the publish
+    task as it is instead of waiting for the future before publish starts."""
+
+    def __init__(self, future: Any):
+        self.future = future
+
+    def __call__(self) -> dict[str, Any]:
+        return self.future.result()
+
+
+@task(name="publish", task_run_name="publish {name} v{version}", cache_policy=NO_CACHE)
+def publish_version(staging: Any, name: str, version: int, run_id: str | None,
+                    plots: Callable[[], dict[str, Any]] | None = None) -> dict[str, Any]:
+    """Publish the staged version atomically; the dataset card (its own task run) is written before the manifest.
+    ``plots``: the card's plots being drawn elsewhere (``card(plots=)``)."""
+    write = write_card if plots is None else functools.partial(write_card, plots=plots)
+    pv = staging.publish(run_id=run_id, card=write)
     return {"name": pv.name, "version": int(pv.version), "uri": str(pv.uri)}
 
 
@@ -184,6 +208,15 @@ def _flow_run_name() -> str:
     from prefect.runtime import flow_run
 
     return f"build {_spec_name(flow_run.parameters.get('spec'))}"
+
+
+def _plots_here() -> bool:
+    """Whether this flow run's task runner runs tasks in this process (threads), where the card's plots are drawn."""
+    from prefect.context import FlowRunContext
+    from prefect.task_runners import ThreadPoolTaskRunner
+
+    ctx = FlowRunContext.get()
+    return ctx is None or isinstance(ctx.task_runner, ThreadPoolTaskRunner)
 
 
 def lane_count(n_pending: int) -> int:
@@ -331,8 +364,9 @@ def _build_staged(st, staging, model, text, digest, version, flow_run, t0) -> di
                     else:
                         record(res, redone)
 
-    # While workers generate shards, this process waits: load the card's plotting stack now, off the publish path.
-    threading.Thread(target=card_warm_up, name="card-imports", daemon=True).start()
+    # While workers generate shards, this process waits: load what publish imports now, off the publish path (the
+    # card's plotting stack only where its plots are drawn in this process: a thread pool's tasks).
+    threading.Thread(target=card_warm_up, kwargs={"plots": _plots_here()}, name="card-imports", daemon=True).start()
     failed_early: list[int] = []
     try:
         if head is None:
@@ -356,7 +390,9 @@ def _build_staged(st, staging, model, text, digest, version, flow_run, t0) -> di
     run_id = str(flow_run.id) if flow_run.id else None
     interrupt.set_phase("publishing")
     _emit("publishing", name=model.name, version=staging.version)
-    published = publish_version(staging, model.name, staging.version, run_id)
+    plots = card_plots.submit(staging, model.domain) if staging._published_here() is None else None
+    published = publish_version(staging, model.name, staging.version, run_id,
+                                plots=_Pending(plots) if plots is not None else None)
     interrupt.set_phase("finishing")
     interrupt.hold("published")
     summary = {

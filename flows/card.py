@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import io
 from collections import Counter, defaultdict
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -53,10 +53,12 @@ def _pyplot():
     return plt
 
 
-def warm_up() -> None:
-    """Import matplotlib and pyarrow's dataset layer (Parquet reads; it pulls in pandas) ahead of time, about
-    1.3 s here, so publishing and the card cost no imports."""
-    _pyplot()
+def warm_up(plots: bool = True) -> None:
+    """Import matplotlib (``plots``: where the card's plots are drawn in this process) and pyarrow's dataset layer
+    (Parquet reads; it pulls in pandas) ahead of time, about 1.3 s here, so publishing and the card cost no
+    imports."""
+    if plots:
+        _pyplot()
     import pyarrow.dataset  # noqa: F401
 
 
@@ -383,18 +385,11 @@ def render_readme(m: Any, rows: list[dict], requested: list[list[dict]], measure
     return "\n".join(lines)
 
 
-def card(version_dir: str, manifest: Any, storage_options: dict | None = None) -> list[str]:
-    """Write README.md and card/*.png into ``version_dir`` (local path or fsspec URL; ``storage_options``: the
-    store's endpoint and keys for an object store). Returns the files written."""
-    import pyarrow.parquet as pq
-
-    fs, base = _fs(version_dir, storage_options)
-    base = base.rstrip("/")
-    with fs.open(f"{base}/samples.parquet", "rb") as f:
-        table = pq.read_table(f, columns=CARD_COLUMNS)
-    rows = table.to_pylist()
+def draw_plots(fs, base: str, rows: list[dict], domain) -> dict[str, Any]:
+    """The card's plots of a version whose samples are under ``base`` (an fsspec filesystem path), from its index
+    rows (``CARD_COLUMNS``, in sample order): writes ``card/*.png`` and returns ``{"plots": {key: file},
+    "size_stats": {...}, "written": [files]}``, what ``card`` needs of them for README.md."""
     requested, measured = _findings(rows, "requested"), _findings(rows, "measured")
-    domain = _domain(_mget(manifest, "domain"))
     plots: dict[str, str] = {}
     written: list[str] = []
 
@@ -408,9 +403,8 @@ def card(version_dir: str, manifest: Any, storage_options: dict | None = None) -
 
     sizes_png, size_stats = plot_sizes(requested, measured)
     put("sizes", "finding_sizes.png", sizes_png)
-    regions = region_counts(measured)
-    put("regions", "findings_per_region.png", plot_regions(regions))
-    per_check, per_split = qc_rates(rows)
+    put("regions", "findings_per_region.png", plot_regions(region_counts(measured)))
+    per_check, _ = qc_rates(rows)
     put("qc", "qc_pass_rates.png", plot_qc(per_check, [int((r.get("qc") or {}).get("attempts") or 1) for r in rows]))
     put("grid", "sample_grid.png", plot_grid(fs, base, rows, domain))
     # A domain's own plots: ``card_plots(rows, requested, measured) -> [(key, file name, PNG bytes or None)]``
@@ -420,19 +414,59 @@ def card(version_dir: str, manifest: Any, storage_options: dict | None = None) -
     extra = import_hook(domain, domain.hooks_module, "card_plots") if domain is not None else None
     for key, fname, data in (extra(rows, requested, measured) if extra is not None else []):
         put(f"extra:{key}", fname, data)
+    return {"plots": plots, "size_stats": size_stats, "written": written}
+
+
+def staged_plots(staging: Any, domain: str | None) -> dict[str, Any]:
+    """``draw_plots`` of a build's staged version (``store.build.BuildStaging``) before it is published: its rows
+    from the shards' index parts (what publish writes as samples.parquet), its PNGs in the staging folder, which
+    becomes the version. A build draws them in one of its idle workers while publish writes the rest."""
+    rows = staging.index_table(CARD_COLUMNS).to_pylist()
+    return draw_plots(staging.root.fs, staging.data_dir.rstrip("/"), rows, _domain(domain))
+
+
+def card(version_dir: str, manifest: Any, storage_options: dict | None = None,
+         plots: Callable[[], dict[str, Any]] | None = None) -> list[str]:
+    """Write README.md and card/*.png into ``version_dir`` (local path or fsspec URL; ``storage_options``: the
+    store's endpoint and keys for an object store). Returns the files written.
+    ``plots``: returns ``draw_plots``'s result for this version, drawn meanwhile elsewhere (``staged_plots`` in a
+    build's worker); called once the browser is written. If it raises, the plots are drawn here."""
+    import pyarrow.parquet as pq
+
+    fs, base = _fs(version_dir, storage_options)
+    base = base.rstrip("/")
+    with fs.open(f"{base}/samples.parquet", "rb") as f:
+        table = pq.read_table(f, columns=CARD_COLUMNS)
+    rows = table.to_pylist()
+    requested, measured = _findings(rows, "requested"), _findings(rows, "measured")
+    domain = _domain(_mget(manifest, "domain"))
+    drawn = draw_plots(fs, base, rows, domain) if plots is None else None
     from flows.browser import write_browser  # index.html + sample.html: the static version browser
 
-    written += write_browser(fs, base, manifest, domain)
-    readme = render_readme(manifest, rows, requested, measured, plots, size_stats, regions, per_check, per_split)
+    browser = write_browser(fs, base, manifest, domain)
+    if drawn is None:
+        try:
+            drawn = plots()
+        except Exception as e:  # e.g. the worker drawing them died: draw them here
+            import logging
+
+            logging.getLogger("pairforge.card").warning("the card's plots drawn elsewhere failed (%s: %s); drawing "
+                                                        "them here", type(e).__name__, e)
+            drawn = draw_plots(fs, base, rows, domain)
+    regions = region_counts(measured)
+    per_check, per_split = qc_rates(rows)
+    readme = render_readme(manifest, rows, requested, measured, drawn["plots"], drawn["size_stats"], regions,
+                           per_check, per_split)
     # A domain's own statistics: ``card_text(rows, requested, measured) -> Markdown lines``, before "More plots".
+    from schemas.domain import import_hook
+
     text = import_hook(domain, domain.hooks_module, "card_text") if domain is not None else None
     if text is not None:
         more = "## More plots"
         lines = "\n".join(text(rows, requested, measured)) + "\n"
         readme = readme.replace(more, lines + more, 1) if more in readme else readme.rstrip("\n") + "\n\n" + lines
     fs.pipe_file(f"{base}/README.md", readme.encode())
-    written.append("README.md")
-    return written
+    return drawn["written"] + browser + ["README.md"]
 
 
-__all__ = ["card", "render_readme", "qc_rates", "region_counts"]
+__all__ = ["card", "draw_plots", "staged_plots", "render_readme", "qc_rates", "region_counts"]

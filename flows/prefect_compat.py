@@ -11,8 +11,10 @@ from __future__ import annotations
 import threading
 from typing import Any, Callable
 
-# ``uvicorn --factory`` target: what Prefect's ephemeral mode and ``prefect server start`` run.
-SERVER_APP_FACTORY = "prefect.server.api.server:create_app"
+# ``uvicorn --factory`` target: Prefect's app factory (what Prefect's ephemeral mode and ``prefect server start`` run),
+# called by ``flows.server_app.create_app`` after ``load_collections_except``.
+PREFECT_APP_FACTORY = "prefect.server.api.server:create_app"
+SERVER_APP_FACTORY = "flows.server_app:create_app"
 # Read by create_app: "ephemeral" skips the background services; "final" builds the app as the process's last one.
 SERVER_EPHEMERAL_ENV = "PREFECT__SERVER_EPHEMERAL"
 SERVER_FINAL_ENV = "PREFECT__SERVER_FINAL"
@@ -39,7 +41,16 @@ PRIVATE_APIS: tuple[tuple[str, str, str], ...] = (
      "the app the local API server runs, configured through those environment variables"),
     ("prefect.logging.handlers", "APILogWorker.drain_all(timeout=)", "flushes logs while the server still answers"),
     ("prefect.events.worker", "EventsWorker.drain_all(timeout=)", "flushes events while the server still answers"),
+    ("prefect._internal.plugins.collections", "_collections/safe_load_entrypoints",
+     "the per-process cache of loaded collections, filled by load_collections_except"),
 )
+
+# Installed Prefect integrations (entry points in the ``prefect.collections`` group) that register no block types.
+# Prefect loads every collection the first time a process looks up a block class (hydrating a task run's context
+# in a pool worker does, for its result storage) and when its API server starts: importing these two means
+# importing Dask's distributed and Ray, ~0.7 s of CPU in each of those processes, for nothing a build reads.
+# pairforge imports them itself where it uses them (flows.runners: --runner dask / ray).
+BLOCKLESS_COLLECTIONS = frozenset({"prefect_dask", "prefect_ray"})
 
 
 # ------------------------------------------------------------------------------------------- settings and server
@@ -70,6 +81,21 @@ def drain_background_workers(timeout: float = 5) -> None:
         from prefect.events.worker import EventsWorker
 
         EventsWorker.drain_all(timeout=timeout)
+
+
+def load_collections_except(names: frozenset[str] = BLOCKLESS_COLLECTIONS) -> list[str]:
+    """Load Prefect's collections in this process now, as ``prefect.plugins.load_prefect_collections`` does, except
+    ``names`` (collections that register no block types), and leave the result in its cache so that later lookups do
+    not load them either. No-op where the cache is already filled. Returns the names loaded."""
+    from importlib.metadata import entry_points
+
+    from prefect._internal.plugins import collections as plugins
+
+    if plugins._collections is not None:
+        return []
+    eps = [ep for ep in entry_points(group="prefect.collections") if (ep.name or ep.value) not in names]
+    plugins._collections = plugins.safe_load_entrypoints(eps)
+    return sorted(plugins._collections)
 
 
 # ------------------------------------------------------------------------------------------- process pools

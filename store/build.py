@@ -400,14 +400,7 @@ class BuildStaging:
             raise PublishError(f"cannot publish {self.name}@v{self.version}: {len(missing)} of {len(self.shards)} "
                                f"shards are not written yet (shards {shown}); write them, then publish")
         markers = self._markers()
-        parts = []
-        for i, mk in enumerate(markers):
-            data = root.read_bytes(self._part(i))
-            if codec.sha256(data) != mk["part_sha256"]:
-                raise PublishError(f"shard {i}'s index part changed after it was written; rewrite shard {i}")
-            parts.append(pq.read_table(io.BytesIO(data)))
-        table = pa.concat_tables(parts).cast(SAMPLE_SCHEMA)
-        table = table.take(pc.sort_indices(table, [("index", "ascending")]))
+        table = self._index(markers)
         samples_bytes = parquet_bytes(table)
 
         counts = self._counts(markers)
@@ -439,6 +432,25 @@ class BuildStaging:
             raise PublishError(f"{self.name}@v{self.version} was published by another build at the same time")
         root.rm(self.staging_dir)
         return PublishedVersion(self.name, self.version, root.uri(self.name, f"v{self.version}"))
+
+    def _index(self, markers: list[dict] | None = None, columns: list[str] | None = None) -> pa.Table:
+        """Every shard's index part, in sample order (what publish writes as samples.parquet). With ``markers``
+        each part is checked against the hash its marker holds."""
+        root = self.root
+        parts = []
+        for i in range(len(self.shards)):
+            data = root.read_bytes(self._part(i))
+            if markers is not None and codec.sha256(data) != markers[i]["part_sha256"]:
+                raise PublishError(f"shard {i}'s index part changed after it was written; rewrite shard {i}")
+            parts.append(pq.read_table(io.BytesIO(data)))
+        table = pa.concat_tables(parts).cast(SAMPLE_SCHEMA)
+        table = table.take(pc.sort_indices(table, [("index", "ascending")]))
+        return table if columns is None else table.select(columns)
+
+    def index_table(self, columns: list[str] | None = None) -> pa.Table:
+        """The staged index (``columns`` of it) once every shard is written, in sample order: the rows publish
+        writes as samples.parquet (not checked against the markers here; publish checks them)."""
+        return self._index(columns=columns)
 
     def _check_present(self, table: pa.Table) -> None:
         """Before the manifest: every sample file the index names is there (one listing). A missing one fails the

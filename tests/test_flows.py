@@ -54,7 +54,10 @@ def test_flow_and_task_runs_are_named_for_what_they_do(published_tiny):
     assert [n for n in names if n.startswith("shards")] == ["shards lane 1/2 (2 shards of 3)",
                                                             "shards lane 2/2 (1 shard of 3)"]
     assert "publish tiny-ct v1" in names and "dataset card" in names
-    assert len(trs) == 4  # 2 lanes + publish + card
+    # The card's plots: a task of their own, on the flow's task runner (a worker), while publish writes the rest.
+    assert "dataset card: plots" in names
+    assert all(t.state.is_completed() for t in trs)
+    assert len(trs) == 5  # 2 lanes + card plots + publish + card
 
 
 def test_task_runs_do_not_grow_with_the_number_of_shards_and_each_shard_is_logged(prefect_api, tmp_path):
@@ -116,6 +119,27 @@ def test_dataset_card_shows_counts_sizes_and_small_plots(published_tiny):
         assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert 2_000 < p.stat().st_size < 100_000, (p.name, p.stat().st_size)
         assert f"card/{p.name}" in readme
+
+
+def test_card_drawn_across_processes_is_the_card_drawn_in_one(published_tiny, tmp_path):
+    """The build draws the card's plots in a worker from the staged index parts while publish writes the browser;
+    ``card()`` alone (what a script calls) draws them from samples.parquet: the same bytes. A plots callable that
+    fails makes card() draw them itself, the same bytes again."""
+    import shutil
+
+    from flows.card import card
+
+    vdir = Path(published_tiny["root"]) / "tiny-ct" / "v1"
+    manifest = json.loads((vdir / "manifest.json").read_text())
+    drawn = {p: (vdir / p).read_bytes() for p in ["README.md"] + [f"card/{q.name}" for q in (vdir / "card").iterdir()]}
+    for plots in (None, lambda: 1 / 0):
+        copy = tmp_path / ("serial" if plots is None else "fallback")
+        shutil.copytree(vdir, copy)
+        shutil.rmtree(copy / "card")
+        (copy / "README.md").unlink()
+        written = card(str(copy), manifest, plots=plots)
+        assert {p for p in written if p.startswith("card/") or p == "README.md"} == set(drawn)
+        assert {p: (copy / p).read_bytes() for p in drawn} == drawn
 
 
 # --------------------------------------------------------------------------------------------- resume and retries

@@ -45,7 +45,8 @@ def test_every_private_api_in_the_table_has_a_check_below():
                "ProcessPoolTaskRunner." + "/".join(compat.POOL_ATTRIBUTES), "TaskRunner.__enter__",
                "refresh_global_settings_context", "Settings.to_environment_variables(exclude_unset=)",
                f"create_app(ephemeral=, final=) reading {compat.SERVER_EPHEMERAL_ENV}/{compat.SERVER_FINAL_ENV}",
-               "APILogWorker.drain_all(timeout=)", "EventsWorker.drain_all(timeout=)"}
+               "APILogWorker.drain_all(timeout=)", "EventsWorker.drain_all(timeout=)",
+               "_collections/safe_load_entrypoints"}
     assert {name for _, name, _ in compat.PRIVATE_APIS} == checked
 
 
@@ -105,13 +106,68 @@ def test_settings_context_refresh_and_environment_export_exist():
 
 
 def test_server_app_factory_reads_the_private_environment_variables():
-    module, _, name = compat.SERVER_APP_FACTORY.partition(":")
+    module, _, name = compat.PREFECT_APP_FACTORY.partition(":")
     create_app = _private(module, name)
-    _has_params(create_app, compat.SERVER_APP_FACTORY, "ephemeral", "final")
+    _has_params(create_app, compat.PREFECT_APP_FACTORY, "ephemeral", "final")
     src = inspect.getsource(create_app)
     for var in (compat.SERVER_EPHEMERAL_ENV, compat.SERVER_FINAL_ENV):
-        assert var in src, (f"Prefect {_prefect_version()}: {compat.SERVER_APP_FACTORY} no longer reads {var} "
+        assert var in src, (f"Prefect {_prefect_version()}: {compat.PREFECT_APP_FACTORY} no longer reads {var} "
                             "(private environment variable set by flows/settings.LocalServer)")
+    # pairforge's factory (what LocalServer runs) hands its arguments to Prefect's.
+    module, _, name = compat.SERVER_APP_FACTORY.partition(":")
+    ours = getattr(importlib.import_module(module), name)
+    assert "load_collections_except" in inspect.getsource(ours)
+
+
+def _fresh_python(code: str) -> dict:
+    """Run ``code`` in a new interpreter (Prefect's collection cache and sys.modules untouched by other tests); it
+    prints one JSON object."""
+    import json
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_collections_cache_is_filled_without_the_blockless_integrations():
+    _private("prefect._internal.plugins.collections", "_collections")
+    assert callable(_private("prefect._internal.plugins.collections", "safe_load_entrypoints"))
+    got = _fresh_python(
+        "import json, sys\n"
+        "from flows import prefect_compat as compat\n"
+        "from flows.runners import init_pool_worker\n"
+        "init_pool_worker(())\n"  # what every local pool worker runs first
+        "from prefect.plugins import load_prefect_collections\n"
+        "from prefect.blocks.core import Block\n"
+        "from prefect.filesystems import LocalFileSystem\n"
+        "cls = Block.get_block_class_from_key('local-file-system')\n"  # what hydrating a task run's context does
+        "print(json.dumps({'cached': sorted(load_prefect_collections()), 'again': compat.load_collections_except(),\n"
+        "                  'found': cls is LocalFileSystem,\n"
+        "                  'imported': sorted(m for m in ('ray', 'distributed', 'prefect_ray', 'prefect_dask')\n"
+        "                                     if m in sys.modules)}))\n")
+    assert got["found"] and got["again"] == []
+    assert not set(got["cached"]) & compat.BLOCKLESS_COLLECTIONS
+    assert got["imported"] == []
+
+
+def test_the_blockless_integrations_register_no_block_types():
+    """The reason they may be skipped: loading them (when installed) adds no block class to Prefect's registry."""
+    got = _fresh_python(
+        "import json\n"
+        "from importlib.metadata import entry_points\n"
+        "from prefect.blocks.core import Block\n"
+        "from prefect.utilities.dispatch import get_registry_for_type\n"
+        "from flows import prefect_compat as compat\n"
+        "before = set(get_registry_for_type(Block))\n"
+        "eps = [e for e in entry_points(group='prefect.collections') if e.name in compat.BLOCKLESS_COLLECTIONS]\n"
+        "for e in eps:\n"
+        "    e.load()\n"
+        "print(json.dumps({'loaded': sorted(e.name for e in eps),\n"
+        "                  'new': sorted(set(get_registry_for_type(Block)) - before)}))\n")
+    assert got["new"] == [], f"{got['loaded']} now register block types {got['new']}: take them out of " \
+                             "prefect_compat.BLOCKLESS_COLLECTIONS"
 
 
 def test_background_workers_still_drain_with_a_timeout():
