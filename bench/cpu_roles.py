@@ -90,7 +90,7 @@ def main() -> int:
         return p.returncode
 
     def role(cmd: str, pid: int) -> str:
-        if "prefect.server.api.server" in cmd:
+        if "server_app" in cmd or "prefect.server.api.server" in cmd:  # the local API server (older builds: Prefect's factory)
             return "api_server"
         if pid == p.pid:
             return "main"

@@ -238,8 +238,9 @@ def _store(root: str | None, storage_options: dict | None = None):
 
 
 # What a worker process imports before its first shard task: Prefect, this flow's task, the pipeline, the store,
-# and what pyarrow imports on a shard's first write (flows.shard_imports); forked workers inherit it all.
-SHARD_MODULES = ("annotators", "generators", "store", "flows.build", "flows.shard_imports")
+# what pyarrow imports on a shard's first write (flows.shard_imports) and the card's plotting stack, for the card's
+# plots drawn by a worker at the end (flows.card_imports); forked workers inherit it all.
+SHARD_MODULES = ("annotators", "generators", "store", "flows.build", "flows.shard_imports", "flows.card_imports")
 
 
 def make_runner(runner: str = "local", workers: int | None = None, dask_address: str | None = None):
