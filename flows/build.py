@@ -394,6 +394,8 @@ def _build_staged(st, staging, model, text, digest, version, flow_run, t0) -> di
     plots = card_plots.submit(staging, model.domain) if staging._published_here() is None else None
     published = publish_version(staging, model.name, staging.version, run_id,
                                 plots=_Pending(plots) if plots is not None else None)
+    if plots is not None:  # done unless another build published this version meanwhile: no task outlives the run
+        plots.wait()
     interrupt.set_phase("finishing")
     interrupt.hold("published")
     summary = {
