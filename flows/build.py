@@ -167,13 +167,9 @@ def _card(folder: str, manifest: Any, storage_options: dict | None = None, plots
 write_card = task(_card, name="dataset-card", task_run_name="dataset card", cache_policy=NO_CACHE)
 
 
-def _staged_plots(staging: Any, domain: str | None) -> dict[str, Any]:
-    return staged_plots(staging, domain)
-
-
 # The card's plots, drawn by one of the task runner's workers (idle once the shards are written) while publish
 # writes samples.parquet and the browser in this process: publishing uses both cores instead of one.
-card_plots = task(_staged_plots, name="dataset-card-plots", task_run_name="dataset card: plots", cache_policy=NO_CACHE)
+card_plots = task(staged_plots, name="dataset-card-plots", task_run_name="dataset card: plots", cache_policy=NO_CACHE)
 
 
 class _Pending:
