@@ -47,11 +47,12 @@ def _arrays():
     return {"ct16": ct, "label8": label, "instance16": inst, "rgb8": rgb, "grey8_one_row": grey}
 
 
+@pytest.mark.parametrize("runs", [False, True])
 @pytest.mark.parametrize("name", list(_arrays()))
 @pytest.mark.parametrize("png_filter", sorted(codec.PNG_FILTERS))
-def test_opencv_and_pillow_decode_every_written_png_bitwise(name, png_filter):
+def test_opencv_and_pillow_decode_every_written_png_bitwise(name, png_filter, runs):
     a = _arrays()[name]
-    data = codec.encode_png(a, text=TEXT, png_filter=png_filter)
+    data = codec.encode_png(a, text=TEXT, png_filter=png_filter, runs=runs)
     back = codec.decode_png(data)  # OpenCV (RGB order restored)
     assert back.dtype == a.dtype and back.shape == a.shape and np.array_equal(back, a)
     im = Image.open(io.BytesIO(data))
@@ -113,6 +114,48 @@ def test_libdeflate_is_faster_than_opencv_zlib_at_similar_size_on_a_ct_slice():
     assert np.array_equal(codec.decode_png(codec.encode_png(stored)), stored)
     assert n_new < 1.05 * n_old  # within 5 % of OpenCV's level-1 size
     assert t_new < 0.7 * t_old, (t_new, t_old)  # measured ~3x faster; a loose bound for a busy machine
+
+
+def _inflate(data: bytes) -> bytes:
+    return zlib.decompress(data)
+
+
+@pytest.mark.parametrize("length", [1, 2, 3, 4, 10, 11, 257, 258, 259, 260, 261, 262, 516, 517, 518, 519, 520, 775])
+def test_run_length_deflate_is_zlib_data_for_every_run_length(length):
+    # a run's literal, then matches of 258 and a last one of 3-257 or one or two literals: every branch, both ends
+    for before, after in ((b"", b""), (b"\x07", b"\x09"), (b"\xff" * 300, b"\x00")):
+        raw = np.frombuffer(before + b"\x05" * length + after, np.uint8)
+        out = codec.deflate_runs(raw)
+        assert out[:2] == b"\x78\x01" and _inflate(out) == raw.tobytes()
+        assert struct.unpack(">I", out[-4:])[0] == zlib.adler32(raw.tobytes())
+
+
+def test_run_length_deflate_round_trips_random_runs_and_hands_busy_data_to_libdeflate():
+    import deflate
+
+    rng = np.random.default_rng(7)
+    for _ in range(200):
+        n = int(rng.integers(1, 400))
+        raw = np.repeat(rng.integers(0, 256, n).astype(np.uint8), rng.integers(1, 900, n))
+        out = codec.deflate_runs(raw)
+        assert _inflate(out) == raw.tobytes()
+        assert codec.deflate_runs(raw) == out  # a pure function of the bytes
+    noise = rng.integers(0, 256, 5000, dtype=np.uint8)  # one run per byte: libdeflate's bytes, not the run coder's
+    assert codec.deflate_runs(noise) == deflate.zlib_compress(noise, codec.PNG_LEVEL)
+    assert _inflate(codec.deflate_runs(np.zeros(0, np.uint8))) == b""
+    inst = np.zeros((512, 512), np.uint16)  # a mostly-empty instance map: a few KB
+    inst[100:140, 200:260] = 3
+    assert len(codec.encode_png(inst, png_filter="none", runs=True)) < 10_000
+
+
+def test_instance_maps_are_written_by_the_run_length_coder_and_decode_to_the_same_array():
+    from store.codecs import codec_for_domain
+
+    inst = _arrays()["instance16"]
+    data = codec_for_domain("chest_ct").instance_to_bytes(inst)
+    idat = b"".join(body for kind, body in _chunks(data) if kind == b"IDAT")
+    assert idat == codec.deflate_runs(codec._filtered_rows(inst, codec.PNG_FILTERS["none"]))
+    assert np.array_equal(codec.decode_png(data), inst) and codec.decode_png(data).dtype == np.uint16
 
 
 def test_bad_arrays_are_one_line_errors():
