@@ -117,7 +117,9 @@ def main() -> int:
     ms["retries"] = [retry_s / n] * n
     attempts = [int(s.qc.get("attempts", 1)) for s in samples]
 
-    png = {"opencv_zlib_level1": [], "libdeflate_level1": [], "libdeflate_level3": []}
+    png = {"opencv_zlib_level1": [], "libdeflate_level1": [], "libdeflate_level3": [],
+           # the instance map alone, as the store writes it (run-length coder) and as it did before (libdeflate)
+           "instance_runs": [], "instance_libdeflate_level1": []}
     png_bytes = {k: 0 for k in png}
     image_codec = codecs.codec_for_domain(spec.domain)
     for s in samples:
@@ -141,7 +143,9 @@ def main() -> int:
         arrays = [stored, np.asarray(s.label, np.uint8), np.asarray(s.instance, np.uint16)]
         for key in png:
             tt = clock()
-            if key.startswith("opencv"):
+            if key.startswith("instance_"):
+                out = [codec.encode_png(arrays[2], png_filter="none", runs=key == "instance_runs")]
+            elif key.startswith("opencv"):
                 out = [_png_opencv(x) for x in arrays]
             else:
                 try:
