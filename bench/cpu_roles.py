@@ -1,7 +1,8 @@
 """Where a build's CPU goes, process by process, and how much of the machine sat idle: runs ``pairforge build`` (or
 the bench's fair loop) on the example spec with N samples in a fresh root, samples every process of the command
 (CLI, API server, pool workers) every 0.2 s and the machine's busy cores every 0.5 s, and prints each process's CPU
-seconds, the idle core-seconds and the busy-core timeline.
+seconds, when it started (seconds after launch: e.g. when the pool's workers were forked), the idle core-seconds
+and the busy-core timeline.
 
     OMP_NUM_THREADS=1 python bench/cpu_roles.py --samples 1000 --mode build
     OMP_NUM_THREADS=1 python bench/cpu_roles.py --samples 1000 --mode tuned     # the loop + allocator.tune()
@@ -68,6 +69,7 @@ def main() -> int:
     t0 = time.perf_counter()
     p = subprocess.Popen(argv, env=_command_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     seen: dict[int, tuple[float, str]] = {}
+    first: dict[int, float] = {}  # seconds after launch at which each process was first seen (0.2 s sampling)
     while p.poll() is None:
         try:
             top = psutil.Process(p.pid)
@@ -75,6 +77,7 @@ def main() -> int:
                 try:
                     c = q.cpu_times()
                     seen[q.pid] = (c.user + c.system, " ".join(q.cmdline()))
+                    first.setdefault(q.pid, round(time.perf_counter() - t0, 1))
                 except psutil.Error:
                     continue
         except psutil.Error:
@@ -98,7 +101,8 @@ def main() -> int:
             return "resource_tracker"
         return "worker"
 
-    procs = [{"pid": pid, "role": role(cmd, pid), "cpu_s": round(c, 2)} for pid, (c, cmd) in sorted(seen.items())]
+    procs = [{"pid": pid, "role": role(cmd, pid), "cpu_s": round(c, 2), "started_s": first.get(pid)}
+             for pid, (c, cmd) in sorted(seen.items())]
     idle = sum(max(0.0, cores - b) * 0.5 for b in timeline)
     out = {"mode": a.mode, "samples": a.samples, "shard_size": a.shard_size, "wall_s": round(wall, 1),
            "cpu_s": round(sum(x["cpu_s"] for x in procs), 1), "idle_core_s": round(idle, 1), "processes": procs,
@@ -107,7 +111,7 @@ def main() -> int:
           f"{out['idle_core_s']}")
     for x in procs:
         if x["cpu_s"] >= 0.05:
-            print(f"  {x['role']:16s} pid {x['pid']:7d} {x['cpu_s']:7.2f} s")
+            print(f"  {x['role']:16s} pid {x['pid']:7d} {x['cpu_s']:7.2f} s   (started {x['started_s']} s after launch)")
     print("  busy cores every 0.5 s: " + " ".join(f"{b:.1f}" for b in timeline))
     if a.out:
         Path(a.out).write_text(json.dumps(out, indent=2) + "\n")
