@@ -98,7 +98,7 @@ RUNS_MAX_FRACTION = 1 / 16
 
 def deflate_runs(data: np.ndarray) -> bytes:
     """A zlib stream of ``data``'s bytes (C order) for data made of long runs of one byte value, e.g. a PNG's rows of a
-    mostly-empty instance map or outline layer: each run is a literal and distance-1 matches of up to 258 bytes, in
+    mostly-empty instance map: each run is a literal and distance-1 matches of up to 258 bytes, in
     one fixed-Huffman block, vectorised over runs (no per-byte work but finding where runs start). On such maps
     several times faster than libdeflate at level 1, for a few KB more. Standard zlib data (any inflater reads it);
     data with more than ``RUNS_MAX_FRACTION`` runs per byte goes to libdeflate at ``PNG_LEVEL`` instead."""
@@ -121,8 +121,9 @@ def deflate_runs(data: np.ndarray) -> bytes:
     length = np.where(is_match, np.where(k <= full_r, 258, rem_r), 3)
     lit_v, lit_n, m_v, m_n = _run_tables()
     byte = s[starts][run]
-    value = np.concatenate(([3], np.where(is_match, m_v[length], lit_v[byte]), [0])).astype(np.uint64)
-    bits = np.concatenate(([3], np.where(is_match, m_n[length], lit_n[byte]), [7])).astype(np.uint64)
+    u64 = lambda *v: np.array(v, np.uint64)  # noqa: E731  (uint64 throughout: no detour through float64)
+    value = np.concatenate((u64(3), np.where(is_match, m_v[length], lit_v[byte]), u64(0)))
+    bits = np.concatenate((u64(3), np.where(is_match, m_n[length], lit_n[byte]), u64(7)))
     # value[0]: BFINAL 1 and BTYPE 01 (fixed Huffman); the last, end of block (7 zero bits). Pack LSB first into
     # little-endian 64-bit words: each token's bits are OR-ed into its word and the next (tokens never overlap).
     end = np.cumsum(bits)
