@@ -175,7 +175,7 @@ def encode_png(array: np.ndarray, text: dict[str, Any] | None = None, png_filter
     ``transparent`` (with ``palette``): the index whose pixels are fully transparent (a tRNS chunk), for a layer
     drawn over another image. A palette of at most 16 colours is written at 4 bits a pixel (two pixels a byte).
     ``runs``: compress with ``deflate_runs`` instead of libdeflate, for arrays that are mostly one value (instance
-    maps, outline layers): the same pixels, decoded by any reader, at a fraction of the CPU."""
+    maps): the same pixels, decoded by any reader, at a fraction of the CPU."""
 
     a = np.asarray(array)
     if palette is not None:

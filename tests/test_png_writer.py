@@ -116,17 +116,13 @@ def test_libdeflate_is_faster_than_opencv_zlib_at_similar_size_on_a_ct_slice():
     assert t_new < 0.7 * t_old, (t_new, t_old)  # measured ~3x faster; a loose bound for a busy machine
 
 
-def _inflate(data: bytes) -> bytes:
-    return zlib.decompress(data)
-
-
 @pytest.mark.parametrize("length", [1, 2, 3, 4, 10, 11, 257, 258, 259, 260, 261, 262, 516, 517, 518, 519, 520, 775])
 def test_run_length_deflate_is_zlib_data_for_every_run_length(length):
     # a run's literal, then matches of 258 and a last one of 3-257 or one or two literals: every branch, both ends
     for before, after in ((b"", b""), (b"\x07", b"\x09"), (b"\xff" * 300, b"\x00")):
         raw = np.frombuffer(before + b"\x05" * length + after, np.uint8)
         out = codec.deflate_runs(raw)
-        assert out[:2] == b"\x78\x01" and _inflate(out) == raw.tobytes()
+        assert out[:2] == b"\x78\x01" and zlib.decompress(out) == raw.tobytes()
         assert struct.unpack(">I", out[-4:])[0] == zlib.adler32(raw.tobytes())
 
 
@@ -138,11 +134,11 @@ def test_run_length_deflate_round_trips_random_runs_and_hands_busy_data_to_libde
         n = int(rng.integers(1, 400))
         raw = np.repeat(rng.integers(0, 256, n).astype(np.uint8), rng.integers(1, 900, n))
         out = codec.deflate_runs(raw)
-        assert _inflate(out) == raw.tobytes()
+        assert zlib.decompress(out) == raw.tobytes()
         assert codec.deflate_runs(raw) == out  # a pure function of the bytes
     noise = rng.integers(0, 256, 5000, dtype=np.uint8)  # one run per byte: libdeflate's bytes, not the run coder's
     assert codec.deflate_runs(noise) == deflate.zlib_compress(noise, codec.PNG_LEVEL)
-    assert _inflate(codec.deflate_runs(np.zeros(0, np.uint8))) == b""
+    assert zlib.decompress(codec.deflate_runs(np.zeros(0, np.uint8))) == b""
     inst = np.zeros((512, 512), np.uint16)  # a mostly-empty instance map: a few KB
     inst[100:140, 200:260] = 3
     assert len(codec.encode_png(inst, png_filter="none", runs=True)) < 10_000
