@@ -8,7 +8,7 @@ samples with the defaults, 67,000 with the settings below). ``tune()`` keeps suc
 (``M_MMAP_THRESHOLD`` 16 MiB) and lets up to 64 MiB of freed heap stay with the process (``M_TRIM_THRESHOLD``), so
 they are reused.
 
-pairforge applies it in the processes it runs shards in (``flows.build.commit_shard``, once per process) and in the
+pairforge applies it in the processes it runs shards in (``flows.compute.commit_shard``, once per process) and in the
 ``pairforge build`` process. A script that calls ``make_samples`` and ``write_shard`` itself can call ``tune()`` at
 its start for the same effect (forked workers inherit it). ``PAIRFORGE_MALLOC=default`` leaves the allocator alone.
 Elsewhere (not glibc, not Linux) it does nothing.

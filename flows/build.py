@@ -26,12 +26,12 @@ from prefect.cache_policies import NO_CACHE
 from prefect.futures import wait
 from prefect.tasks import exponential_backoff
 
-from flows import allocator, interrupt
-from flows.browser import sample_files as browser_files
+from flows import interrupt
+# commit_shard and _backend are re-exported: what a shard does lives with the compute pool, which never imports Prefect
+from flows.compute import _backend, commit_shard, run_plots, run_shard  # noqa: F401
 from flows.head_start import claim_shard, plan_events, release_shard
-from flows.card import card, staged_plots
+from flows.card import card
 from flows.card import warm_up as card_warm_up
-from flows.pipeline import make_samples
 from flows.progress import channel
 from schemas.errors import SpecError
 from schemas.plan import plan_shards
@@ -95,7 +95,7 @@ def build_lane(spec: BaseSpec, staging: Any, lane: int, n_lanes: int, shards: li
             out.append({"shard": i, "n": stop - start, "reused": True, "seconds": 0.0})
             continue
         try:
-            info = commit_shard(spec, staging, i, start, stop)
+            info = run_shard(spec, staging, i, start, stop)  # in the compute pool where the runner has one
         except BaseException:
             if claims is not None:
                 release_shard(claims, i)  # a retry of this lane (or the flow's redo) claims it again
@@ -104,19 +104,6 @@ def build_lane(spec: BaseSpec, staging: Any, lane: int, n_lanes: int, shards: li
                  lane + 1, n_lanes)
         out.append(info)
     return out
-
-
-def commit_shard(spec: BaseSpec, staging: Any, i: int, start: int, stop: int) -> dict[str, Any]:
-    """Generate samples ``start..stop`` and commit them as shard ``i`` (its marker last): what a lane does per shard,
-    and what a head start (flows.head_start) does before the flow run exists."""
-    allocator.tune()  # once per process: big temporary arrays stay on the heap (flows/allocator.py)
-    t0 = time.perf_counter()
-    interrupt.hold("shard")
-    samples = make_samples(spec, range(start, stop), digest=staging.digest, backend=_backend(spec, staging.digest))
-    # The browser's per-sample images are drawn here, while the arrays are in memory (not at publish).
-    info = dict(staging.write_shard(i, samples, sample_files=browser_files))
-    info.update(shard=i, n=len(samples), reused=False, seconds=time.perf_counter() - t0)
-    return info
 
 
 def _take_head_start(staging: Any):
@@ -144,20 +131,6 @@ def plan_lanes(pending: list[int], n_lanes: int) -> list[list[int]]:
     return [pending[k::n] for k in range(n)] if pending else []
 
 
-_local = threading.local()
-
-
-def _backend(spec: BaseSpec, digest: str):
-    """One backend per worker (process or thread) and spec: a GPU backend loads its weights once per worker, not
-    once per shard. Per thread, because a diffusers pipeline must not run two batches at once."""
-    cached = getattr(_local, "backend", None)
-    if cached is None or cached[0] != digest:
-        from flows.pipeline import backend_for
-
-        _local.backend = cached = (digest, backend_for(spec))
-    return cached[1]
-
-
 # Handed to publish, which calls it before writing the manifest: a task run of its own inside the publish task.
 def _card(folder: str, manifest: Any, storage_options: dict | None = None, plots: Any = None) -> None:
     interrupt.hold("card")  # testing hook: interrupt a publish half-way (samples.parquet written, no manifest)
@@ -167,9 +140,9 @@ def _card(folder: str, manifest: Any, storage_options: dict | None = None, plots
 write_card = task(_card, name="dataset-card", task_run_name="dataset card", cache_policy=NO_CACHE)
 
 
-# The card's plots, drawn by one of the task runner's workers (idle once the shards are written) while publish
-# writes samples.parquet and the browser in this process: publishing uses both cores instead of one.
-card_plots = task(staged_plots, name="dataset-card-plots", task_run_name="dataset card: plots", cache_policy=NO_CACHE)
+# The card's plots, drawn by one of the workers (idle once the shards are written: the compute pool's, or the task
+# runner's own) while publish writes samples.parquet and the browser in this process: publishing uses both cores.
+card_plots = task(run_plots, name="dataset-card-plots", task_run_name="dataset card: plots", cache_policy=NO_CACHE)
 
 
 class _Pending:
@@ -207,12 +180,15 @@ def _flow_run_name() -> str:
 
 
 def _plots_here() -> bool:
-    """Whether this flow run's task runner runs tasks in this process (threads), where the card's plots are drawn."""
+    """Whether the card's plots are drawn in this process: the flow run's task runner runs tasks here (threads)
+    and hands them to no compute pool."""
     from prefect.context import FlowRunContext
     from prefect.task_runners import ThreadPoolTaskRunner
 
+    from flows.compute import active
+
     ctx = FlowRunContext.get()
-    return ctx is None or isinstance(ctx.task_runner, ThreadPoolTaskRunner)
+    return active() is None and (ctx is None or isinstance(ctx.task_runner, ThreadPoolTaskRunner))
 
 
 def lane_count(n_pending: int) -> int:
@@ -233,18 +209,21 @@ def _store(root: str | None, storage_options: dict | None = None):
     return DatasetStore(root, storage_options)
 
 
-# What a worker process imports before its first shard task: Prefect, this flow's task, the pipeline, the store,
-# what pyarrow imports on a shard's first write (flows.shard_imports) and the card's plotting stack, for the card's
-# plots drawn by a worker at the end (flows.card_imports); forked workers inherit it all.
+# What a Prefect process pool's worker (``--runner processes``: lanes run in the workers) imports before its first
+# task: Prefect, this flow's task, the pipeline, the store, what pyarrow imports on a shard's first write
+# (flows.shard_imports) and the card's plotting stack, for the card's plots drawn by a worker at the end
+# (flows.card_imports); forked workers inherit it all. The default runner's compute pool imports
+# ``flows.compute.COMPUTE_MODULES`` (the same without Prefect).
 SHARD_MODULES = ("annotators", "generators", "store", "flows.build", "flows.shard_imports", "flows.card_imports")
 
 
-def make_runner(runner: str = "local", workers: int | None = None, dask_address: str | None = None):
+def make_runner(runner: str = "local", workers: int | None = None, dask_address: str | None = None,
+                pool: Any = None):
     """A task runner for shard tasks (``flows.runners.make_task_runner``; process-pool workers preload
-    ``SHARD_MODULES``)."""
+    ``SHARD_MODULES``). ``pool``: a compute pool started already (``flows.compute.ComputePool``), for ``local``."""
     from flows.runners import make_task_runner
 
-    return make_task_runner(runner, workers, dask_address, preload=SHARD_MODULES)
+    return make_task_runner(runner, workers, dask_address, preload=SHARD_MODULES, pool=pool)
 
 
 def _default_task_runner():

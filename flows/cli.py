@@ -142,7 +142,7 @@ def _build_checked(spec: str, root: Optional[str], runner: str, workers: Optiona
     check_memory(model, workers or (1 if dask_address or runner in ("dask", "ray") else default_workers()),
                  what=f"building {model.name}")  # before anything is allocated (per-worker memory, one shard each)
     check_root_writable(root)
-    check_runner(runner, workers, dask_address)
+    kind = check_runner(runner, workers, dask_address)
     rc = check_rebuild(_store(root), model, spec_hash(model), code_version())
     if rc.up_to_date is not None and not force_new:
         _say_up_to_date(mode, rc, _store(root).root.uri(model.name, f"v{rc.up_to_date}"))
@@ -154,9 +154,10 @@ def _build_checked(spec: str, root: Optional[str], runner: str, workers: Optiona
         elif mode != "quiet":
             out.print(rc.summary() if rc.up_to_date is None else f"{rc.summary()}; --force-new: building a new version")
 
-    # The local API server starts in its own process while this one imports the flow (Prefect and all) and a
-    # process pool forks its workers, which then begin the first shards (a head start, flows.head_start) instead of
-    # waiting several seconds for the API.
+    # The local API server starts in its own process while this one forks the workers that do the numpy work
+    # (``local``: a compute pool, before Prefect is imported here; ``processes``: Prefect's pool, after) and imports
+    # the flow. The workers begin the first shards at once (a head start, flows.head_start) instead of waiting
+    # several seconds for the API and the flow run.
     prepared: dict[str, Any] = {}
     stack = contextlib.ExitStack()
 
@@ -166,24 +167,39 @@ def _build_checked(spec: str, root: Optional[str], runner: str, workers: Optiona
             prepared["progress"] = progress = stack.enter_context(reporter(mode, out))
             stack.enter_context(channel("pairforge_progress").reporting_to(progress))
 
+    def begin_head_start(source: Any, commit: Any) -> None:
+        if os.environ.get("PAIRFORGE_HEAD_START") == "0":
+            return
+        from flows import head_start, interrupt
+        from schemas.plan import plan_shards
+
+        staging = _store(root).open_build(model, text, spec_hash(model), code_version())
+        head = head_start.begin(source, model, staging, plan_shards(model.samples, model.shard_size), commit,
+                                emit=prepared["progress"])
+        if head is not None:
+            stack.callback(head.close)
+            interrupt.track_build(staging, None)  # an interrupt now says what is staged
+
+    pool = None
+    if kind == "local":
+        from flows.compute import ComputePool, commit_shard
+
+        pool = ComputePool(workers or default_workers())
+        stack.callback(pool.close)  # a no-op once the flow run's runner has stopped it
+        pool.start()
+        report()
+        begin_head_start(pool, commit_shard)
+
     def prepare() -> None:
         from flows.build import commit_shard, make_runner
 
-        tr = make_runner(runner, workers, dask_address)
+        tr = make_runner(runner, workers, dask_address, pool=pool)
         prepared["runner"] = tr.prestart() if hasattr(tr, "prestart") else tr
         report()
         # With an API already running too: the flow run still waits for Prefect's flow engine to be imported and
-        # the run to be created (~2-3 s of the CLI, with the other core idle).
-        if hasattr(tr, "prestarted_executor") and os.environ.get("PAIRFORGE_HEAD_START") != "0":
-            from flows import head_start, interrupt
-            from schemas.plan import plan_shards
-
-            staging = _store(root).open_build(model, text, spec_hash(model), code_version())
-            head = head_start.begin(tr, model, staging, plan_shards(model.samples, model.shard_size), commit_shard,
-                                    emit=prepared["progress"])
-            if head is not None:
-                stack.callback(head.close)
-                interrupt.track_build(staging, None)  # an interrupt now says what is staged
+        # the run to be created (~2-3 s of this process).
+        if pool is None and hasattr(tr, "prestarted_executor"):
+            begin_head_start(tr, commit_shard)
 
     with stack, settings.prefect_api(verbose, while_starting=prepare, server=early) as api:
         from flows import build as b

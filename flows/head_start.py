@@ -7,7 +7,7 @@ meanwhile; instead of waiting for the flow run, they start on the shards at once
 * the CLI opens the staging area (the same one the flow opens: it is keyed by spec hash and code version) and
   submits one head-start job per worker to the pool the flow will use;
 * a job claims the next shard without a marker (an exclusive file in a private folder, under a lock) and commits it
-  with the lane's own code (``flows.build.commit_shard``, handed in by the CLI: same seeds, same files, marker
+  with the lane's own code (``flows.compute.commit_shard``, handed in by the CLI: same seeds, same files, marker
   last), until it is told to stop;
 * the flow run, once it exists, takes over (``take``): under the same lock it stops the head start's claiming and
   reads which shards were claimed. The lanes (Prefect task runs) then share every other unfinished shard through
@@ -82,7 +82,7 @@ def release_shard(folder: str, i: int) -> None:
 def run_jobs(commit: Callable[..., dict[str, Any]], spec: Any, staging: Any, todo: list[tuple[int, int, int]],
              folder: str) -> list[dict[str, Any]]:
     """One worker's head start: claim and ``commit(spec, staging, i, start, stop)`` shards until told to stop (the
-    lanes' own ``flows.build.commit_shard``). An error ends this worker's head start and is returned with its shard
+    lanes' own ``flows.compute.commit_shard``). An error ends this worker's head start and is returned with its shard
     (which has no marker: the flow redoes it as a task run)."""
     out: list[dict[str, Any]] = []
     where = Path(folder)

@@ -85,6 +85,11 @@ def json_events(on: bool = True) -> None:
     _state.json_events = on
 
 
+def stopping() -> bool:
+    """Whether this process is stopping on a signal (its workers are being killed, it exits in a moment)."""
+    return _state.stopping
+
+
 def set_phase(phase: str) -> None:
     _state.phase = phase
 

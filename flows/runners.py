@@ -1,20 +1,22 @@
 """Task runners by name: the local default, threads, processes, and Dask (local cluster or an existing one).
 
-Shard tasks are numpy/OpenCV work that releases the GIL for much, not all, of a sample. On the project's 2-core
-machine, building 2,000 samples of 512x512, Prefect's process pool was 3-6 % faster than its thread pool in every
-quiet run (docs/performance.md), so ``local`` means processes: ``WarmProcessPoolTaskRunner``, Prefect's pool whose
-workers ``pairforge build`` starts (forked, on Linux) while the local API server starts. ``--runner threads``
-starts nothing and may suit small builds.
+Shard tasks are numpy/OpenCV work that releases the GIL for much, not all, of a sample: they run in processes.
+``local`` (the default) is ``LanePoolTaskRunner``: Prefect's thread pool runs the task runs (a lane per worker, the
+card's plots) in the build process and each hands its numpy work to a compute pool of plain processes
+(``flows.compute``) that never import Prefect, forked by ``pairforge build`` before it imports Prefect.
+``--runner processes`` is ``WarmProcessPoolTaskRunner``, Prefect's process pool (the task runs themselves run in
+its workers, which import Prefect). ``--runner threads`` starts no process and may suit small builds.
 """
 from __future__ import annotations
 
 import os
 import sys
+from typing import Any
 
 from schemas.errors import SpecError
 
 RUNNERS = ("local", "threads", "processes", "dask", "ray")
-DEFAULT_LOCAL = "processes"
+DEFAULT_LOCAL = "local"
 
 
 def default_workers() -> int:
@@ -141,6 +143,76 @@ def _process_pool_class():
 _WarmPool = None
 
 
+def _lane_pool_class():
+    """``LanePoolTaskRunner``, built on first use so that importing this module does not import Prefect."""
+    global _LanePool
+    if _LanePool is not None:
+        return _LanePool
+    from prefect.task_runners import ThreadPoolTaskRunner
+
+    from flows import compute
+
+    class LanePoolTaskRunner(ThreadPoolTaskRunner):
+        """Prefect's thread pool for the task runs (``lanes`` lanes and the card's plots) over a compute pool of
+        ``lanes`` processes that does their numpy work (``flows.compute``). ``pool``: one started already (the
+        CLI forks it before importing Prefect); otherwise ``prestart()`` or entering the runner starts one."""
+
+        def __init__(self, max_workers: int | None = None, preload: tuple[str, ...] = compute.COMPUTE_MODULES,
+                     pool: "compute.ComputePool | None" = None):
+            self.lanes = int(max_workers or (pool.workers if pool is not None else default_workers()))
+            super().__init__(max_workers=self.lanes + 1)  # the lanes and the card's plots
+            self._preload = tuple(preload)
+            self._pool = pool
+
+        def prestart(self) -> "LanePoolTaskRunner":
+            if self._pool is None:
+                self._pool = compute.ComputePool(self.lanes, self._preload)
+            self._pool.start()
+            return self
+
+        def prestarted_executor(self):
+            """``(executor, workers)`` of the compute pool (None before ``prestart()``): jobs submitted now run
+            before the flow's (flows.head_start)."""
+            return None if self._pool is None else self._pool.prestarted_executor()
+
+        def duplicate(self) -> "LanePoolTaskRunner":
+            # The flow engine runs a duplicate of the flow's runner: hand the started workers over to it.
+            dup = type(self)(max_workers=self.lanes, preload=self._preload, pool=self._pool)
+            self._pool = None
+            return dup
+
+        def __enter__(self):
+            super().__enter__()
+            if self._pool is None:
+                self._pool = compute.ComputePool(self.lanes, self._preload)
+            compute.activate(self._pool.start())
+            return self
+
+        def __exit__(self, *exc: Any) -> None:
+            try:
+                super().__exit__(*exc)
+            finally:
+                compute.activate(None)
+                self.close_prestarted()
+
+        def close_prestarted(self) -> None:
+            """Stop the compute pool's workers (started for a run that never took them, or at the run's end)."""
+            pool, self._pool = self._pool, None
+            if pool is not None:
+                pool.close()
+
+        def __getstate__(self) -> dict[str, Any]:
+            state = super().__getstate__()
+            state["_pool"] = None  # processes stay with the process that started them
+            return state
+
+    _LanePool = LanePoolTaskRunner
+    return _LanePool
+
+
+_LanePool = None
+
+
 def check_runner(kind: str = "local", workers: int | None = None, dask_address: str | None = None) -> str:
     """The runner kind these options name (``local`` resolved); SpecError for a bad combination. Imports nothing."""
     if dask_address and kind in ("local", "dask"):
@@ -157,11 +229,14 @@ def check_runner(kind: str = "local", workers: int | None = None, dask_address: 
 
 
 def make_task_runner(kind: str = "local", workers: int | None = None, dask_address: str | None = None,
-                     preload: tuple[str, ...] = ()):
+                     preload: tuple[str, ...] = (), pool: Any = None):
     """A Prefect task runner for ``kind``. ``dask_address`` (tcp://host:port) implies Dask on that cluster.
-    ``preload``: modules a process pool's workers import when they start (before their first task)."""
+    ``preload``: modules a Prefect process pool's workers import when they start (before their first task).
+    ``pool``: for ``local``, a compute pool started already (``flows.compute.ComputePool``)."""
     kind = check_runner(kind, workers, dask_address)
-    n = workers or default_workers()
+    n = workers or (pool.workers if pool is not None else default_workers())
+    if kind == "local":
+        return _lane_pool_class()(max_workers=n, pool=pool)
     if kind == "threads":
         from prefect.task_runners import ThreadPoolTaskRunner
 
@@ -214,8 +289,12 @@ def _ray_runner(n: int):
 
 
 def parallelism(task_runner) -> int | None:
-    """How many shards ``task_runner`` runs at once, where it says: a thread or process pool's workers, a local Dask
-    cluster's workers x threads, a local Ray's CPUs. None for an existing cluster (its size is not known here)."""
+    """How many shards ``task_runner`` runs at once, where it says: the default runner's lanes, a thread or process
+    pool's workers, a local Dask cluster's workers x threads, a local Ray's CPUs. None for an existing cluster (its
+    size is not known here)."""
+    n = getattr(task_runner, "lanes", None)
+    if isinstance(n, int) and n > 0:
+        return n
     n = getattr(task_runner, "_max_workers", None)
     if isinstance(n, int) and n > 0:
         return n
@@ -234,5 +313,4 @@ def describe(kind: str, workers: int | None, dask_address: str | None) -> str:
     if dask_address:
         return f"dask @ {dask_address}"
     n = workers or default_workers()
-    k = DEFAULT_LOCAL if kind == "local" else kind
-    return f"{k} x{n}"
+    return f"{kind} x{n}"
