@@ -51,15 +51,6 @@ def import_modules(names: tuple[str, ...]) -> None:
         importlib.import_module(name)
 
 
-def _cuda_initialized() -> bool:
-    """A process that has initialised CUDA cannot hand it to forked children: those pools are spawned."""
-    torch = sys.modules.get("torch")
-    try:
-        return bool(torch is not None and torch.cuda.is_initialized())
-    except Exception:
-        return True
-
-
 def _warm_up_worker() -> int:
     return os.getpid()
 
@@ -70,7 +61,6 @@ def _process_pool_class():
     if _WarmPool is not None:
         return _WarmPool
     import multiprocessing
-    import threading
 
     from flows import prefect_compat as compat
 
@@ -88,15 +78,11 @@ def _process_pool_class():
         def prestart(self) -> "WarmProcessPoolTaskRunner":
             if self._prestarted is None:
                 import_modules(self._preload)
-                # Forked workers start with every module already imported (no ~1.5 s of imports each). Only where
-                # fork is sound: Linux, and no other thread in this process that could hold a lock across the fork.
-                # Otherwise spawn, as Prefect's own pool does.
-                method = os.environ.get("PAIRFORGE_POOL_START") or (
-                    "fork" if sys.platform.startswith("linux") and threading.active_count() == 1
-                    and not _cuda_initialized() else "spawn")
-                if method not in ("fork", "spawn", "forkserver"):
-                    raise SpecError(f"PAIRFORGE_POOL_START={method!r}; accepted: fork, spawn, forkserver")
-                ctx = multiprocessing.get_context(method)
+                # Forked workers start with every module already imported (no ~1.5 s of imports each), where fork
+                # is sound; otherwise spawn, as Prefect's own pool does (flows.compute.start_method).
+                from flows.compute import start_method
+
+                ctx = multiprocessing.get_context(start_method())
                 n = compat.pool_max_workers(self)
                 queue, executor = compat.start_pool_executor(ctx, n, init_pool_worker, (self._preload,))
                 # Each submit spawns a worker while none is idle: one job per worker starts them all now.
