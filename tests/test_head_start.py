@@ -179,3 +179,20 @@ def test_with_an_api_already_running_the_shards_begin_before_the_flow_run_too(tm
         assert server.process.poll() is None  # the build leaves an API it did not start running
     finally:
         server.stop()
+
+
+def test_the_closing_line_counts_the_shards_begun_before_the_flow_run(tmp_path):
+    """Every shard is committed while the API's start is held 4 s, so the flow run itself takes well under a second;
+    the closing line's time and rate still cover the whole build, from the first shard to the published version."""
+    import re
+
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(SPEC)
+    r = subprocess.run([sys.executable, "-m", "flows.cli", "build", str(spec), "--root", str(tmp_path / "ds"),
+                        "--workers", "2"], cwd=tmp_path, env=_env(tmp_path, PAIRFORGE_TEST_HOLD="api=4"),
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr
+    m = re.search(r"samples: 8 \(0 failed QC\), ([0-9.]+) s, ([0-9.]+) samples/s overall", r.stdout)
+    assert m, r.stdout
+    seconds, rate = float(m.group(1)), float(m.group(2))
+    assert seconds >= 4.0 and abs(rate - 8 / seconds) < 0.1 * rate, r.stdout
