@@ -59,18 +59,26 @@ def _backend(spec: Any, digest: str):
 
 
 # ------------------------------------------------------------------------------------------------ the pool
-def init_worker(preload: tuple[str, ...] = ()) -> None:
-    """A compute worker's initializer: die with the build (a SIGKILLed ``pairforge build`` leaves no workers behind;
-    they hold nothing a resumed build needs), leave Ctrl-C to the build process, import ``preload``."""
+def import_modules(names: tuple[str, ...]) -> None:
+    """Import ``names`` (dotted module names): what a pool's workers need before their first job."""
     import importlib
+
+    for name in names:
+        importlib.import_module(name)
+
+
+def init_worker(preload: tuple[str, ...] = ()) -> None:
+    """A pool worker's initializer (this pool's, and Prefect's pool's before its own set-up): die with the build (a
+    SIGKILLed ``pairforge build`` leaves no workers behind; they hold nothing a resumed build needs), leave Ctrl-C to
+    the build process (a terminal's reaches the whole process group; the build decides and stops its workers),
+    import ``preload``."""
     import signal
 
     from flows.settings import die_with_parent
 
     die_with_parent(signal.SIGKILL)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    for name in preload:
-        importlib.import_module(name)
+    import_modules(preload)
 
 
 def _ready() -> int:
@@ -104,12 +112,10 @@ class ComputePool:
 
     def start(self) -> "ComputePool":
         if self.executor is None:
-            import importlib
             import multiprocessing
             from concurrent.futures import ProcessPoolExecutor
 
-            for name in self.preload:
-                importlib.import_module(name)
+            import_modules(self.preload)
             ctx = multiprocessing.get_context(start_method())
             self.executor = ProcessPoolExecutor(max_workers=self.workers, mp_context=ctx, initializer=init_worker,
                                                 initargs=(self.preload,))

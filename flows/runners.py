@@ -13,6 +13,7 @@ import os
 import sys
 from typing import Any
 
+from flows.compute import _ready, import_modules, init_worker
 from schemas.errors import SpecError
 
 RUNNERS = ("local", "threads", "processes", "dask", "ray")
@@ -24,35 +25,15 @@ def default_workers() -> int:
 
 
 def init_pool_worker(preload: tuple[str, ...] = ()) -> None:
-    """A process-pool worker's initializer: die with the build (a SIGKILLed ``pairforge build`` leaves no workers
-    behind; they hold nothing a resumed build needs), import the modules a task needs (``preload``) and Prefect's
-    collections but those without block types (``prefect_compat.load_collections_except``)."""
-    import signal
-
-    from flows.settings import die_with_parent
-
-    die_with_parent(signal.SIGKILL)
-    # A terminal's Ctrl-C reaches the whole process group: the build process decides, and stops its workers.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    import_modules(preload)
+    """A Prefect process-pool worker's initializer: the compute pool's (``flows.compute.init_worker``: die with the
+    build, leave Ctrl-C to it, import ``preload``), then Prefect's collections but those without block types
+    (``prefect_compat.load_collections_except``)."""
+    init_worker(preload)
     # Before the first task run: hydrating its context looks up a block class, which would load every Prefect
     # collection, Dask's and Ray's too (~0.7 s of CPU per worker; they register no block types).
     from flows import prefect_compat as compat
 
     compat.load_collections_except()
-
-
-def import_modules(names: tuple[str, ...]) -> None:
-    """Import ``names`` (dotted module names). The caller names what its tasks need (``flows.build.SHARD_MODULES``),
-    so this module, which the build flow uses, never imports the build flow."""
-    import importlib
-
-    for name in names:
-        importlib.import_module(name)
-
-
-def _warm_up_worker() -> int:
-    return os.getpid()
 
 
 def _process_pool_class():
@@ -87,7 +68,7 @@ def _process_pool_class():
                 queue, executor = compat.start_pool_executor(ctx, n, init_pool_worker, (self._preload,))
                 # Each submit spawns a worker while none is idle: one job per worker starts them all now.
                 for _ in range(n):
-                    executor.submit(_warm_up_worker)
+                    executor.submit(_ready)
                 self._prestarted = (queue, executor)
             return self
 
