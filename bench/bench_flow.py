@@ -53,7 +53,6 @@ from schemas.plan import plan_shards  # noqa: E402
 from schemas.spec import spec_hash  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
-EXAMPLE = REPO / "examples" / "chest_ct_nodules.yaml"
 PAIRFORGE = str(Path(sys.executable).with_name("pairforge"))
 
 # In-process configurations: name -> (task runner kind, or None for the bare loop; workers, None = --workers).
@@ -74,16 +73,24 @@ RATIOS = [
 ]
 
 
-def bench_spec_text(samples: int, size: int, shard_size: int | str) -> str:
-    """The example spec with ``samples``; ``shard_size`` an integer, "example" (as shipped) or "unset" (the spec
-    default a user who leaves it out gets)."""
-    d = yaml.safe_load(EXAMPLE.read_text())
-    d.update(name="bench-ct", samples=samples)
+EXAMPLES = ("chest_ct_nodules", "surface_defects")  # the 2D example specs the bench can run
+
+
+def bench_spec_text(samples: int, size: int | None, shard_size: int | str, example: str = "chest_ct_nodules") -> str:
+    """The example spec ``examples/<example>.yaml`` with ``samples``; ``size`` the image size (None: the example's
+    own); ``shard_size`` an integer, "example" (as shipped) or "unset" (the spec default a user who leaves it out
+    gets)."""
+    if example not in EXAMPLES:
+        raise ValueError(f"unknown example {example!r}; accepted: {', '.join(EXAMPLES)}")
+    d = yaml.safe_load((REPO / "examples" / f"{example}.yaml").read_text())
+    d.update(name="bench-ct" if example == "chest_ct_nodules" else f"bench-{d.get('domain', example)}",
+             samples=samples)
     if shard_size == "unset":
         d.pop("shard_size", None)
     elif shard_size != "example":
         d["shard_size"] = int(shard_size)
-    d["image"]["size"] = size
+    if size is not None:
+        d["image"]["size"] = size
     return yaml.safe_dump(d, sort_keys=False)
 
 
@@ -187,14 +194,17 @@ def flow_run(spec_text: str, root: str, runner: str, workers: int) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--samples", type=int, default=2000)
-    ap.add_argument("--size", type=int, default=512)
+    ap.add_argument("--example", default="chest_ct_nodules", choices=EXAMPLES,
+                    help="the example spec (examples/NAME.yaml) whose work is timed")
+    ap.add_argument("--size", type=int, default=512, help="image size in pixels (0: the example's own)")
     ap.add_argument("--shard-size", default="example",
-                    help='shards of N samples, "example" (the example spec as shipped: 40) or "unset" (the default)')
+                    help='shards of N samples, "example" (the example spec as shipped: 40 for chest CT, unset for '
+                         'surface defects) or "unset" (the default)')
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--only", default="bare_par,flow_local,flow_processes,dask2,dask1,bare_seq,flow_seq",
                     help="comma list of: bare_seq, bare_par, flow_local (the default runner), flow_processes, flow_threads, "
                          "flow_seq (default runner, 1 worker), dask1, dask2, cli_bare, cli_bare_tuned (the loop with "
-                         "flows.allocator.tune(), as pairforge's processes), cli_build (end to end), cli_build_api "
+                         "flows.allocator.tune(), as pairforge's processes with PAIRFORGE_MALLOC=heap), cli_build (end to end), cli_build_api "
                          "(the same with a Prefect API already running, as scheduled builds under pairforge serve)")
     ap.add_argument("--repeat", type=int, default=1, help="run the whole list this many times; ratios use medians")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
@@ -202,15 +212,16 @@ def main() -> None:
     ap.add_argument("--tuned", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.bare_run:  # the bare loop as a command of its own (cli_bare): build SPEC into ROOT, print a JSON line
-        if a.tuned:  # cli_bare_tuned: the loop also sets the allocator as pairforge's processes do, before forking
+        if a.tuned:  # cli_bare_tuned: the loop with PAIRFORGE_MALLOC=heap's allocator settings, before forking
             from flows import allocator
 
+            os.environ["PAIRFORGE_MALLOC"] = "heap"
             allocator.tune()
         r = bare_loop(Path(a.bare_run[0]).read_text(), a.bare_run[1], a.workers)
         print(json.dumps(r))
         return
 
-    text = bench_spec_text(a.samples, a.size, a.shard_size)
+    text = bench_spec_text(a.samples, a.size or None, a.shard_size, a.example)
     runs = {}
     for name, (kind, workers) in IN_PROCESS.items():
         n = a.workers if workers is None else workers
@@ -232,7 +243,8 @@ def main() -> None:
     results: dict = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
                                  "processor": platform.processor() or platform.machine(),
                                  "python": platform.python_version()},
-                     "samples": a.samples, "size": a.size, "shard_size": a.shard_size, "workers": a.workers,
+                     "example": a.example, "samples": a.samples, "size": a.size, "shard_size": a.shard_size,
+                     "workers": a.workers,
                      "command": " ".join(["python"] + sys.argv), "runs": {}}
     names = a.only.split(",")
     unknown = sorted(set(names) - set(runs))
@@ -279,7 +291,7 @@ def _run_all(a, names: list[str], runs: dict, results: dict) -> None:
         # One untimed tiny build per runner first: importing the runner's stack in this process (distributed and
         # prefect-dask: ~1.5 s), Prefect's first flow and task registrations and cold file caches would otherwise
         # be charged to whichever configuration happens to run first.
-        warm_text = bench_spec_text(8, a.size, 4)
+        warm_text = bench_spec_text(8, a.size or None, 4, a.example)
         for name in dict.fromkeys(n for n in names if n in IN_PROCESS):
             warm_root = tempfile.mkdtemp(prefix="pf-bench-warm-")
             try:

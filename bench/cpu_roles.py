@@ -5,7 +5,7 @@ seconds, when it started (seconds after launch: e.g. when the pool's workers wer
 and the busy-core timeline.
 
     OMP_NUM_THREADS=1 python bench/cpu_roles.py --samples 1000 --mode build
-    OMP_NUM_THREADS=1 python bench/cpu_roles.py --samples 1000 --mode tuned     # the loop + allocator.tune()
+    OMP_NUM_THREADS=1 python bench/cpu_roles.py --samples 1000 --mode tuned     # the loop + PAIRFORGE_MALLOC=heap
 
 Read the idle core-seconds with the timeline: a command that leaves a core idle while it starts or publishes can
 spend that much more CPU elsewhere at no cost in wall time."""
@@ -41,12 +41,14 @@ def main() -> int:
     ap.add_argument("--shard-size", default="example", help='an integer, "example" (as shipped) or "unset"')
     ap.add_argument("--mode", choices=["build", "loop", "tuned"], default="build")
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--example", default="chest_ct_nodules", help="examples/NAME.yaml (bench_flow.EXAMPLES)")
+    ap.add_argument("--size", type=int, default=512, help="image size in pixels (0: the example's own)")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
     tmp = tempfile.mkdtemp(prefix="pf-roles-")
     spec = Path(tmp) / "spec.yaml"
-    spec.write_text(bench_spec_text(a.samples, 512, a.shard_size if a.shard_size in ("example", "unset")
-                                    else int(a.shard_size)))
+    spec.write_text(bench_spec_text(a.samples, a.size or None, a.shard_size if a.shard_size in ("example", "unset")
+                                    else int(a.shard_size), a.example))
     data = str(Path(tmp) / "data")
     if a.mode == "build":
         argv = [PAIRFORGE, "build", str(spec), "--root", data, "--workers", str(a.workers), "-q"]

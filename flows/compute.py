@@ -20,7 +20,7 @@ import threading
 import time
 from typing import Any, Callable
 
-from flows import allocator, interrupt
+from flows import allocator, gcpause, interrupt
 
 # What a worker imports before it forks (inherited) or when it starts (spawned): the pipeline, the store, what a
 # shard's first write imports (flows.shard_imports) and the card's plotting stack (flows.card_imports).
@@ -34,7 +34,7 @@ def commit_shard(spec: Any, staging: Any, i: int, start: int, stop: int) -> dict
     from flows.browser import sample_files as browser_files
     from flows.pipeline import make_samples
 
-    allocator.tune()  # once per process: big temporary arrays stay on the heap (flows/allocator.py)
+    allocator.tune()  # once per process, where PAIRFORGE_MALLOC=heap asks for it (flows/allocator.py)
     t0 = time.perf_counter()
     interrupt.hold("shard")
     samples = make_samples(spec, range(start, stop), digest=staging.digest, backend=_backend(spec, staging.digest))
@@ -71,14 +71,17 @@ def init_worker(preload: tuple[str, ...] = ()) -> None:
     """A pool worker's initializer (this pool's, and Prefect's pool's before its own set-up): die with the build (a
     SIGKILLed ``pairforge build`` leaves no workers behind; they hold nothing a resumed build needs), leave Ctrl-C to
     the build process (a terminal's reaches the whole process group; the build decides and stops its workers),
-    import ``preload``."""
+    import ``preload`` with the garbage collector paused (flows.gcpause), then turn the collector on: a worker's is
+    pairforge's own, and one forked from a ``pairforge build`` paused for its imports starts with it off."""
     import signal
 
     from flows.settings import die_with_parent
 
+    gcpause.pause()
     die_with_parent(signal.SIGKILL)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     import_modules(preload)
+    gcpause.resume()
 
 
 def _ready() -> int:

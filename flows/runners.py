@@ -31,9 +31,11 @@ def init_pool_worker(preload: tuple[str, ...] = ()) -> None:
     init_worker(preload)
     # Before the first task run: hydrating its context looks up a block class, which would load every Prefect
     # collection, Dask's and Ray's too (~0.7 s of CPU per worker; they register no block types).
+    from flows import gcpause
     from flows import prefect_compat as compat
 
-    compat.load_collections_except()
+    with gcpause.imports():
+        compat.load_collections_except()
 
 
 def _process_pool_class():
