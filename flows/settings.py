@@ -116,6 +116,9 @@ class LocalServer:
         self.port: int | None = None
         self.process: subprocess.Popen | None = None
         self._log = None
+        self._creating: Path | None = None  # the fresh-database marker this server wrote (``_fresh_database``)
+        self._failed_starts = 0
+        self._log_offset = 0
 
     @property
     def api_url(self) -> str:
@@ -131,6 +134,7 @@ class LocalServer:
 
     def start(self) -> "LocalServer":
         self.port = self._free_port()
+        self._creating = _fresh_database(self._creating)
         env = {**os.environ, "PREFECT_UI_ENABLED": "0", compat.SERVER_FINAL_ENV: "1"}
         if "prefect.settings" in sys.modules:  # settings set in this process (profiles, temporary_settings) carry over
             env.update(compat.settings_environment())
@@ -145,12 +149,15 @@ class LocalServer:
         else:
             self.log_path.parent.mkdir(parents=True, exist_ok=True)
             out = self._log = open(self.log_path, "ab")
+            self._log_offset = out.tell()  # what this start appends is read on a failure (_startup_failure)
         self.process = subprocess.Popen(
             [sys.executable, "-m", "uvicorn", "--factory", compat.SERVER_APP_FACTORY, "--host",
              "127.0.0.1", "--port", str(self.port), "--log-level", "error", "--lifespan", "on"],
             env=env, stdout=out, stderr=out, stdin=subprocess.DEVNULL,
             # Its own session: a terminal's Ctrl-C reaches the build, which stops the server after its workers.
             start_new_session=True, preexec_fn=_pdeathsig_setter())
+        if self._creating is not None:  # the server's pid: a later start can tell whether it is still creating it
+            self._creating.write_text(f"{os.getpid()} {self.process.pid}\n")
         from flows import interrupt
 
         interrupt.register_service(self.process)
@@ -165,15 +172,20 @@ class LocalServer:
         deadline = time.monotonic() + limit
         while time.monotonic() < deadline:
             code = self.process.poll()
-            if code == 3:  # uvicorn: address already in use
+            failed = _startup_failure(self.log_path, self._log_offset) if code == 3 else None
+            if code == 3 and failed is None and self._failed_starts < 5:  # uvicorn: address already in use
+                self._failed_starts += 1
                 self.start()
                 continue
             if code is not None:
-                raise RuntimeError(f"the local Prefect API server exited with code {code} while starting; see "
-                                   f"{self.log_path or 'its output above'}")
+                self.stop()
+                raise RuntimeError(f"the local Prefect API server exited with code {code} while starting"
+                                   f"{': ' + failed if failed else ''}; see {self.log_path or 'its output above'}")
             with contextlib.suppress(OSError, urllib.error.URLError):
                 with urllib.request.urlopen(f"{self.api_url}/health", timeout=2) as r:
                     if r.status == 200:
+                        _database_ready(self._creating)  # complete: nothing to redo next time
+                        self._creating = None
                         return self.api_url
             time.sleep(0.05)
         self.stop()
@@ -200,6 +212,89 @@ class LocalServer:
 
 def _prefect_home() -> Path:
     return Path(os.environ.get("PREFECT_HOME") or Path.home() / ".prefect").expanduser()
+
+
+CREATING_SUFFIX = ".pairforge-creating"
+
+
+def _default_database() -> Path | None:
+    """The local server's SQLite file when it is Prefect's default (``PREFECT_HOME/prefect.db``); None when the
+    environment or the profiles file names a database of its own (never touched here)."""
+    if any("DATABASE" in k for k in os.environ if k.startswith("PREFECT_")):
+        return None
+    home = _prefect_home()
+    try:
+        if "DATABASE" in (home / "profiles.toml").read_text(encoding="utf-8"):
+            return None
+    except OSError:
+        pass
+    return home / "prefect.db"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    return True
+
+
+def _fresh_database(own: Path | None) -> Path | None:
+    """A local server that creates Prefect's default database writes a marker next to it until it first answers.
+    Prefect's SQLite migrations are not atomic: a server killed while it creates the database (a build stopped in its
+    first seconds on a new machine) leaves one that every later start fails to migrate ("index ... already exists").
+    Such a database never answered a request, so it holds nothing: when the marker's processes are gone, the
+    database and the marker are removed here and the next server creates it again. Returns the marker this start
+    writes (None: the database exists, or is not Prefect's default, or another live server is creating it)."""
+    db = _default_database()
+    if db is None:
+        return None
+    marker = db.with_name(db.name + CREATING_SUFFIX)
+    if marker.exists() and marker != own:
+        try:
+            pids = [int(x) for x in marker.read_text().split()]
+        except (OSError, ValueError):
+            pids = []
+        if any(_alive(p) for p in pids if p != os.getpid()):
+            return None  # another build's server is creating it now
+        for suffix in ("", "-wal", "-shm", "-journal"):
+            with contextlib.suppress(FileNotFoundError):
+                db.with_name(db.name + suffix).unlink()
+        marker.unlink(missing_ok=True)
+    if marker == own or not db.exists():
+        db.parent.mkdir(parents=True, exist_ok=True)
+        marker.write_text(f"{os.getpid()}\n")
+        return marker
+    return None
+
+
+def _database_ready(own: Path | None) -> None:
+    """A server answered: the database is complete; remove the fresh-database marker (this server's or another's)."""
+    db = _default_database()
+    marker = own if own is not None else (db.with_name(db.name + CREATING_SUFFIX) if db is not None else None)
+    if marker is not None:
+        marker.unlink(missing_ok=True)
+
+
+def _startup_failure(log_path: Path | None, offset: int = 0) -> str | None:
+    """The error that made the server's start-up fail, from what it appended to its log after ``offset`` (None: no
+    such failure logged, e.g. the port was taken)."""
+    if log_path is None:
+        return None
+    try:
+        with open(log_path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(offset, f.tell() - 65536))
+            tail = f.read().decode("utf-8", "replace")
+    except OSError:
+        return None
+    if "Application startup failed" not in tail:
+        return None
+    tail = tail[:tail.rindex("Application startup failed")]
+    errors = [ln.strip() for ln in tail.splitlines() if re.match(r"^[\w.]+(Error|Exception)\b.*:", ln.strip())]
+    return errors[-1][:300] if errors else "its application start-up failed"
 
 
 LOOPBACK_CA_ENV = "PREFECT_API_SSL_CERT_FILE"
