@@ -119,6 +119,7 @@ class LocalServer:
         self._creating: Path | None = None  # the fresh-database marker this server wrote (``_fresh_database``)
         self._failed_starts = 0
         self._log_offset = 0
+        self._env: dict[str, str] = {}
 
     @property
     def api_url(self) -> str:
@@ -134,10 +135,11 @@ class LocalServer:
 
     def start(self) -> "LocalServer":
         self.port = self._free_port()
-        self._creating = _fresh_database(self._creating)
         env = {**os.environ, "PREFECT_UI_ENABLED": "0", compat.SERVER_FINAL_ENV: "1"}
         if "prefect.settings" in sys.modules:  # settings set in this process (profiles, temporary_settings) carry over
             env.update(compat.settings_environment())
+        self._creating = _fresh_database(self._creating, env)
+        self._env = env
         env.pop("PREFECT_API_URL", None)
         if not self.services:
             env[compat.SERVER_EPHEMERAL_ENV] = "1"
@@ -184,7 +186,7 @@ class LocalServer:
             with contextlib.suppress(OSError, urllib.error.URLError):
                 with urllib.request.urlopen(f"{self.api_url}/health", timeout=2) as r:
                     if r.status == 200:
-                        _database_ready(self._creating)  # complete: nothing to redo next time
+                        _database_ready(self._creating, self._env)  # complete: nothing to redo next time
                         self._creating = None
                         return self.api_url
             time.sleep(0.05)
@@ -217,12 +219,12 @@ def _prefect_home() -> Path:
 CREATING_SUFFIX = ".pairforge-creating"
 
 
-def _default_database() -> Path | None:
+def _default_database(env: dict[str, str]) -> Path | None:
     """The local server's SQLite file when it is Prefect's default (``PREFECT_HOME/prefect.db``); None when the
-    environment or the profiles file names a database of its own (never touched here)."""
-    if any("DATABASE" in k for k in os.environ if k.startswith("PREFECT_")):
+    server's environment ``env`` or the profiles file names a database of its own (never touched here)."""
+    if any("DATABASE" in k for k in env if k.startswith("PREFECT_")):
         return None
-    home = _prefect_home()
+    home = Path(env.get("PREFECT_HOME") or Path.home() / ".prefect").expanduser()
     try:
         if "DATABASE" in (home / "profiles.toml").read_text(encoding="utf-8"):
             return None
@@ -241,14 +243,15 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _fresh_database(own: Path | None) -> Path | None:
+def _fresh_database(own: Path | None, env: dict[str, str]) -> Path | None:
     """A local server that creates Prefect's default database writes a marker next to it until it first answers.
     Prefect's SQLite migrations are not atomic: a server killed while it creates the database (a build stopped in its
     first seconds on a new machine) leaves one that every later start fails to migrate ("index ... already exists").
     Such a database never answered a request, so it holds nothing: when the marker's processes are gone, the
     database and the marker are removed here and the next server creates it again. Returns the marker this start
-    writes (None: the database exists, or is not Prefect's default, or another live server is creating it)."""
-    db = _default_database()
+    writes (None: the database exists, or is not Prefect's default, or another live server is creating it).
+    ``env``: the server's environment."""
+    db = _default_database(env)
     if db is None:
         return None
     marker = db.with_name(db.name + CREATING_SUFFIX)
@@ -270,9 +273,9 @@ def _fresh_database(own: Path | None) -> Path | None:
     return None
 
 
-def _database_ready(own: Path | None) -> None:
+def _database_ready(own: Path | None, env: dict[str, str]) -> None:
     """A server answered: the database is complete; remove the fresh-database marker (this server's or another's)."""
-    db = _default_database()
+    db = _default_database(env)
     marker = own if own is not None else (db.with_name(db.name + CREATING_SUFFIX) if db is not None else None)
     if marker is not None:
         marker.unlink(missing_ok=True)
