@@ -67,7 +67,7 @@ def main() -> int:
 
     from flows import allocator
 
-    allocator.tune()  # what pairforge build's processes do (flows/allocator.py)
+    allocator.tune()  # as pairforge build's processes: a no-op unless PAIRFORGE_MALLOC=heap (flows/allocator.py)
     import flows.shard_imports  # noqa: F401  (pyarrow's one-off pandas check, paid before the fork in a build)
     t_imp = time.perf_counter()
     from annotators import annotate
