@@ -233,16 +233,6 @@ def _default_database(env: dict[str, str]) -> Path | None:
     return home / "prefect.db"
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:
-        return True
-    return True
-
-
 def _fresh_database(own: Path | None, env: dict[str, str]) -> Path | None:
     """A local server that creates Prefect's default database writes a marker next to it until it first answers.
     Prefect's SQLite migrations are not atomic: a server killed while it creates the database (a build stopped in its
@@ -260,7 +250,9 @@ def _fresh_database(own: Path | None, env: dict[str, str]) -> Path | None:
             pids = [int(x) for x in marker.read_text().split()]
         except (OSError, ValueError):
             pids = []
-        if any(_alive(p) for p in pids if p != os.getpid()):
+        from store.build import pid_alive
+
+        if any(pid_alive(p) for p in pids if p != os.getpid()):
             return None  # another build's server is creating it now
         for suffix in ("", "-wal", "-shm", "-journal"):
             with contextlib.suppress(FileNotFoundError):

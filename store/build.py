@@ -332,7 +332,7 @@ class BuildStaging:
             return False  # released or half-visible a moment ago: look again
         now = time.time()
         beat = last_heartbeat(self.root, self.staging_dir, token=held.get("token"))
-        gone = held.get("host") == socket.gethostname() and not _pid_alive(held.get("pid"))  # died on this host
+        gone = held.get("host") == socket.gethostname() and not pid_alive(held.get("pid"))  # died on this host
         if not gone and (now - float(held.get("time", 0)) < LEASE_STALE_S
                          or (beat is not None and now - beat < LEASE_STALE_S)):
             return False
@@ -557,7 +557,8 @@ class _suppress:
         return kind is not None and issubclass(kind, Exception)
 
 
-def _pid_alive(pid: Any) -> bool:
+def pid_alive(pid: Any) -> bool:
+    """Whether process ``pid`` on this host may still run (True for this process and for a pid not known)."""
     if not isinstance(pid, int) or pid <= 0:
         return True  # unknown: judge by time
     if pid == os.getpid():
