@@ -219,6 +219,11 @@ def _prefect_home() -> Path:
 CREATING_SUFFIX = ".pairforge-creating"
 
 
+def _creating_marker(db: Path) -> Path:
+    """The fresh-database marker next to ``db`` (``_fresh_database``)."""
+    return db.with_name(db.name + CREATING_SUFFIX)
+
+
 def _default_database(env: dict[str, str]) -> Path | None:
     """The local server's SQLite file when it is Prefect's default (``PREFECT_HOME/prefect.db``); None when the
     server's environment ``env`` or the profiles file names a database of its own (never touched here)."""
@@ -244,7 +249,7 @@ def _fresh_database(own: Path | None, env: dict[str, str]) -> Path | None:
     db = _default_database(env)
     if db is None:
         return None
-    marker = db.with_name(db.name + CREATING_SUFFIX)
+    marker = _creating_marker(db)
     if marker.exists() and marker != own:
         try:
             pids = [int(x) for x in marker.read_text().split()]
@@ -268,7 +273,7 @@ def _fresh_database(own: Path | None, env: dict[str, str]) -> Path | None:
 def _database_ready(own: Path | None, env: dict[str, str]) -> None:
     """A server answered: the database is complete; remove the fresh-database marker (this server's or another's)."""
     db = _default_database(env)
-    marker = own if own is not None else (db.with_name(db.name + CREATING_SUFFIX) if db is not None else None)
+    marker = own if own is not None else (_creating_marker(db) if db is not None else None)
     if marker is not None:
         marker.unlink(missing_ok=True)
 
